@@ -1,0 +1,256 @@
+"""Load: validate the manifest, read shards concurrently with checksums, rebuild the state, optionally in place."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import anyio
+import torch
+
+from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from .manifest import MANIFEST_NAME, SHARD_RE, build_tensor, decode, parse
+from .storage import Storage
+
+MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
+
+
+async def read_manifest(storage: Storage, path: str, display: str) -> dict[str, Any]:
+    """The validated manifest at ``path``, or a CheckpointError saying why there is none."""
+    kind = await storage.kind(path)
+    if kind is None:
+        raise CheckpointError(f"no checkpoint at {display}: the path does not exist")
+    if kind == "file":
+        raise CheckpointError(
+            f"{display} is a file, not an asyncckpt checkpoint directory; a torch.save file loads with torch.load "
+            "(or convert it: `asyncckpt convert`)")
+    manifest_path = storage.join(path, MANIFEST_NAME)
+    try:
+        raw = await storage.read_bytes(manifest_path)
+    except FileNotFoundError:
+        names = await storage.list(path)
+        if any(SHARD_RE.match(n) for n in names):
+            raise IncompleteCheckpointError(
+                f"{display} was never committed: it holds shard files but no {MANIFEST_NAME} (its save crashed, "
+                "failed or is still running); use asyncckpt.latest() on its parent to find the newest committed "
+                "checkpoint") from None
+        raise CheckpointError(f"{display} is not an asyncckpt checkpoint (no {MANIFEST_NAME})") from None
+    return parse(raw, display)
+
+
+async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, Any], verify: bool
+                      ) -> list[torch.Tensor]:
+    """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
+    shards = doc["shards"]
+    for s in shards:
+        size = await storage.size(storage.join(path, s["file"]))
+        if size is None:
+            raise CorruptCheckpointError(f"{display}: shard {s['file']} is missing")
+        if size != s["nbytes"]:
+            raise CorruptCheckpointError(
+                f"{display}: shard {s['file']} has {size} bytes, the manifest says {s['nbytes']} (truncated or "
+                "overwritten)")
+    buffers = [torch.empty(s["nbytes"], dtype=torch.uint8) for s in shards]
+
+    async def read_shard(i: int) -> None:
+        s = shards[i]
+        reader = await storage.open_reader(storage.join(path, s["file"]))
+        try:
+            async with anyio.create_task_group() as tg:
+                for k, offset in enumerate(range(0, s["nbytes"], s["chunk_bytes"])):
+                    tg.start_soon(read_chunk, reader, i, k, offset)
+        finally:
+            await reader.close()
+
+    async def read_chunk(reader: Any, i: int, k: int, offset: int) -> None:
+        s = shards[i]
+        try:
+            sig = await reader.read_into(offset, buffers[i][offset:offset + s["chunk_bytes"]])
+        except EOFError as exc:
+            raise CorruptCheckpointError(f"{display}: shard {s['file']} is truncated ({exc})") from exc
+        if verify and sig != s["xxh3_64"][k]:
+            raise CorruptCheckpointError(
+                f"{display}: checksum mismatch in shard {s['file']} at bytes {offset}..{offset + s['chunk_bytes']}; "
+                "the checkpoint is damaged — load another one (asyncckpt.latest) or pass verify=False to inspect it")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(shards)):
+                tg.start_soon(read_shard, i)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return buffers
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first meaningful error inside (possibly nested) exception groups."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _device_mapper(map_location: MapLocation) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    def move(t: torch.Tensor, location: str) -> torch.Tensor:
+        if map_location is None:
+            target: Any = location
+        elif isinstance(map_location, (str, torch.device)):
+            target = map_location
+        elif isinstance(map_location, Mapping):
+            target = map_location.get(location, location)
+        else:  # torch-style callable(storage, location) -> storage or None
+            moved = map_location(t.untyped_storage(), location)
+            target = location if moved is None else moved.device
+        target = torch.device(target)
+        if target.type == "cpu":
+            return t
+        try:
+            if target.type == "xla":
+                from . import xla
+
+                return xla.to_xla([t], target)[0]
+            return t.to(target)
+        except (RuntimeError, AssertionError, ImportError) as exc:
+            raise CheckpointError(
+                f"cannot place a tensor saved on {location} onto {target} ({exc}); pass map_location='cpu'") from exc
+
+    return move
+
+
+def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, map_location: MapLocation,
+                weights_only: bool) -> Any:
+    """Rebuild the saved structure from shard buffers; tensors are views of them (no copy) on the CPU."""
+    move = _device_mapper(map_location)
+
+    def span(r: dict[str, Any]) -> torch.Tensor:
+        return buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
+
+    bases = [span(s) for s in doc["storages"]]
+    built: dict[int, torch.Tensor] = {}
+    objects: dict[int, Any] = {}
+
+    def tensor(i: int) -> torch.Tensor:
+        if i not in built:
+            if not 0 <= i < len(doc["tensors"]):
+                raise CorruptCheckpointError(f"{display}: structure refers to missing tensor {i}")
+            r = doc["tensors"][i]
+            base = bases[r["base"]] if "base" in r else None
+            built[i] = build_tensor(r, None if base is not None else span(r), base,
+                                    lambda t: move(t, r["device"]))
+        return built[i]
+
+    def obj(i: int) -> Any:
+        if i not in objects:
+            if not 0 <= i < len(doc["objects"]):
+                raise CorruptCheckpointError(f"{display}: structure refers to missing object {i}")
+            r = doc["objects"][i]
+            objects[i] = _unpickle(bytes(span(r)), r, display, map_location, weights_only)
+        return objects[i]
+
+    return decode(doc["tree"], tensor, obj)
+
+
+def _unpickle(data: bytes, record: dict[str, Any], display: str, map_location: MapLocation, weights_only: bool) -> Any:
+    where = record.get("key") or "<root>"
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            raise UnsafeCheckpointError(
+                f"{display}: the value at {where} is a pickled {record['type']}, which weights-only loading refuses "
+                f"because unpickling it could run code; if you trust this checkpoint pass weights_only=False, or "
+                f"allow the type with torch.serialization.add_safe_globals ({str(exc).splitlines()[0]})") from None
+        raise CorruptCheckpointError(f"{display}: the value at {where} cannot be unpickled ({exc})") from exc
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{display}: the value at {where} ({record['type']}) cannot be unpickled: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------- in-place restore
+
+class _Problems:
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+
+
+def apply_in_place(target: Any, loaded: Any, strict: bool, display: str) -> Any:
+    """Copy ``loaded`` into ``target`` (tensors, modules, optimizers, dicts of them); return what was not applied.
+
+    At the top level of a dict target, checkpoint keys the target lacks are returned rather than reported, so a
+    trainer can restore what it holds and handle the rest itself (Lightning's ``load_checkpoint(state=...)``).
+    """
+    problems = _Problems()
+    if isinstance(target, Mapping) and isinstance(loaded, Mapping):
+        remainder = {}
+        for key in target:
+            if key not in loaded:
+                problems.missing.append(str(key))
+        for key, value in loaded.items():
+            if key not in target or not _apply(target[key], value, str(key), strict, problems):
+                remainder[key] = value
+        result: Any = remainder
+    else:
+        result = None if _apply(target, loaded, "", strict, problems) else loaded
+    messages = []
+    if problems.mismatched:
+        messages.append("mismatched: " + ", ".join(problems.mismatched[:20]))
+    if strict and problems.missing:
+        messages.append("missing from the checkpoint: " + ", ".join(problems.missing[:20]))
+    if strict and problems.unexpected:
+        messages.append("not in the target: " + ", ".join(problems.unexpected[:20]))
+    if messages:
+        hint = "" if problems.mismatched else " (pass strict=False to load what matches)"
+        raise CheckpointError(f"cannot restore {display} in place: " + "; ".join(messages) + hint)
+    return result
+
+
+def _apply(target: Any, value: Any, name: str, strict: bool, problems: _Problems) -> bool:
+    """Restore ``value`` into ``target``; True when the target now holds it fully."""
+    if isinstance(target, torch.nn.Module):
+        if not isinstance(value, Mapping):
+            problems.mismatched.append(f"{name} (module, checkpoint holds {type(value).__name__})")
+            return False
+        try:
+            result = target.load_state_dict(value, strict=False)
+        except RuntimeError as exc:
+            problems.mismatched.append(f"{name} ({str(exc).splitlines()[-1].strip()})")
+            return False
+        problems.missing += [f"{name}.{k}" for k in result.missing_keys]
+        problems.unexpected += [f"{name}.{k}" for k in result.unexpected_keys]
+        return True
+    if isinstance(target, torch.optim.Optimizer):
+        try:
+            target.load_state_dict(value)
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.mismatched.append(f"{name} (optimizer: {exc})")
+            return False
+        return True
+    if isinstance(target, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != target.shape or value.dtype != target.dtype:
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            problems.mismatched.append(f"{name} (target {tuple(target.shape)} {target.dtype}, checkpoint {got})")
+            return False
+        with torch.no_grad():
+            target.copy_(value)
+        return True
+    if isinstance(target, (list, tuple)) and isinstance(value, (list, tuple)) and len(target) == len(value):
+        applied = [_apply(t, v, f"{name}.{i}", strict, problems) for i, (t, v) in enumerate(zip(target, value))]
+        return all(applied)
+    if isinstance(target, Mapping) and isinstance(value, Mapping) and hasattr(target, "__setitem__"):
+        whole = True
+        for key in target:
+            if key not in value:
+                problems.missing.append(f"{name}.{key}")
+        for key, v in value.items():
+            if key not in target:
+                problems.unexpected.append(f"{name}.{key}")
+                whole = False
+            elif not _apply(target[key], v, f"{name}.{key}", strict, problems):
+                target[key] = v  # leaves that cannot change in place (numbers, strings…) are replaced
+        return whole
+    return False
