@@ -188,6 +188,7 @@ class CheckpointEngine:
             plan.finish()
         except BaseException as exc:
             job.fail(_snapshot_error(exc))
+            job.handle.observed = True  # the caller sees this exception right now
             raise
         finally:
             job.close_input(time.perf_counter() - t0)

@@ -104,18 +104,30 @@ class Job:
         self._input_done.set()
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """Background body: accept chunks until input closes, then finish; never raises into the engine."""
+        """Background body: accept chunks until input closes, then finish; never raises into the engine
+        (except the engine's own cancellation, after the job has been aborted and its handle told)."""
+        started = False
         try:
-            await self.start()
-        except Exception as exc:
-            task_status.started()
-            self.fail(exc)
-            return await self._conclude()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            await self._input_done.wait()
-        await self._conclude()
+            try:
+                await self.start()
+            except Exception as exc:
+                self.fail(exc)
+            else:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    started = True
+                    await self._input_done.wait()
+            await self._conclude()
+        except anyio.get_cancelled_exc_class():
+            if not self.handle.done():
+                self.fail(CheckpointError("the engine was cancelled before the save was committed"))
+                with anyio.CancelScope(shield=True):
+                    await self._conclude()
+            raise
+        finally:
+            if not started:
+                task_status.started()
 
     async def _conclude(self) -> None:
         if self.error is None:
@@ -200,7 +212,7 @@ class SaveJob(Job):
         turns = self._turns[chunk.shard]
         if sink.ordered:
             await turns[index].wait()
-        self.digests[chunk.shard][index] = await sink.write(chunk.offset, buf[:chunk.nbytes])
+        self.digests[chunk.shard][index] = await sink.write(chunk.offset, buf, chunk.nbytes)
         if index + 1 < len(turns):
             turns[index + 1].set()
         self.remaining[chunk.shard] -= 1
@@ -222,9 +234,10 @@ class SaveJob(Job):
         if self.previous is not None:  # commit after an earlier save of this path, never before
             await self.previous.handle._done.wait()
         data = self.manifest()
-        await self.storage.put_atomic(self.storage.join(self.path, MANIFEST_NAME), data, self.fsync)
-        write_seconds = time.perf_counter() - self._t0 - self.snapshot_seconds
-        await self._sweep()
+        with anyio.CancelScope(shield=True):  # once the commit starts it completes: no manifest without shards
+            await self.storage.put_atomic(self.storage.join(self.path, MANIFEST_NAME), data, self.fsync)
+            write_seconds = time.perf_counter() - self._t0 - self.snapshot_seconds
+            await self._sweep()
         return SaveResult(self.display, sum(self.plan.shard_sizes) + len(data), self.snapshot_seconds,
                           write_seconds, len(self.files), len(self.plan.tensors))
 
@@ -239,6 +252,11 @@ class SaveJob(Job):
     async def abort(self) -> None:
         for sink in self.sinks.values():
             await sink.abort()
+        try:  # a first save that failed leaves no empty directory behind
+            if self.sinks and not await self.storage.list(self.path):
+                await self.storage.remove_dir(self.path)
+        except OSError:
+            pass
 
 
 class CallJob(Job):

@@ -15,6 +15,12 @@ import torch
 
 from .errors import CheckpointError
 
+ALIGN = 4096  # buffers start and end on page boundaries, as O_DIRECT writes require
+
+
+def aligned_size(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
 
 class StagingPool:
     """Size-keyed cache of uint8 host tensors; all methods run on the engine's event loop."""
@@ -37,7 +43,9 @@ class StagingPool:
         return self._in_use
 
     async def acquire(self, nbytes: int) -> torch.Tensor:
-        """A buffer of exactly ``nbytes``; waits while the budget is taken by buffers still being written."""
+        """A page-aligned buffer of at least ``nbytes`` (rounded up to whole pages); waits while the budget is
+        taken by buffers still being written."""
+        nbytes = aligned_size(nbytes)
         if nbytes > self.budget:
             raise CheckpointError(
                 f"a staging buffer of {nbytes} bytes exceeds the host-memory budget of {self.budget} bytes; "
@@ -51,7 +59,9 @@ class StagingPool:
             if self._allocated + nbytes > self.budget:
                 self._evict(self._allocated + nbytes - self.budget)
             if self._allocated + nbytes <= self.budget:
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin_memory)
+                start = -raw.data_ptr() % ALIGN
+                buf = raw[start:start + nbytes]
                 self.allocations += 1
                 self._allocated += nbytes
                 self._in_use += nbytes

@@ -26,6 +26,7 @@ import xxhash
 from anyio import to_thread
 
 from .errors import CheckpointError
+from .staging import ALIGN, aligned_size
 
 
 def as_memoryview(t: torch.Tensor) -> memoryview:
@@ -45,8 +46,10 @@ class Sink(Protocol):
 
     ordered: bool
 
-    async def write(self, offset: int, data: torch.Tensor) -> str:
-        """Write ``data`` at ``offset``; return the xxh3-64 hex digest of the bytes written."""
+    async def write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        """Write the first ``nbytes`` of ``data`` at ``offset``; return their xxh3-64 hex digest.
+
+        ``data`` is a staging buffer: page-aligned, its length rounded up to whole pages."""
 
     async def commit(self) -> None:
         """Make the file complete and durable."""
@@ -90,8 +93,8 @@ class LocalStorage(Storage):
         return os.path.abspath(url.removeprefix("file://").removeprefix("local://"))
 
     async def open_sink(self, path: str, nbytes: int, fsync: bool) -> Sink:
-        fd = await self._run(_create, path, nbytes)
-        return _LocalSink(self, path, fd, fsync)
+        fd, direct_fd = await self._run(_create, path, nbytes)
+        return _LocalSink(self, path, fd, direct_fd, nbytes, fsync)
 
     async def open_reader(self, path: str) -> Reader:
         fd = await self._run(os.open, path, os.O_RDONLY)
@@ -137,26 +140,39 @@ class LocalStorage(Storage):
         await self._run(_fsync_dir, path)
 
 
-def _create(path: str, nbytes: int) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    if nbytes:
-        try:  # reserve the space up front: a full disk fails here, before any staging work is spent
-            os.posix_fallocate(fd, 0, nbytes)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                os.close(fd)
-                os.unlink(path)
-                raise
-    return fd
+def _create(path: str, nbytes: int) -> tuple[int, int]:
+    """A new file and, where the filesystem allows it, a second O_DIRECT descriptor for bulk writes.
+
+    Page-aligned chunks go through O_DIRECT: on the disks we measured, parallel direct writes reach the device's
+    bandwidth while buffered writes stall in page-cache writeback (docs/benchmarks.md).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    direct_fd = -1
+    try:
+        if nbytes:
+            try:  # reserve the space up front: a full disk fails here, before any staging work is spent
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        if hasattr(os, "O_DIRECT"):
+            try:
+                direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:  # tmpfs and some network filesystems refuse O_DIRECT
+                direct_fd = -1
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, direct_fd
 
 
-def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> str:
-    view = as_memoryview(data)
-    sig = digest(view)
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "write made no progress")
         view, offset = view[n:], offset + n
-    return sig
 
 
 def _pread_all(fd: int, out: torch.Tensor, offset: int) -> str:
@@ -212,23 +228,44 @@ def _fsync_dir(path: str) -> None:
 class _LocalSink:
     ordered = False
 
-    def __init__(self, storage: LocalStorage, path: str, fd: int, fsync: bool) -> None:
-        self.storage, self.path, self.fd, self.fsync = storage, path, fd, fsync
+    def __init__(self, storage: LocalStorage, path: str, fd: int, direct_fd: int, size: int, fsync: bool) -> None:
+        self.storage, self.path, self.fd, self.direct_fd, self.size, self.fsync = (
+            storage, path, fd, direct_fd, size, fsync)
+        self.padded = False  # a direct write ran past the end (whole pages): truncate on commit
 
-    async def write(self, offset: int, data: torch.Tensor) -> str:
-        return await self.storage._run(_pwrite_all, self.fd, data, offset)
+    def _write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        view = as_memoryview(data)
+        sig = digest(view[:nbytes])
+        if self.direct_fd >= 0 and offset % ALIGN == 0 and data.data_ptr() % ALIGN == 0:
+            length = aligned_size(nbytes)
+            _pwrite_all(self.direct_fd, view[:length], offset)
+            self.padded = self.padded or length > nbytes
+        else:
+            _pwrite_all(self.fd, view[:nbytes], offset)
+        return sig
+
+    async def write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        return await self.storage._run(self._write, offset, data, nbytes)
+
+    def _commit(self) -> None:
+        if self.padded:
+            os.ftruncate(self.fd, self.size)
+        if self.fsync:
+            os.fsync(self.fd)
+        self._close()
 
     async def commit(self) -> None:
-        if self.fsync:
-            await self.storage._run(os.fsync, self.fd)
-        fd, self.fd = self.fd, -1
-        os.close(fd)
+        await self.storage._run(self._commit)
+
+    def _close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
 
     async def abort(self) -> None:
         with anyio.CancelScope(shield=True):
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            self._close()
             try:
                 os.unlink(self.path)
             except OSError:
@@ -334,8 +371,8 @@ class _FsspecSink:
         self.parts: list[bytes] = []
         self.file: Any = None
 
-    async def write(self, offset: int, data: torch.Tensor) -> str:
-        view = as_memoryview(data)
+    async def write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        view = as_memoryview(data)[:nbytes]
         sig = await to_thread.run_sync(digest, view)
         if self.storage.fs.async_impl:
             self.parts.append(bytes(view))

@@ -101,6 +101,7 @@ class SyncEngine:
                 plan.finish()
             except BaseException as exc:
                 call(job.fail, _snapshot_error(exc))
+                job.handle.observed = True  # the caller sees this exception right now
                 raise
             finally:
                 call(job.close_input, time.perf_counter() - t0)
