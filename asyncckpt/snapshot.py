@@ -159,7 +159,7 @@ class _Walker:
             raise CheckpointError(f"tensor at {path} is on the meta device and has no data to save; "
                                   "materialise it (e.g. module.to_empty + init) before saving")
         key: tuple = (id(t),)
-        if t.numel():
+        if t.numel() and not xla.is_xla(t):  # XLA storages expose no data pointer: such views stay distinct
             st = t.untyped_storage()
             key = (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         index = self.view_index.get(key)
