@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import anyio
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
-from .manifest import MANIFEST_NAME, SHARD_RE, build_tensor, decode, parse
+from .manifest import MANIFEST_NAME, SHARD_RE, decode, finish_tensor, parse, view_tensor
 from .storage import Storage
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
@@ -92,54 +92,60 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-def _device_mapper(map_location: MapLocation) -> Callable[[torch.Tensor, str], torch.Tensor]:
-    def move(t: torch.Tensor, location: str) -> torch.Tensor:
-        if map_location is None:
-            target: Any = location
-        elif isinstance(map_location, (str, torch.device)):
-            target = map_location
-        elif isinstance(map_location, Mapping):
-            target = map_location.get(location, location)
-        else:  # torch-style callable(storage, location) -> storage or None
-            moved = map_location(t.untyped_storage(), location)
-            target = location if moved is None else moved.device
-        target = torch.device(target)
-        if target.type == "cpu":
-            return t
+def _target_device(map_location: MapLocation, location: str, t: torch.Tensor) -> torch.device:
+    if map_location is None:
+        target: Any = location
+    elif isinstance(map_location, (str, torch.device)):
+        target = map_location
+    elif isinstance(map_location, Mapping):
+        target = map_location.get(location, location)
+    else:  # torch-style callable(storage, location) -> storage or None
+        moved = map_location(t.untyped_storage(), location)
+        target = location if moved is None else moved.device
+    return torch.device(target)
+
+
+def _place(views: list[torch.Tensor], devices: list[torch.device], display: str) -> list[torch.Tensor]:
+    """Move host views to their target devices; all XLA-bound tensors of one device go up in one transfer."""
+    out = list(views)
+    groups: dict[torch.device, list[int]] = {}
+    for i, dev in enumerate(devices):
+        if dev.type != "cpu":
+            groups.setdefault(dev, []).append(i)
+    for dev, idx in groups.items():
         try:
-            if target.type == "xla":
+            if dev.type == "xla":
                 from . import xla
 
-                return xla.to_xla([t], target)[0]
-            return t.to(target)
+                moved = xla.to_xla([views[i] for i in idx], dev)
+            else:
+                moved = [views[i].to(dev) for i in idx]
         except (RuntimeError, AssertionError, ImportError) as exc:
             raise CheckpointError(
-                f"cannot place a tensor saved on {location} onto {target} ({exc}); pass map_location='cpu'") from exc
-
-    return move
+                f"{display}: cannot place tensors on {dev} ({exc}); pass map_location='cpu'") from exc
+        for i, m in zip(idx, moved):
+            out[i] = m
+    return out
 
 
 def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, map_location: MapLocation,
                 weights_only: bool) -> Any:
-    """Rebuild the saved structure from shard buffers; tensors are views of them (no copy) on the CPU."""
-    move = _device_mapper(map_location)
-
+    """Rebuild the saved structure from shard buffers; CPU tensors are views of them (no copy)."""
     def span(r: dict[str, Any]) -> torch.Tensor:
         return buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
 
     bases = [span(s) for s in doc["storages"]]
-    built: dict[int, torch.Tensor] = {}
+    records = doc["tensors"]
+    views = [view_tensor(r, None if "base" in r else span(r), bases[r["base"]] if "base" in r else None)
+             for r in records]
+    placed = _place(views, [_target_device(map_location, r["device"], v) for r, v in zip(records, views)], display)
+    tensors = [finish_tensor(r, t) for r, t in zip(records, placed)]
     objects: dict[int, Any] = {}
 
     def tensor(i: int) -> torch.Tensor:
-        if i not in built:
-            if not 0 <= i < len(doc["tensors"]):
-                raise CorruptCheckpointError(f"{display}: structure refers to missing tensor {i}")
-            r = doc["tensors"][i]
-            base = bases[r["base"]] if "base" in r else None
-            built[i] = build_tensor(r, None if base is not None else span(r), base,
-                                    lambda t: move(t, r["device"]))
-        return built[i]
+        if not 0 <= i < len(tensors):
+            raise CorruptCheckpointError(f"{display}: structure refers to missing tensor {i}")
+        return tensors[i]
 
     def obj(i: int) -> Any:
         if i not in objects:

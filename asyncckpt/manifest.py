@@ -188,26 +188,25 @@ def _table(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return table
 
 
-def build_tensor(record: dict[str, Any], data: torch.Tensor | None, base: torch.Tensor | None,
-                 move: Any = None) -> torch.Tensor:
+def view_tensor(record: dict[str, Any], data: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
     """The tensor a record describes, as a view of ``data`` (its own bytes) or of ``base`` (a shared storage blob).
 
-    Both are uint8 host tensors; no bytes are copied unless a shared blob is misaligned for the dtype or ``move``
-    (a device placement) copies.
+    Both are uint8 host tensors; no bytes are copied unless a shared blob is misaligned for the dtype.
     """
     dtype = DTYPES[record["dtype"]]
     if "base" in record:
         assert base is not None
         if base.storage_offset() % dtype.itemsize:
             base = base.clone()
-        t = torch.empty(0, dtype=dtype).set_(
+        return torch.empty(0, dtype=dtype).set_(
             base.untyped_storage(), base.storage_offset() // dtype.itemsize + record["storage_offset"],
             record["shape"], record["stride"])
-    else:
-        assert data is not None
-        t = data.view(dtype).view(record["shape"])
-    if move is not None:
-        t = move(t)
+    assert data is not None
+    return data.view(dtype).view(record["shape"])
+
+
+def finish_tensor(record: dict[str, Any], t: torch.Tensor) -> torch.Tensor:
+    """Restore what the record says besides bytes: Parameter type and requires_grad."""
     if record.get("parameter"):
         return torch.nn.Parameter(t, requires_grad=bool(record.get("requires_grad")))
     if record.get("requires_grad"):

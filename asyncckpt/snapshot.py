@@ -20,7 +20,7 @@ import torch
 
 from . import xla
 from .errors import CheckpointError
-from .manifest import SAFETENSORS_DTYPES, build_tensor, decode, dtype_name, encode_float
+from .manifest import SAFETENSORS_DTYPES, decode, dtype_name, encode_float, finish_tensor, view_tensor
 
 HEADER_ALIGN = 64  # data section starts 64-byte aligned so every tensor in it is aligned to its item size
 
@@ -105,7 +105,8 @@ class Plan:
         def tensor(i: int) -> torch.Tensor:
             if i not in built:
                 r = self.tensors[i]
-                built[i] = build_tensor(r, None if "base" in r else data(r), bases[r["base"]] if "base" in r else None)
+                view = view_tensor(r, None if "base" in r else data(r), bases[r["base"]] if "base" in r else None)
+                built[i] = finish_tensor(r, view)
             return built[i]
 
         return decode(self.tree, tensor, self.values.__getitem__)
