@@ -70,9 +70,11 @@ def decode(node: Any, tensor: Any, obj: Any, depth: int = 0) -> Any:
         raise CorruptCheckpointError(f"manifest structure nests deeper than {MAX_DEPTH} levels")
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
-    if not isinstance(node, dict) or len(node) != 1:
+    metadata = node.get("metadata", None) if isinstance(node, dict) and "odict" in node else None
+    if not isinstance(node, dict) or len(node) != 1 + (metadata is not None):
         raise CorruptCheckpointError(f"manifest structure has an invalid node: {str(node)[:80]!r}")
-    (kind, body), = node.items()
+    kind = "odict" if metadata is not None else next(iter(node))
+    body = node[kind]
     if kind in ("dict", "odict"):
         if not isinstance(body, list):
             raise CorruptCheckpointError("manifest dict node is not a list of pairs")
@@ -87,6 +89,8 @@ def decode(node: Any, tensor: Any, obj: Any, depth: int = 0) -> Any:
                 out[key] = decode(pair[1], tensor, obj, depth + 1)
             except TypeError as exc:  # unhashable key
                 raise CorruptCheckpointError(f"manifest has an unhashable key {key!r}") from exc
+        if metadata is not None:
+            out._metadata = decode(metadata, tensor, obj, depth + 1)  # type: ignore[attr-defined]
         return out
     if kind in ("list", "tuple"):
         if not isinstance(body, list):

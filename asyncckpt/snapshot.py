@@ -20,6 +20,7 @@ import torch
 
 from . import xla
 from .errors import CheckpointError
+from .storage import as_memoryview
 from .manifest import SAFETENSORS_DTYPES, decode, dtype_name, encode_float, finish_tensor, view_tensor
 
 HEADER_ALIGN = 64  # data section starts 64-byte aligned so every tensor in it is aligned to its item size
@@ -95,17 +96,25 @@ class Plan:
             chunk.ready.record(self._stream)
 
     def rebuild(self, buffers: list[torch.Tensor]) -> Any:
-        """The copied state, its tensors viewing ``buffers`` (one per chunk of a copy plan)."""
-        def data(r: dict[str, Any]) -> torch.Tensor:
-            return buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
+        """The copied state, its tensors aliasing ``buffers`` (one per chunk of a copy plan).
 
-        bases = [data(s) for s in self.storages]
+        Each tensor (or each group of overlapping views, which share in the original too) gets a storage of its own
+        over its bytes, so serializers see exactly the sharing the original state had — ``torch.save`` refuses
+        differently-typed views of one storage, safetensors refuses any sharing.
+        """
+        def own(r: dict[str, Any]) -> torch.Tensor:
+            if not r["nbytes"]:
+                return torch.empty(0, dtype=torch.uint8)
+            region = buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
+            return torch.frombuffer(as_memoryview(region), dtype=torch.uint8)
+
+        bases = [own(s) for s in self.storages]
         built: dict[int, torch.Tensor] = {}
 
         def tensor(i: int) -> torch.Tensor:
             if i not in built:
                 r = self.tensors[i]
-                view = view_tensor(r, None if "base" in r else data(r), bases[r["base"]] if "base" in r else None)
+                view = view_tensor(r, None if "base" in r else own(r), bases[r["base"]] if "base" in r else None)
                 built[i] = finish_tensor(r, view)
             return built[i]
 
@@ -150,8 +159,12 @@ class _Walker:
         try:
             if kind in ("list", "tuple"):
                 return {kind: [self.walk(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(value)]}
-            return {kind: [[self.walk(k, f"{path}.<key>", depth + 1), self.walk(v, _join(path, k), depth + 1)]
+            node = {kind: [[self.walk(k, f"{path}.<key>", depth + 1), self.walk(v, _join(path, k), depth + 1)]
                            for k, v in value.items()]}
+            metadata = getattr(value, "_metadata", None)  # state_dict() versions, read by load_state_dict
+            if kind == "odict" and metadata is not None:
+                node["metadata"] = self.walk(metadata, f"{path}._metadata", depth + 1)
+            return node
         finally:
             self._active.discard(id(value))
 

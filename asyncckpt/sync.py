@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 from anyio.from_thread import start_blocking_portal
@@ -51,6 +52,10 @@ class SyncEngine:
             raise
         self._lock = threading.Lock()
         self._closed = False
+        # The loop runs on a non-daemon thread: an engine never closed would keep the interpreter from exiting and
+        # its pending saves from committing. Flush and close it when the main thread finishes.
+        ref = weakref.ref(self)
+        threading._register_atexit(lambda: (engine := ref()) is not None and engine.close())  # type: ignore[attr-defined]
 
     def __enter__(self) -> "SyncEngine":
         return self

@@ -381,3 +381,33 @@ def test_engine_options_are_validated():
         CheckpointEngine(chunk_bytes=1000)
     with pytest.raises(ValueError, match="budget"):
         CheckpointEngine(chunk_bytes=1 * MiB, host_memory_budget=KiB * 512)
+
+
+async def test_state_dict_metadata_survives(tmp_path):
+    model = tiny_model()
+    sd = model.state_dict()
+    assert sd._metadata
+    async with small_engine() as engine:
+        await (await engine.save({"sd": sd}, tmp_path / "ck"))
+        loaded = await engine.load(tmp_path / "ck")
+    assert loaded["sd"]._metadata == sd._metadata
+
+
+def test_copy_for_foreign_serializers_has_no_false_sharing(tmp_path):
+    state = {"f": torch.randn(10), "h": torch.randn(4).half(), "i": torch.arange(3), "e": torch.empty(0),
+             "sd": tiny_model().state_dict()}
+    with asyncckpt.SyncEngine(chunk_bytes=64 * KiB, host_memory_budget=4 * MiB) as engine:
+        engine.save_with(state, lambda copy: torch.save(copy, tmp_path / "c.pt"), tmp_path / "c.pt").result()
+    assert_same(torch.load(tmp_path / "c.pt"), state)
+    assert torch.load(tmp_path / "c.pt")["sd"]._metadata == state["sd"]._metadata
+
+
+def test_unclosed_sync_engine_flushes_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch, asyncckpt\n"
+            "e = asyncckpt.SyncEngine()\n"
+            f"e.save({{'w': torch.ones(1000)}}, {str(tmp_path / 'ck')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert (tmp_path / "ck" / "manifest.json").exists()
