@@ -216,6 +216,17 @@ class CheckpointEngine:
                 f"serializer, more than host_memory_budget ({self.budget}); raise the budget or use the native "
                 "format, which streams through any budget")
 
+    async def wait_for(self, path: Any, *, storage_options: dict[str, Any] | None = None) -> None:
+        """Wait until no save of ``path`` is pending (whatever their outcome): for work that a foreign serializer
+        does on the same path, such as deleting it."""
+        self._check_open()
+        storage, fs_path, _ = self._resolve(path, storage_options)
+        await self._after_pending(storage, fs_path)
+
+    def check(self) -> None:
+        """Raise the first failure of a finished save that no caller has seen yet (without waiting)."""
+        self._raise_unobserved()
+
     async def wait(self) -> None:
         """Wait for every pending save; raise the first failure no caller has seen yet."""
         self._check_open()

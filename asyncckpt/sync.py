@@ -119,7 +119,16 @@ class SyncEngine:
         self._portal.call(lambda: self.engine.remove(path, **kwargs))
 
     def wait(self) -> None:
+        """Block until every pending save is done; raise the first failure nobody has seen."""
         self._portal.call(self.engine.wait)
+
+    def wait_for(self, path: Any, **kwargs: Any) -> None:
+        """Block until no save of ``path`` is pending (see :meth:`CheckpointEngine.wait_for`)."""
+        self._portal.call(lambda: self.engine.wait_for(path, **kwargs))
+
+    def check(self) -> None:
+        """Raise the first failure of a finished save that nobody has seen yet (without waiting)."""
+        self._portal.call(self.engine.check)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a coroutine function (or plain function) on the engine's loop and return its result."""
