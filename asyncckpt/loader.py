@@ -12,7 +12,7 @@ import torch
 
 from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from .manifest import MANIFEST_NAME, SHARD_RE, decode, finish_tensor, parse, view_tensor
-from .storage import Storage
+from .storage import Storage, alias
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
 
@@ -130,9 +130,10 @@ def _place(views: list[torch.Tensor], devices: list[torch.device], display: str)
 
 def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, map_location: MapLocation,
                 weights_only: bool) -> Any:
-    """Rebuild the saved structure from shard buffers; CPU tensors are views of them (no copy)."""
+    """Rebuild the saved structure from shard buffers; CPU tensors alias them (no copy), each with its own
+    storage, so the result can go straight to ``torch.save`` or safetensors."""
     def span(r: dict[str, Any]) -> torch.Tensor:
-        return buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
+        return alias(buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]])
 
     bases = [span(s) for s in doc["storages"]]
     records = doc["tensors"]

@@ -20,7 +20,7 @@ import torch
 
 from . import xla
 from .errors import CheckpointError
-from .storage import as_memoryview
+from .storage import alias
 from .manifest import SAFETENSORS_DTYPES, decode, dtype_name, encode_float, finish_tensor, view_tensor
 
 HEADER_ALIGN = 64  # data section starts 64-byte aligned so every tensor in it is aligned to its item size
@@ -99,14 +99,10 @@ class Plan:
         """The copied state, its tensors aliasing ``buffers`` (one per chunk of a copy plan).
 
         Each tensor (or each group of overlapping views, which share in the original too) gets a storage of its own
-        over its bytes, so serializers see exactly the sharing the original state had — ``torch.save`` refuses
-        differently-typed views of one storage, safetensors refuses any sharing.
+        over its bytes (:func:`alias`), so serializers see exactly the sharing the original state had.
         """
         def own(r: dict[str, Any]) -> torch.Tensor:
-            if not r["nbytes"]:
-                return torch.empty(0, dtype=torch.uint8)
-            region = buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]]
-            return torch.frombuffer(as_memoryview(region), dtype=torch.uint8)
+            return alias(buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]])
 
         bases = [own(s) for s in self.storages]
         built: dict[int, torch.Tensor] = {}

@@ -30,11 +30,24 @@ from .staging import ALIGN, aligned_size
 
 
 def as_memoryview(t: torch.Tensor) -> memoryview:
-    """Writable memoryview over a contiguous uint8 host tensor (the tensor must outlive the view)."""
+    """Writable memoryview over a contiguous uint8 host tensor; the view keeps the tensor alive."""
     n = t.numel()
     if n == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+    array = (ctypes.c_ubyte * n).from_address(t.data_ptr())
+    array.owner = t  # type: ignore[attr-defined]
+    return memoryview(array).cast("B")
+
+
+def alias(region: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over ``region``'s bytes with a storage of its own (no copy).
+
+    Tensors cut from one big buffer otherwise share its storage, which serializers take for real sharing:
+    ``torch.save`` writes the whole buffer and refuses differently-typed views of it, safetensors refuses it.
+    """
+    if not region.numel():
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(as_memoryview(region), dtype=torch.uint8)
 
 
 def digest(data: memoryview | bytes) -> str:

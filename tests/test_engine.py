@@ -411,3 +411,16 @@ def test_unclosed_sync_engine_flushes_at_exit(tmp_path):
             f"e.save({{'w': torch.ones(1000)}}, {str(tmp_path / 'ck')!r})\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert (tmp_path / "ck" / "manifest.json").exists()
+
+
+async def test_loaded_state_goes_straight_to_torch_save_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"f": torch.randn(10), "h": torch.randn(4).half(), "i": torch.arange(3), "e": torch.empty(0)}
+    async with small_engine() as engine:
+        await (await engine.save(state, tmp_path / "ck"))
+        loaded = await engine.load(tmp_path / "ck")
+    torch.save(loaded, tmp_path / "t.pt")
+    save_file(loaded, str(tmp_path / "t.safetensors"))
+    assert_same(torch.load(tmp_path / "t.pt"), state)
+    assert (tmp_path / "t.pt").stat().st_size < 4096, "no shard buffer dragged into the file"
