@@ -20,9 +20,11 @@ def committed(directory: Any, storage_options: dict[str, Any] | None = None) -> 
     """
     url = os.fspath(directory)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = {k: v for k, v in (storage_options or {}).items() if k != "retry"}  # the engine's S3 policy
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         raise CheckpointError(f"{url}: the fsspec backend for it is not installed ({exc})") from exc
+    fs.invalidate_cache(root)  # fsspec reuses instances and their listings: a cached one would hide new checkpoints
     try:
         entries = fs.ls(root, detail=True)
     except (FileNotFoundError, NotADirectoryError):

@@ -88,6 +88,10 @@ class CheckpointEngine:
             tg.cancel_scope.cancel()
         try:
             await tg.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                return None  # the body's own error propagates unwrapped
+            raise
         finally:
             self.pool.clear()
             for storage in self._storages.values():

@@ -203,7 +203,8 @@ class SaveJob(Job):
         async with self._open_locks[shard]:
             if shard not in self.sinks:
                 self.sinks[shard] = await self.storage.open_sink(
-                    self.storage.join(self.path, self.files[shard]), self.plan.shard_sizes[shard], self.fsync)
+                    self.storage.join(self.path, self.files[shard]), self.plan.shard_sizes[shard], self.fsync,
+                    self.plan.chunk_bytes)
             return self.sinks[shard]
 
     async def take(self, chunk: Chunk, buf: torch.Tensor) -> None:
@@ -255,7 +256,7 @@ class SaveJob(Job):
         try:  # a first save that failed leaves no empty directory behind
             if self.sinks and not await self.storage.list(self.path):
                 await self.storage.remove_dir(self.path)
-        except OSError:
+        except Exception:  # best effort (an unreachable object store raises CheckpointError, not OSError)
             pass
 
 

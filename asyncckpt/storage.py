@@ -105,7 +105,7 @@ class LocalStorage(Storage):
     def strip(self, url: str) -> str:
         return os.path.abspath(url.removeprefix("file://").removeprefix("local://"))
 
-    async def open_sink(self, path: str, nbytes: int, fsync: bool) -> Sink:
+    async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> Sink:
         fd, direct_fd = await self._run(_create, path, nbytes)
         return _LocalSink(self, path, fd, direct_fd, nbytes, fsync)
 
@@ -319,7 +319,7 @@ class FsspecStorage(Storage):
                 return await getattr(self.fs, "_" + name)(*args, **kwargs)
         return await to_thread.run_sync(lambda: getattr(self.fs, name)(*args, **kwargs), limiter=self.limiter)
 
-    async def open_sink(self, path: str, nbytes: int, fsync: bool) -> Sink:
+    async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> Sink:
         return _FsspecSink(self, path)
 
     async def open_reader(self, path: str) -> Reader:
@@ -443,6 +443,11 @@ def resolve(url: str, storage_options: dict[str, Any] | None, limiter: anyio.Cap
         local = LocalStorage(limiter)
         return local, local.strip(url)
     protocol = url.split("://", 1)[0]
+    if protocol in ("s3", "s3a"):  # multipart shard uploads, one retry policy (asyncckpt/s3.py)
+        from .s3 import S3Storage
+
+        s3 = S3Storage.create(storage_options, limiter)
+        return s3, s3.strip(url)
     cls = fsspec.get_filesystem_class(protocol)
     options = dict(storage_options or {})
     if getattr(cls, "async_impl", False):

@@ -1,0 +1,156 @@
+"""S3 throughput: asyncckpt save/load vs raw s3fs on the same bytes, against the same local moto server.
+
+    /tmp/probe-venv/bin/python -m tests.s3.bench_s3 [--mib 256] [--repeat 3] [--chunk-mib 32] [--concurrency 8]
+    /tmp/probe-venv/bin/python tests/s3/bench_s3.py ...            (same thing)
+
+Contenders, all writing/reading the same total bytes (float32 tensors of ``--tensor-mib`` each):
+
+* ``asyncckpt``       — ``engine.save(state, s3://…)`` until committed, then ``engine.load`` (checksums verified).
+* ``s3fs one object`` — ``fs._pipe_file`` of all bytes as one object (s3fs's own concurrent multipart upload),
+  ``fs._cat_file`` of it (s3fs's own concurrent ranged reads).
+* ``s3fs per tensor`` — ``fs._pipe`` / ``fs._cat`` of one object per tensor (s3fs batches them concurrently).
+
+Moto is a Python server in one process, so absolute numbers say little about a real S3 endpoint; the point is the
+ratio: the engine's own overhead (snapshot, checksums, manifest) against a raw client moving the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo and this folder importable
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [os.path.dirname(os.path.dirname(here)), here]
+    from util import MotoServer  # type: ignore[import-not-found]
+else:
+    from .util import MotoServer
+
+import asyncckpt  # noqa: E402
+
+MiB = 1 << 20
+
+
+def make_state(total_mib: int, tensor_mib: int) -> dict[str, torch.Tensor]:
+    n = max(1, total_mib // tensor_mib)
+    g = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.randn(tensor_mib * MiB // 4, generator=g) for i in range(n)}
+
+
+async def bench_engine(state, url, opts, args) -> tuple[float, float]:
+    async with asyncckpt.CheckpointEngine(storage_options=opts, chunk_bytes=args.chunk_mib * MiB,
+                                          shard_bytes=args.shard_mib * MiB, write_concurrency=args.concurrency,
+                                          host_memory_budget=args.budget_mib * MiB) as eng:
+        t0 = time.perf_counter()
+        await (await eng.save(state, url))
+        t_save = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = await eng.load(url)
+        t_load = time.perf_counter() - t0
+        assert all(torch.equal(out[k], v) for k, v in state.items())
+        await eng.remove(url)
+    return t_save, t_load
+
+
+async def bench_s3fs_one(blobs, path, opts, args) -> tuple[float, float]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True, max_concurrency=args.concurrency, **opts)
+    await fs.set_session()
+    try:
+        data = b"".join(blobs)
+        t0 = time.perf_counter()
+        await fs._pipe_file(path, data, chunksize=args.chunk_mib * MiB, max_concurrency=args.concurrency)
+        t_save = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        back = await fs._cat_file(path, chunksize=args.chunk_mib * MiB, max_concurrency=args.concurrency)
+        t_load = time.perf_counter() - t0
+        assert len(back) == len(data)
+        await fs._rm_file(path)
+    finally:
+        await fs._s3.close()
+    return t_save, t_load
+
+
+async def bench_s3fs_many(blobs, path, opts, args) -> tuple[float, float]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True, max_concurrency=args.concurrency, **opts)
+    await fs.set_session()
+    try:
+        files = {f"{path}/t{i}": b for i, b in enumerate(blobs)}
+        t0 = time.perf_counter()
+        await fs._pipe(files, batch_size=args.concurrency)
+        t_save = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        back = await fs._cat(list(files), batch_size=args.concurrency)
+        t_load = time.perf_counter() - t0
+        assert sum(map(len, back.values())) == sum(map(len, blobs))
+        await fs._rm(list(files))
+    finally:
+        await fs._s3.close()
+    return t_save, t_load
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mib", type=int, default=256, help="total state size (MiB)")
+    p.add_argument("--tensor-mib", type=int, default=32)
+    p.add_argument("--chunk-mib", type=int, default=32, help="engine chunk_bytes = multipart part size (MiB)")
+    p.add_argument("--shard-mib", type=int, default=512)
+    p.add_argument("--budget-mib", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting moto")
+    p.add_argument("--bucket", default=None, help="existing bucket to use with --endpoint")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    server = None if args.endpoint else MotoServer()
+    try:
+        opts = server.options() if server else {"endpoint_url": args.endpoint}
+        if not server and not args.bucket:
+            p.error("--endpoint needs --bucket")
+        bucket = args.bucket or f"bench-{uuid.uuid4().hex[:10]}"
+        if server:
+            server.client().create_bucket(Bucket=bucket)
+        state = make_state(args.mib, args.tensor_mib)
+        blobs = [v.numpy().tobytes() for v in state.values()]
+        total = sum(map(len, blobs))
+        prefix = f"asyncckpt-bench-{uuid.uuid4().hex[:8]}"
+        runs: dict[str, list[tuple[float, float]]] = {"asyncckpt": [], "s3fs one object": [], "s3fs per tensor": []}
+        for r in range(args.repeat):
+            runs["asyncckpt"].append(asyncio.run(bench_engine(state, f"s3://{bucket}/{prefix}/ckpt-{r}", opts, args)))
+            runs["s3fs one object"].append(asyncio.run(bench_s3fs_one(blobs, f"{bucket}/{prefix}/raw-{r}", opts, args)))
+            runs["s3fs per tensor"].append(asyncio.run(bench_s3fs_many(blobs, f"{bucket}/{prefix}/many-{r}", opts, args)))
+    finally:
+        if server:
+            server.stop()
+
+    report = {"total_mib": total / MiB, "chunk_mib": args.chunk_mib, "concurrency": args.concurrency,
+              "repeat": args.repeat, "endpoint": "moto (local)" if server else args.endpoint, "results": {}}
+    print(f"{total / MiB:.0f} MiB, part/chunk {args.chunk_mib} MiB, concurrency {args.concurrency}, "
+          f"median of {args.repeat} ({report['endpoint']})")
+    print(f"{'contender':<18}{'save MiB/s':>12}{'load MiB/s':>12}{'save s':>9}{'load s':>9}")
+    for name, times in runs.items():
+        save = statistics.median(t[0] for t in times)
+        load = statistics.median(t[1] for t in times)
+        report["results"][name] = {"save_mib_s": total / MiB / save, "load_mib_s": total / MiB / load,
+                                   "save_s": save, "load_s": load}
+        print(f"{name:<18}{total / MiB / save:>12.1f}{total / MiB / load:>12.1f}{save:>9.2f}{load:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
