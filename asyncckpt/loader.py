@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -159,6 +160,15 @@ def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, 
     return decode(doc["tree"], tensor, obj)
 
 
+def torch_load_reason(exc: BaseException) -> str:
+    """The informative line of a torch.load error (its weights-only errors span paragraphs of advice)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return next((line for line in lines if line), type(exc).__name__)
+
+
 def _unpickle(data: bytes, record: dict[str, Any], display: str, map_location: MapLocation, weights_only: bool) -> Any:
     where = record.get("key") or "<root>"
     try:
@@ -168,12 +178,12 @@ def _unpickle(data: bytes, record: dict[str, Any], display: str, map_location: M
             raise UnsafeCheckpointError(
                 f"{display}: the value at {where} is a pickled {record['type']}, which weights-only loading refuses "
                 f"because unpickling it could run code; if you trust this checkpoint pass weights_only=False, or "
-                f"allow the type with torch.serialization.add_safe_globals ({str(exc).splitlines()[0]})") from None
+                f"allow the type with torch.serialization.add_safe_globals ({torch_load_reason(exc)})") from None
         raise CorruptCheckpointError(f"{display}: the value at {where} cannot be unpickled ({exc})") from exc
     except Exception as exc:
         raise CorruptCheckpointError(
-            f"{display}: the value at {where} ({record['type']}) cannot be unpickled: {type(exc).__name__}: {exc}"
-        ) from exc
+            f"{display}: the value at {where} ({record['type']}) cannot be unpickled: {type(exc).__name__}: "
+            f"{torch_load_reason(exc)}") from exc
 
 
 # ---------------------------------------------------------------- in-place restore
