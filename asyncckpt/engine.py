@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 import anyio
+from anyio.lowlevel import checkpoint
 
 from . import snapshot
 from .errors import CheckpointError
@@ -189,6 +190,7 @@ class CheckpointEngine:
                     self.pool.release(buf)
                     raise
                 job.submit(chunk, buf)
+                await checkpoint()  # let the chunk's write start while the next one is copied
             plan.finish()
         except BaseException as exc:
             job.fail(_snapshot_error(exc))

@@ -90,6 +90,7 @@ class Job:
         self.error: BaseException | None = None
         self.snapshot_seconds = 0.0
         self._input_done = anyio.Event()
+        self._ready = anyio.Event()  # start() finished: chunks may be written
         self._tg: Any = None
         self._t0 = time.perf_counter()
 
@@ -108,16 +109,16 @@ class Job:
         (except the engine's own cancellation, after the job has been aborted and its handle told)."""
         started = False
         try:
-            try:
-                await self.start()
-            except Exception as exc:
-                self.fail(exc)
-            else:
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    task_status.started()
-                    started = True
-                    await self._input_done.wait()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()  # the snapshot starts now; directory set-up overlaps it
+                started = True
+                try:
+                    await self.start()
+                except Exception as exc:
+                    self.fail(exc)
+                self._ready.set()
+                await self._input_done.wait()
             await self._conclude()
         except anyio.get_cancelled_exc_class():
             if not self.handle.done():
@@ -155,9 +156,11 @@ class Job:
 
     async def _guarded(self, chunk: Chunk, buf: torch.Tensor) -> None:
         try:
+            await self._ready.wait()
             if chunk.ready is not None:  # CUDA copies of this chunk were queued on the side stream
                 await to_thread.run_sync(chunk.ready.synchronize)
-            await self.take(chunk, buf)
+            if self.error is None:
+                await self.take(chunk, buf)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
