@@ -18,8 +18,8 @@ from anyio.lowlevel import checkpoint
 from . import snapshot
 from .errors import CheckpointError
 from .loader import apply_in_place, build_state, read_manifest, read_shards
-from .manifest import MANIFEST_NAME, SHARD_RE
-from .pipeline import CallJob, Job, SaveHandle, SaveJob
+from .manifest import MANIFEST_NAME, SHARD_RE, parse
+from .pipeline import CallJob, Job, SaveHandle, SaveJob, describe
 from .staging import StagingPool
 from .storage import Storage, resolve
 
@@ -88,7 +88,10 @@ class CheckpointEngine:
         if cancelled:
             tg.cancel_scope.cancel()
         try:
-            await tg.__aexit__(exc_type, exc, tb)
+            if cancelled:
+                await tg.__aexit__(exc_type, exc, tb)
+            else:  # pending saves finish even when the body raised (the task group would cancel them)
+                await tg.__aexit__(None, None, None)
         except BaseExceptionGroup as group:
             if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
                 return None  # the body's own error propagates unwrapped
@@ -254,8 +257,11 @@ class CheckpointEngine:
         self._check_open()
         storage, fs_path, display = self._resolve(path, storage_options)
         await self._after_pending(storage, fs_path)
-        doc = await read_manifest(storage, fs_path, display)
-        buffers = await read_shards(storage, fs_path, display, doc, self.verify if verify is None else verify)
+        try:
+            doc = await read_manifest(storage, fs_path, display)
+            buffers = await read_shards(storage, fs_path, display, doc, self.verify if verify is None else verify)
+        except OSError as exc:
+            raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
         loaded = build_state(doc, buffers, display, map_location, weights_only is not False)
         if state is None:
             return loaded
@@ -269,14 +275,21 @@ class CheckpointEngine:
         kind = await storage.kind(fs_path)
         if kind is None:
             return
-        names = await storage.list(fs_path)
-        if kind == "file" or not (MANIFEST_NAME in names or any(SHARD_RE.match(n) for n in names)):
+        names = await storage.list(fs_path) if kind == "dir" else []
+        ours = [n for n in names if SHARD_RE.match(n) or n.startswith(MANIFEST_NAME + ".tmp-")]
+        if MANIFEST_NAME in names and not ours:  # a lone manifest.json: delete it only if it is an asyncckpt one
+            try:
+                parse(await storage.read_bytes(storage.join(fs_path, MANIFEST_NAME)), display)
+            except CheckpointError:
+                raise CheckpointError(
+                    f"refusing to remove {display}: its {MANIFEST_NAME} is not an asyncckpt manifest") from None
+        if kind == "file" or (names and not ours and MANIFEST_NAME not in names):
             raise CheckpointError(f"refusing to remove {display}: it is not an asyncckpt checkpoint")
-        await storage.remove(storage.join(fs_path, MANIFEST_NAME))
-        await storage.sync_dir(fs_path)
-        for name in names:
-            if name != MANIFEST_NAME:
-                await storage.remove(storage.join(fs_path, name))
+        if MANIFEST_NAME in names:
+            await storage.remove(storage.join(fs_path, MANIFEST_NAME))
+            await storage.sync_dir(fs_path)
+        for name in ours:  # files that are not ours (a user's notes, subdirectories) stay, and so does the dir
+            await storage.remove(storage.join(fs_path, name))
         await storage.remove_dir(fs_path)
 
 

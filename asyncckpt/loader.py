@@ -138,10 +138,16 @@ def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, 
 
     bases = [span(s) for s in doc["storages"]]
     records = doc["tensors"]
-    views = [view_tensor(r, None if "base" in r else span(r), bases[r["base"]] if "base" in r else None)
-             for r in records]
+    try:  # the manifest was validated; this is the safety net for whatever torch still refuses
+        views = [view_tensor(r, None if "base" in r else span(r), bases[r["base"]] if "base" in r else None)
+                 for r in records]
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"{display}: the manifest describes a tensor torch cannot build ({exc})") from exc
     placed = _place(views, [_target_device(map_location, r["device"], v) for r, v in zip(records, views)], display)
-    tensors = [finish_tensor(r, t) for r, t in zip(records, placed)]
+    try:
+        tensors = [finish_tensor(r, t) for r, t in zip(records, placed)]
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{display}: the manifest describes a tensor torch cannot build ({exc})") from exc
     objects: dict[int, Any] = {}
 
     def tensor(i: int) -> torch.Tensor:
@@ -157,7 +163,12 @@ def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, 
             objects[i] = _unpickle(bytes(span(r)), r, display, map_location, weights_only)
         return objects[i]
 
-    return decode(doc["tree"], tensor, obj)
+    try:
+        return decode(doc["tree"], tensor, obj)
+    except CorruptCheckpointError as exc:
+        if str(exc).startswith(display):
+            raise
+        raise CorruptCheckpointError(f"{display}: {exc}") from None
 
 
 def torch_load_reason(exc: BaseException) -> str:
@@ -271,3 +282,97 @@ def _apply(target: Any, value: Any, name: str, strict: bool, problems: _Problems
                 target[key] = v  # leaves that cannot change in place (numbers, strings…) are replaced
         return whole
     return False
+
+
+async def verify_shards(storage: Storage, path: str, display: str, doc: dict[str, Any], on_chunk: Any = None
+                        ) -> list[str]:
+    """Every problem with the shards of a parsed manifest, one line each: a missing or resized shard, a chunk whose
+    xxh3-64 differs, and a safetensors header placing entries elsewhere than the manifest (a lie checksums miss).
+
+    Chunks are checked by as many workers as the storage's limiter allows, each with one reusable buffer, so memory
+    stays bounded whatever the checkpoint's size; ``on_chunk(nbytes)`` reports progress.
+    """
+    import json
+
+    from .storage import as_memoryview
+
+    shards, problems = doc["shards"], []
+    report = on_chunk or (lambda n: None)
+    sizes: dict[int, int | None] = {}
+
+    async def size_of(i: int) -> None:
+        sizes[i] = await storage.size(storage.join(path, shards[i]["file"]))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(shards)):
+            tg.start_soon(size_of, i)
+    for i, s in enumerate(shards):
+        if sizes[i] != s["nbytes"]:
+            problems.append(f"{display}: shard {s['file']} is missing" if sizes[i] is None else
+                            f"{display}: shard {s['file']} has {sizes[i]} bytes, the manifest says {s['nbytes']} "
+                            "(truncated or overwritten)")
+            report(s["nbytes"])
+    intact = [i for i, s in enumerate(shards) if sizes[i] == s["nbytes"]]
+    work = iter([(i, k, offset) for i in intact for k, offset in enumerate(range(0, shards[i]["nbytes"],
+                                                                                 shards[i]["chunk_bytes"]))])
+
+    async def header_spans(reader: Any, s: dict[str, Any]) -> list[tuple[int, int]] | None:
+        try:
+            head = torch.empty(8, dtype=torch.uint8)
+            await reader.read_into(0, head)
+            n = int.from_bytes(as_memoryview(head), "little")
+            if n > s["nbytes"] - 8:
+                return None
+            raw = torch.empty(n, dtype=torch.uint8)
+            await reader.read_into(8, raw)
+            header = json.loads(as_memoryview(raw).tobytes())
+            return sorted((8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                          for k, v in header.items() if k != "__metadata__")
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+    async def check_header(reader: Any, i: int) -> None:
+        s = shards[i]
+        found = await header_spans(reader, s)
+        expected = sorted((r["offset"], r["nbytes"]) for table in ("tensors", "storages", "objects")
+                          for r in doc[table] if "base" not in r and r["shard"] == i)
+        if found is None:
+            problems.append(f"{display}: shard {s['file']} does not start with a valid safetensors header")
+        elif found != expected or max((o + n for o, n in found), default=s["nbytes"]) != s["nbytes"]:
+            problems.append(f"{display}: shard {s['file']}: its safetensors header and the manifest place the "
+                            "entries differently")
+
+    async def worker() -> None:
+        buf = torch.empty(max(min(shards[i]["chunk_bytes"], shards[i]["nbytes"]) for i in intact), dtype=torch.uint8)
+        reader, current = None, -1
+        try:
+            for i, k, offset in work:
+                s = shards[i]
+                if i != current:
+                    if reader is not None:
+                        await reader.close()
+                    reader = None
+                    reader, current = await storage.open_reader(storage.join(path, s["file"])), i
+                n = min(s["chunk_bytes"], s["nbytes"] - offset)
+                try:
+                    sig = await reader.read_into(offset, buf[:n])
+                except EOFError as exc:
+                    problems.append(f"{display}: shard {s['file']} is truncated ({exc})")
+                else:
+                    if sig != s["xxh3_64"][k]:
+                        problems.append(f"{display}: checksum mismatch in shard {s['file']} at bytes "
+                                        f"{offset}..{offset + n}")
+                    elif k == 0:
+                        await check_header(reader, i)
+                report(n)
+        finally:
+            if reader is not None:
+                await reader.close()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(int(storage.limiter.total_tokens), len(intact))):
+                tg.start_soon(worker)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return problems

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 
 from .errors import CorruptCheckpointError
 
@@ -129,16 +130,60 @@ def _numel(shape: list[int]) -> int:
     return math.prod(shape)
 
 
+MAX_INDEX = 1 << 62  # sizes, strides and offsets beyond this overflow torch's int64 arithmetic
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+DIGEST = "manifest_xxh3_64"  # last member: xxh3-64 of the compact JSON of all the others, in their order
+
+
+def _body(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def seal(doc: dict[str, Any]) -> bytes:
+    """The manifest's bytes: ``doc`` as compact JSON, ending with a checksum of everything before it."""
+    body = _body({k: v for k, v in doc.items() if k != DIGEST})
+    return f'{body[:-1]},"{DIGEST}":"{xxhash.xxh3_64_hexdigest(body.encode())}"}}'.encode()
+
+
+def _check_digest(doc: Any) -> None:
+    """Shard bytes carry checksums; this covers the manifest itself (offsets, keys, dtypes, numbers)."""
+    if not isinstance(doc, dict):
+        return
+    claimed = doc.pop(DIGEST, None)
+    try:
+        actual = xxhash.xxh3_64_hexdigest(_body(doc).encode())
+    except (ValueError, RecursionError):
+        actual = None
+    _expect(claimed == actual, "its checksum does not match: the manifest is damaged")
+
+
 def parse(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and validate manifest bytes read from ``where``; raise CorruptCheckpointError on any lie."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_unique_members)
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
     try:
+        _check_digest(doc)
         _validate(doc)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
+    return doc
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("an object has duplicate members")
     return doc
 
 
@@ -163,23 +208,31 @@ def _validate(doc: Any) -> None:
     storages = doc["storages"]
     for i, t in enumerate(_table(doc, "tensors")):
         what = f"tensor {i}"
-        _expect(t.get("dtype") in DTYPES, f"{what} has unknown dtype {str(t.get('dtype'))[:40]!r}")
+        _expect(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES,
+                f"{what} has unknown dtype {str(t.get('dtype'))[:40]!r}")
+        dtype = DTYPES[t["dtype"]]
         shape = t.get("shape")
-        _expect(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) for d in shape),
+        _expect(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) for d in shape)
+                and max(shape, default=0) < MAX_INDEX and _numel(shape) * dtype.itemsize < MAX_INDEX,
                 f"{what} has a bad shape")
-        itemsize = DTYPES[t["dtype"]].itemsize
-        _expect(isinstance(t.get("device"), str) and len(t["device"]) < 64, f"{what} has a bad device")
+        itemsize = dtype.itemsize
+        _expect(isinstance(t.get("device"), str) and len(t["device"]) < 64 and _is_device(t["device"]),
+                f"{what} has a bad device")
+        _expect(not (t.get("requires_grad") or t.get("parameter")) or dtype.is_floating_point or dtype.is_complex,
+                f"{what} of dtype {t['dtype']} cannot require gradients")
         if "base" in t:  # a view into a shared storage blob
             _expect(_is_int(t["base"]) and t["base"] < len(storages), f"{what} names no storage")
             stride = t.get("stride")
-            _expect(isinstance(stride, list) and len(stride) == len(shape) and all(_is_int(x) for x in stride)
-                    and _is_int(t.get("storage_offset")), f"{what} has a bad view")
+            _expect(isinstance(stride, list) and len(stride) == len(shape)
+                    and all(_is_int(x) and x < MAX_INDEX for x in stride)
+                    and _is_int(t.get("storage_offset")) and t["storage_offset"] < MAX_INDEX, f"{what} has a bad view")
             if _numel(shape):
                 last = t["storage_offset"] + sum((d - 1) * s for d, s in zip(shape, stride))
                 _expect((last + 1) * itemsize <= storages[t["base"]]["nbytes"], f"{what} views past its storage")
         else:
             _check_span(t, shards, what)
             _expect(_numel(shape) * itemsize == t["nbytes"], f"{what} shape/dtype disagree with its size")
+            _expect(t["offset"] % itemsize == 0, f"{what} is misaligned for {t['dtype']}")
     for i, o in enumerate(_table(doc, "objects")):
         _check_span(o, shards, f"object {i}")
         _expect(isinstance(o.get("type"), str), f"object {i} has no type")

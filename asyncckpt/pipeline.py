@@ -9,7 +9,6 @@ manifest is written, and the error is kept on the handle for the caller.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from anyio import to_thread
 
 from . import __version__
 from .errors import CheckpointError
-from .manifest import FORMAT, MANIFEST_NAME, SHARD_RE, VERSION
+from .manifest import FORMAT, MANIFEST_NAME, SHARD_RE, VERSION, seal
 from .snapshot import Chunk, Plan
 from .staging import StagingPool
 from .storage import Sink, Storage
@@ -183,6 +182,7 @@ class SaveJob(Job):
     def __init__(self, *args: Any, fsync: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fsync = fsync
+        self.publishing = False  # the manifest write has started: it may have taken effect even if it raised
         self.save_id = uuid.uuid4().hex[:16]
         self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
         n = len(self.plan.shard_sizes)
@@ -232,16 +232,20 @@ class SaveJob(Job):
                        for f, n, d in zip(self.files, plan.shard_sizes, self.digests)],
             "tensors": plan.tensors, "storages": plan.storages, "objects": plan.objects, "tree": plan.tree,
         }
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        return seal(doc)
 
     async def finish(self) -> SaveResult:
         if self.previous is not None:  # commit after an earlier save of this path, never before
             await self.previous.handle._done.wait()
         data = self.manifest()
         with anyio.CancelScope(shield=True):  # once the commit starts it completes: no manifest without shards
+            self.publishing = True
             await self.storage.put_atomic(self.storage.join(self.path, MANIFEST_NAME), data, self.fsync)
             write_seconds = time.perf_counter() - self._t0 - self.snapshot_seconds
-            await self._sweep()
+            try:
+                await self._sweep()
+            except Exception:  # best effort: the checkpoint is committed; the next save of this path sweeps again
+                pass
         return SaveResult(self.display, sum(self.plan.shard_sizes) + len(data), self.snapshot_seconds,
                           write_seconds, len(self.files), len(self.plan.tensors))
 
@@ -254,6 +258,8 @@ class SaveJob(Job):
                 await self.storage.remove(self.storage.join(self.path, name))
 
     async def abort(self) -> None:
+        if self.publishing:  # the manifest may be out (storage errors can follow a write that took effect): keep
+            return  # the shards it names; if it is not out, the next save of this path sweeps them as leftovers
         for sink in self.sinks.values():
             await sink.abort()
         try:  # a first save that failed leaves no empty directory behind

@@ -171,7 +171,8 @@ class _Walker:
         key: tuple = (id(t),)
         if t.numel() and not xla.is_xla(t):  # XLA storages expose no data pointer: such views stay distinct
             st = t.untyped_storage()
-            key = (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            key = (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                   t.is_conj(), t.is_neg())  # z and z.conj() share every byte but not their values
         index = self.view_index.get(key)
         if index is None:
             index = self.view_index[key] = len(self.views)
@@ -199,7 +200,8 @@ def _join(path: str, key: Any) -> str:
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
+    """uint8 view of a contiguous tensor's bytes (as_strided: ``reshape`` keeps odd strides of size-1 dims)."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
 def _tensor_entries(walker: _Walker) -> tuple[list[dict], list[dict], list[Entry], bool]:
@@ -212,7 +214,7 @@ def _tensor_entries(walker: _Walker) -> tuple[list[dict], list[dict], list[Entry
         host = dict(zip(xla_at, xla.to_cpu([views[i][0] for i in xla_at])))
     groups: dict[tuple, list[int]] = {}
     for i, (t, _) in enumerate(views):
-        if t.numel() and i not in host:
+        if t.numel() and i not in host and not (t.is_conj() or t.is_neg()):  # lazy conj/neg: own resolved bytes
             groups.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append(i)
     shared: dict[int, int] = {}  # view index -> storage index
     storages: list[dict] = []

@@ -148,6 +148,9 @@ class LocalStorage(Storage):
             await self._run(os.rmdir, path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # files that are not ours stay, and so does their directory
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
 
     async def sync_dir(self, path: str) -> None:
         await self._run(_fsync_dir, path)
@@ -335,7 +338,7 @@ class FsspecStorage(Storage):
     async def kind(self, path: str) -> str | None:
         try:
             info = await self.call("info", path)
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return None
         return "dir" if info.get("type") == "directory" else "file"
 
@@ -364,10 +367,12 @@ class FsspecStorage(Storage):
             pass
 
     async def remove_dir(self, path: str) -> None:
-        try:
-            await self.call("rm", path, recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
+        """Remove ``path`` if it is an empty directory; object stores have no directories to remove."""
+        if not self.fs.async_impl:
+            try:
+                await self.call("rmdir", path)
+            except OSError:  # not empty (files that are not ours), gone, or not a directory here
+                pass
         self.fs.invalidate_cache(path)
 
     async def sync_dir(self, path: str) -> None:
@@ -383,6 +388,7 @@ class _FsspecSink:
         self.storage, self.path = storage, path
         self.parts: list[bytes] = []
         self.file: Any = None
+        self.written = 0
 
     async def write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
         view = as_memoryview(data)[:nbytes]
@@ -392,7 +398,10 @@ class _FsspecSink:
         else:
             if self.file is None:
                 self.file = await self.storage._run(self.storage.fs.open, self.path, "wb")
-            await self.storage._run(self.file.write, bytes(view))
+            n = await self.storage._run(self.file.write, bytes(view))
+            if n is not None and n != nbytes:
+                raise OSError(errno.EIO, f"short write: {n} of {nbytes} bytes taken", self.path)
+        self.written += nbytes
         return sig
 
     async def commit(self) -> None:
@@ -403,6 +412,9 @@ class _FsspecSink:
             await self.storage.call("pipe_file", self.path, b"")
         else:
             await self.storage._run(self.file.close)
+        size = await self.storage.size(self.path)  # one HEAD: the store holds every byte we handed it
+        if size != self.written:
+            raise OSError(errno.EIO, f"the store holds {size} bytes of {self.written} written", self.path)
 
     async def abort(self) -> None:
         with anyio.CancelScope(shield=True):

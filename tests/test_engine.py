@@ -347,8 +347,10 @@ async def test_not_a_checkpoint_errors_name_the_way_out(tmp_path):
         (tmp_path / "dir").mkdir()
         with pytest.raises(CheckpointError, match="not an asyncckpt checkpoint"):
             await engine.load(tmp_path / "dir")
+        (tmp_path / "dir" / "notes.txt").write_text("mine")
         with pytest.raises(CheckpointError, match="refusing to remove"):
             await engine.remove(tmp_path / "dir")
+        assert (tmp_path / "dir" / "notes.txt").exists()
         cyclic: dict = {}
         cyclic["self"] = cyclic
         with pytest.raises(CheckpointError, match="refers to itself"):
