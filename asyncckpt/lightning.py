@@ -200,8 +200,10 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
             if map_location is not None:
                 kwargs["map_location"] = map_location
             return super().load_checkpoint(path, weights_only=weights_only, state=state, **kwargs)
-        return self.engine.load(path, state=state, map_location="cpu" if map_location is None else map_location,
-                                weights_only=weights_only, **kwargs)
+        if map_location is None and state is None:
+            map_location = "cpu"  # a returned dict lands on the CPU, as with TorchCheckpointIO
+        # restoring in place keeps each tensor's saved device: XLA/CUDA targets get one batched upload, not one each
+        return self.engine.load(path, state=state, map_location=map_location, weights_only=weights_only, **kwargs)
 
 
 # ---------------------------------------------------------------- native checkpoints outside the Trainer

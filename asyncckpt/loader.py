@@ -287,64 +287,42 @@ def _apply(target: Any, value: Any, name: str, strict: bool, problems: _Problems
 async def verify_shards(storage: Storage, path: str, display: str, doc: dict[str, Any], on_chunk: Any = None
                         ) -> list[str]:
     """Every problem with the shards of a parsed manifest, one line each: a missing or resized shard, a chunk whose
-    xxh3-64 differs, and a safetensors header placing entries elsewhere than the manifest (a lie checksums miss).
+    xxh3-64 differs, a safetensors header placing entries elsewhere than the manifest (a lie checksums miss).
 
-    Chunks are checked by as many workers as the storage's limiter allows, each with one reusable buffer, so memory
-    stays bounded whatever the checkpoint's size; ``on_chunk(nbytes)`` reports progress.
+    As many workers as the storage's limiter allows read chunks into one reused buffer each, so memory stays
+    bounded whatever the checkpoint's size; ``on_chunk(nbytes)`` reports progress.
     """
     import json
 
     from .storage import as_memoryview
 
-    shards, problems = doc["shards"], []
+    shards, problems, sizes = doc["shards"], [], {}
     report = on_chunk or (lambda n: None)
-    sizes: dict[int, int | None] = {}
 
     async def size_of(i: int) -> None:
         sizes[i] = await storage.size(storage.join(path, shards[i]["file"]))
 
-    async with anyio.create_task_group() as tg:
-        for i in range(len(shards)):
-            tg.start_soon(size_of, i)
-    for i, s in enumerate(shards):
-        if sizes[i] != s["nbytes"]:
-            problems.append(f"{display}: shard {s['file']} is missing" if sizes[i] is None else
-                            f"{display}: shard {s['file']} has {sizes[i]} bytes, the manifest says {s['nbytes']} "
-                            "(truncated or overwritten)")
-            report(s["nbytes"])
-    intact = [i for i, s in enumerate(shards) if sizes[i] == s["nbytes"]]
-    work = iter([(i, k, offset) for i in intact for k, offset in enumerate(range(0, shards[i]["nbytes"],
-                                                                                 shards[i]["chunk_bytes"]))])
-
-    async def header_spans(reader: Any, s: dict[str, Any]) -> list[tuple[int, int]] | None:
+    async def check_header(reader: Any, i: int) -> None:
+        s = shards[i]
         try:
             head = torch.empty(8, dtype=torch.uint8)
             await reader.read_into(0, head)
             n = int.from_bytes(as_memoryview(head), "little")
-            if n > s["nbytes"] - 8:
-                return None
-            raw = torch.empty(n, dtype=torch.uint8)
+            raw = torch.empty(n if n <= s["nbytes"] - 8 else 0, dtype=torch.uint8)
             await reader.read_into(8, raw)
-            header = json.loads(as_memoryview(raw).tobytes())
-            return sorted((8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-                          for k, v in header.items() if k != "__metadata__")
+            found = sorted((8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                           for k, v in json.loads(as_memoryview(raw).tobytes()).items() if k != "__metadata__")
         except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return None
-
-    async def check_header(reader: Any, i: int) -> None:
-        s = shards[i]
-        found = await header_spans(reader, s)
+            problems.append(f"{display}: shard {s['file']} does not start with a valid safetensors header")
+            return
         expected = sorted((r["offset"], r["nbytes"]) for table in ("tensors", "storages", "objects")
                           for r in doc[table] if "base" not in r and r["shard"] == i)
-        if found is None:
-            problems.append(f"{display}: shard {s['file']} does not start with a valid safetensors header")
-        elif found != expected or max((o + n for o, n in found), default=s["nbytes"]) != s["nbytes"]:
+        if found != expected or max((o + n for o, n in found), default=s["nbytes"]) != s["nbytes"]:
             problems.append(f"{display}: shard {s['file']}: its safetensors header and the manifest place the "
                             "entries differently")
 
-    async def worker() -> None:
-        buf = torch.empty(max(min(shards[i]["chunk_bytes"], shards[i]["nbytes"]) for i in intact), dtype=torch.uint8)
-        reader, current = None, -1
+    async def worker(work: Any, nbytes: int) -> None:
+        buf, reader, current = torch.empty(nbytes, dtype=torch.uint8), None, -1
         try:
             for i, k, offset in work:
                 s = shards[i]
@@ -371,8 +349,23 @@ async def verify_shards(storage: Storage, path: str, display: str, doc: dict[str
 
     try:
         async with anyio.create_task_group() as tg:
+            for i in range(len(shards)):
+                tg.start_soon(size_of, i)
+        intact = []
+        for i, s in enumerate(shards):
+            if sizes[i] == s["nbytes"]:
+                intact.append(i)
+                continue
+            problems.append(f"{display}: shard {s['file']} is missing" if sizes[i] is None else
+                            f"{display}: shard {s['file']} has {sizes[i]} bytes, the manifest says {s['nbytes']} "
+                            "(truncated or overwritten)")
+            report(s["nbytes"])
+        work = iter([(i, k, offset) for i in intact
+                     for k, offset in enumerate(range(0, shards[i]["nbytes"], shards[i]["chunk_bytes"]))])
+        nbytes = max((min(shards[i]["chunk_bytes"], shards[i]["nbytes"]) for i in intact), default=0)
+        async with anyio.create_task_group() as tg:
             for _ in range(min(int(storage.limiter.total_tokens), len(intact))):
-                tg.start_soon(worker)
+                tg.start_soon(worker, work, nbytes)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return problems
