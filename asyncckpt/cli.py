@@ -136,8 +136,9 @@ def describe(doc: dict[str, Any], display: str, manifest_bytes: int | None = Non
         key = key or "<root>"
         if isinstance(leaf, Ref) and leaf.kind == "tensor":
             r = doc["tensors"][leaf.index]
-            entry = {"key": key, "dtype": r["dtype"], "shape": r["shape"], "shard": shard_of[leaf.index],
-                     "nbytes": math.prod(r["shape"]) * DTYPES[r["dtype"]].itemsize, "device": r["device"]}
+            entry = {"key": key, "dtype": r["dtype"], "shape": r["shape"],
+                     "nbytes": math.prod(r["shape"]) * DTYPES[r["dtype"]].itemsize, "shard": shard_of[leaf.index],
+                     "device": r["device"]}
             if "base" in r:
                 entry["view_of_storage"] = r["base"]
             entry.update({flag: True for flag in ("parameter", "requires_grad") if r.get(flag)})
@@ -161,10 +162,11 @@ def describe(doc: dict[str, Any], display: str, manifest_bytes: int | None = Non
         "created": (datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds")
                     if isinstance(created, int) else None),
         "tensors": tensors, "objects": objects, "values": values, "shards": shards,
-        "totals": {"tensors": len(doc["tensors"]), "objects": len(doc["objects"]), "values": len(values),
+        "totals": {"tensors": len(doc["tensors"]),
                    "tensor_bytes": sum(t["nbytes"] for t in doc["tensors"] + doc["storages"] if "base" not in t),
-                   "object_bytes": sum(o["nbytes"] for o in doc["objects"]), "shards": len(shards),
-                   "shard_bytes": sum(s["nbytes"] for s in doc["shards"]), "manifest_bytes": manifest_bytes},
+                   "objects": len(doc["objects"]), "object_bytes": sum(o["nbytes"] for o in doc["objects"]),
+                   "values": len(values), "shards": len(shards), "shard_bytes": sum(s["nbytes"] for s in doc["shards"]),
+                   "manifest_bytes": manifest_bytes},
     }
 
 

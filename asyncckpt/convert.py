@@ -23,7 +23,8 @@ import torch
 
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .loader import build_state, read_manifest, read_shards, torch_load_reason
-from .manifest import MANIFEST_NAME, SAFETENSORS_DTYPES, decode
+from .manifest import MANIFEST_NAME, SAFETENSORS_DTYPES, decode, view_tensor
+from .storage import alias
 from .sync import SyncEngine
 
 #: ``progress(description, total_bytes)`` returns a bar with ``update(n)`` and ``close()``, or None for none.
@@ -89,20 +90,28 @@ def path_kind(url: Any, storage_options: dict[str, Any] | None = None) -> str | 
     return "native" if fs.exists(posixpath.join(path, MANIFEST_NAME)) else "dir"
 
 
-def _write(dst: str, storage_options: dict[str, Any] | None, body: Callable[[Any], Any], bar: Any) -> int:
-    """Write one file through ``body(f)``; a local file appears only once complete (temp file, fsync, rename)."""
+def _write(dst: str, storage_options: dict[str, Any] | None, body: Callable[[Any], Any], bar: Any,
+           by_path: bool = False) -> int:
+    """Write one file through ``body(f)``, or through ``body(path)`` for a local file with ``by_path`` (serializers
+    that stream to a path need no copy in memory); a local file appears only once complete and durable."""
     fs, path = _fs(dst, storage_options)
     local = _is_local(dst)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}" if local else path
     try:
         if local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        with fs.open(tmp, "wb") as f:
-            body(_Counting(f, bar))
-            if local:
-                f.flush()
-                os.fsync(f.fileno())
+        if local and by_path:
+            body(tmp)
+            bar.update(os.path.getsize(tmp))
+        else:
+            with fs.open(tmp, "wb") as f:
+                body(_Counting(f, bar))
         if local:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -171,10 +180,30 @@ def _read_native(src: str, storage_options: dict[str, Any] | None, concurrency: 
         with contextlib.closing(progress_bar(progress, "read", total)) as bar:
             buffers = await read_shards(storage, path, src, doc, True)
             bar.update(total)
-        tree = {"list": [{"tensor": i} for i in range(len(doc["tensors"]))]} if tensors_only else doc["tree"]
-        return doc, build_state({**doc, "tree": tree}, buffers, src, "cpu", weights_only)
+        if tensors_only:
+            return doc, build_state({**doc, "tree": {"list": [{"tensor": i} for i in range(len(doc["tensors"]))]}},
+                                    buffers, src, "cpu", True)
+        return doc, build_state(_untangle(doc, buffers), buffers, src, "cpu", weights_only)
 
     return _run(storage_options, lambda e: with_manifest(e, src, read), write_concurrency=concurrency)
+
+
+def _untangle(doc: dict[str, Any], buffers: list[torch.Tensor]) -> dict[str, Any]:
+    """``torch.save`` cannot store one storage viewed as two dtypes, which the native format can: such views get
+    their own copy, appended to ``buffers``."""
+    dtypes: dict[int, set[str]] = {}
+    for r in doc["tensors"]:
+        if "base" in r:
+            dtypes.setdefault(r["base"], set()).add(r["dtype"])
+    tensors = list(doc["tensors"])
+    for j, r in enumerate(tensors):
+        if "base" in r and len(dtypes[r["base"]]) > 1:
+            st = doc["storages"][r["base"]]
+            view = view_tensor(r, None, alias(buffers[st["shard"]][st["offset"]:st["offset"] + st["nbytes"]]))
+            buffers.append(view.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8))
+            tensors[j] = {k: v for k, v in r.items() if k not in ("base", "stride", "storage_offset")}
+            tensors[j].update(shard=len(buffers) - 1, offset=0, nbytes=buffers[-1].numel())
+    return {**doc, "tensors": tensors}
 
 
 @dataclass(frozen=True)
@@ -303,7 +332,7 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
     ``dst`` ending in ``.safetensors`` is one file; otherwise a directory with a file per shard and an index, the
     layout Hugging Face tools read.  Other entries cannot be stored there; :attr:`Conversion.notes` lists them.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save, save_file
 
     src, dst = os.fspath(src), os.fspath(dst)
     single = dst.endswith(".safetensors")
@@ -323,13 +352,15 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
     total = sum(t.nbytes for g in groups for t in g.values())
     clear()
     with contextlib.closing(progress_bar(progress, "write", total)) as bar:
-        size = sum(_write(file, storage_options, lambda f, g=g: f.write(save(g, metadata)), bar)
-                   for file, g in zip(files, groups))
+        size = sum(_write(file, storage_options, lambda f, g=g: save_file(g, f, metadata) if isinstance(f, str)
+                          else f.write(save(g, metadata)), bar, by_path=True) for file, g in zip(files, groups))
     if n > 1:
         index = {"metadata": {"total_size": total},
-                 "weight_map": {name: posixpath.basename(file) for file, g in zip(files, groups) for name in g}}
+                 "weight_map": dict(sorted((name, posixpath.basename(file)) for file, g in zip(files, groups)
+                                           for name in g))}
         files.append(dst.rstrip("/") + "/" + _INDEX)
-        size += _write(files[-1], storage_options, lambda f: f.write(json.dumps(index, indent=2).encode()), _NO_BAR)
+        size += _write(files[-1], storage_options, lambda f: f.write(json.dumps(index, indent=2).encode() + b"\n"),
+                       _NO_BAR)
     return Conversion(src, dst, "safetensors", files, size, sum(map(len, groups)), notes)
 
 

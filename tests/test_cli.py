@@ -218,6 +218,22 @@ def test_verify_detects_truncated_and_missing_shards(ckpt, capsys):
     assert "has 50 bytes" in proc.stderr and "is missing" in proc.stderr
 
 
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_verify_names_the_damaged_chunk(tmp_path, capsys, jobs):
+    with asyncckpt.SyncEngine(shard_bytes=64 << 10, chunk_bytes=4096) as engine:
+        engine.save({f"w{i}": torch.randn(10_000) for i in range(3)}, tmp_path / "c").result()
+    doc = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    s = doc["shards"][1]
+    assert len(s["xxh3_64"]) > 3
+    with open(tmp_path / "c" / s["file"], "r+b") as f:
+        f.seek(2 * 4096 + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = call(capsys, "verify", tmp_path / "c", "-j", jobs)
+    assert_error(proc, f"checksum mismatch in shard {s['file']} at bytes 8192..12288")
+
+
 def test_verify_reports_stray_shards_without_failing(ckpt, capsys):
     (ckpt / "shard-0123456789abcdef-00000.safetensors").write_bytes(b"leftover")
     proc = call(capsys, "verify", ckpt)
@@ -350,6 +366,29 @@ def test_convert_direction_errors(ckpt, tmp_path, capsys):
     assert_error(call(capsys, "convert", tmp_path / "a.pt", tmp_path / "b.pt", "--to", "torch"), "is a file")
     assert_error(call(capsys, "convert", ckpt, tmp_path / "x", "--to", "native"), "is a directory")
     assert_error(call(capsys, "convert", ckpt, tmp_path / "x.pt", "--key", "model"), "--key", status=2)
+
+
+def test_views_of_one_storage_as_two_dtypes(tmp_path):
+    # the native format keeps them, torch.save refuses them: the torch file gets separate copies
+    from safetensors.torch import load_file
+
+    x = torch.arange(12, dtype=torch.float32)
+    state = {"x": x, "bits": x.view(torch.int32), "t": x.view(3, 4).t()}
+    with asyncckpt.SyncEngine() as engine:
+        engine.save(state, tmp_path / "n").result()
+    convert.to_torch_file(tmp_path / "n", tmp_path / "a.pt")
+    assert_same(state, torch.load(tmp_path / "a.pt", weights_only=True))
+    convert.to_safetensors(tmp_path / "n", tmp_path / "w.safetensors")
+    exported = load_file(tmp_path / "w.safetensors")
+    assert_same(state, {k: exported[k] for k in state})
+
+
+def test_safetensors_export_unpickles_nothing(tmp_path, capsys):
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(2), "hparams": argparse.Namespace(lr=0.5)}, tmp_path / "n").result()
+    proc = call(capsys, "convert", tmp_path / "n", tmp_path / "w.safetensors", "--to", "safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "hparams" in proc.stderr and "1 tensor," in proc.stdout
 
 
 def test_safetensors_single_file(ckpt, tmp_path):
