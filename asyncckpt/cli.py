@@ -327,6 +327,8 @@ def cmd_latest(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- bench
 
 def cmd_bench(argv: list[str]) -> int:
+    if os.getcwd() not in sys.path:  # the harness lives in the source tree: found from a checkout's root
+        sys.path.append(os.getcwd())
     try:
         import benchmarks
         bench_main = benchmarks.main
