@@ -9,6 +9,11 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``s3 ...`` runs the object-store benchmark (benchmarks/s3.py); anything else the main harness."""
+    if argv and argv[0] == "s3":
+        from .s3 import main as s3_main
+
+        return s3_main(argv[1:])
     from .cli import main as _main
 
     return _main(argv)

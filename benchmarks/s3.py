@@ -1,7 +1,8 @@
-"""S3 throughput: asyncckpt save/load vs raw s3fs on the same bytes, against the same local moto server.
+"""S3 throughput: asyncckpt save/load vs raw s3fs on the same bytes, against the same S3 endpoint.
 
-    /tmp/probe-venv/bin/python -m tests.s3.bench_s3 [--mib 256] [--repeat 3] [--chunk-mib 32] [--concurrency 8]
-    /tmp/probe-venv/bin/python tests/s3/bench_s3.py ...            (same thing)
+    python -m benchmarks s3 [--mib 256] [--repeat 3] [--chunk-mib 32] [--concurrency 8] [--out DIR]
+
+Without ``--endpoint`` it starts a moto server on a loopback port (moto[server] is in the dev extra).
 
 Contenders, all writing/reading the same total bytes (float32 tensors of ``--tensor-mib`` each):
 
@@ -20,23 +21,72 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 import uuid
+from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo and this folder importable
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:0] = [os.path.dirname(os.path.dirname(here)), here]
-    from util import MotoServer  # type: ignore[import-not-found]
-else:
-    from .util import MotoServer
-
-import asyncckpt  # noqa: E402
+import asyncckpt
 
 MiB = 1 << 20
+
+KEY, SECRET, REGION = "asyncckpt-test-key", "asyncckpt-test-secret", "us-east-1"
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """``python -m moto.server`` on a free loopback port, in its own process (so it does not share our GIL)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
+                    raise RuntimeError(f"moto server did not start: {err}")
+                time.sleep(0.05)
+
+    def options(self, endpoint: str | None = None) -> dict[str, Any]:
+        """storage_options for s3fs with dummy credentials."""
+        return {"key": KEY, "secret": SECRET, "endpoint_url": endpoint or self.url,
+                "client_kwargs": {"region_name": REGION}}
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                            region_name=REGION)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
 
 
 def make_state(total_mib: int, tensor_mib: int) -> dict[str, torch.Tensor]:
@@ -100,7 +150,7 @@ async def bench_s3fs_many(blobs, path, opts, args) -> tuple[float, float]:
     return t_save, t_load
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=256, help="total state size (MiB)")
     p.add_argument("--tensor-mib", type=int, default=32)
@@ -111,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting moto")
     p.add_argument("--bucket", default=None, help="existing bucket to use with --endpoint")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--out", default=None, help="also write s3.json and s3.md into this folder")
     args = p.parse_args(argv)
 
     server = None if args.endpoint else MotoServer()
@@ -146,10 +196,28 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"][name] = {"save_mib_s": total / MiB / save, "load_mib_s": total / MiB / load,
                                    "save_s": save, "load_s": load}
         print(f"{name:<18}{total / MiB / save:>12.1f}{total / MiB / load:>12.1f}{save:>9.2f}{load:>9.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "s3.json"), "w") as f:
             json.dump(report, f, indent=2)
-    return report
+        with open(os.path.join(args.out, "s3.md"), "w") as f:
+            f.write(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    """The results as a Markdown table, ratios against the best raw s3fs contender."""
+    best_save = max(r["save_mib_s"] for n, r in report["results"].items() if n != "asyncckpt")
+    best_load = max(r["load_mib_s"] for n, r in report["results"].items() if n != "asyncckpt")
+    lines = [f"{report['total_mib']:.0f} MiB, part/chunk {report['chunk_mib']} MiB, concurrency "
+             f"{report['concurrency']}, median of {report['repeat']} ({report['endpoint']})", "",
+             "| contender | save MiB/s | load MiB/s |", "|---|---|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['save_mib_s']:.1f} | {r['load_mib_s']:.1f} |")
+    ours = report["results"]["asyncckpt"]
+    lines += ["", f"asyncckpt vs best raw s3fs: save {ours['save_mib_s'] / best_save:.2f}x, "
+                  f"load {ours['load_mib_s'] / best_load:.2f}x"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
