@@ -182,6 +182,7 @@ class CheckpointEngine:
 
     async def _feed(self, job: Job, plan: snapshot.Plan, t0: float) -> None:
         """Copy each chunk into a staging buffer (waiting for budget) and hand it to the job."""
+        self.pool.reserve([chunk.nbytes for chunk in plan.chunks])
         try:
             for chunk in plan.chunks:
                 if job.error is not None:

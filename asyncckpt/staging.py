@@ -31,6 +31,7 @@ class StagingPool:
         self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
         self._allocated = 0  # bytes held by the pool, free or in use
         self._in_use = 0
+        self._held: dict[int, int] = defaultdict(int)  # buffers of each size the pool holds, free or in use
         self._changed = anyio.Event()
         self.allocations = 0  # how many buffers were ever allocated (tests check reuse with it)
 
@@ -56,17 +57,40 @@ class StagingPool:
                 buf = cached.pop()
                 self._in_use += nbytes
                 return buf
-            if self._allocated + nbytes > self.budget:
-                self._evict(self._allocated + nbytes - self.budget)
-            if self._allocated + nbytes <= self.budget:
-                raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin_memory)
-                start = -raw.data_ptr() % ALIGN
-                buf = raw[start:start + nbytes]
-                self.allocations += 1
-                self._allocated += nbytes
+            if self._allocate(nbytes):
+                buf = self._free[nbytes].pop()
                 self._in_use += nbytes
                 return buf
             await self._changed.wait()
+
+    def reserve(self, sizes: list[int]) -> None:
+        """Hold one buffer per entry of ``sizes`` (as far as the budget allows) before a save starts.
+
+        Saves of one state then find every buffer they need already there: the first save allocates them all and
+        later ones allocate nothing, however their writes and copies happen to interleave.
+        """
+        want: dict[int, int] = defaultdict(int)
+        for n in sizes:
+            want[aligned_size(n)] += 1
+        for size, count in want.items():
+            for _ in range(count - self._held[size]):
+                if not self._allocate(size):
+                    return
+
+    def _allocate(self, nbytes: int) -> bool:
+        """Add a free buffer of ``nbytes`` (aligned) if the budget allows, dropping cached ones of other sizes."""
+        if self._allocated + nbytes > self.budget:
+            self._evict(self._allocated + nbytes - self.budget, keep=nbytes)
+        if self._allocated + nbytes > self.budget:
+            return False
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin_memory)
+        raw.zero_()  # touch every page now: a buffer first used by a later save would otherwise grow RSS then
+        start = -raw.data_ptr() % ALIGN
+        self._free[nbytes].append(raw[start:start + nbytes])
+        self.allocations += 1
+        self._allocated += nbytes
+        self._held[nbytes] += 1
+        return True
 
     def release(self, buf: torch.Tensor) -> None:
         nbytes = buf.numel()
@@ -75,13 +99,14 @@ class StagingPool:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def _evict(self, need: int) -> None:
-        """Drop cached free buffers (largest first) until ``need`` bytes are returned to the system."""
+    def _evict(self, need: int, keep: int = 0) -> None:
+        """Drop cached free buffers (largest first, never of size ``keep``) until ``need`` bytes are returned."""
         for size in sorted(self._free, reverse=True):
             bufs = self._free[size]
-            while bufs and need > 0:
+            while bufs and need > 0 and size != keep:
                 bufs.pop()
                 self._allocated -= size
+                self._held[size] -= 1
                 need -= size
             if need <= 0:
                 return

@@ -92,6 +92,7 @@ class SyncEngine:
             t0 = time.perf_counter()
             plan = prepare()
             job = call(lambda: engine._begin(job_type, plan, path, storage_options, **extra))
+            call(engine.pool.reserve, [chunk.nbytes for chunk in plan.chunks])
             try:
                 for chunk in plan.chunks:
                     if job.error is not None:

@@ -426,3 +426,14 @@ async def test_loaded_state_goes_straight_to_torch_save_and_safetensors(tmp_path
     save_file(loaded, str(tmp_path / "t.safetensors"))
     assert_same(torch.load(tmp_path / "t.pt"), state)
     assert (tmp_path / "t.pt").stat().st_size < 4096, "no shard buffer dragged into the file"
+
+
+async def test_first_save_reserves_every_buffer_so_later_saves_allocate_nothing(tmp_path):
+    state = {f"w{i}": torch.randn(64 * KiB // 4) for i in range(24)}  # 1.5 MiB in 64 KiB chunks
+    async with small_engine(host_memory_budget=4 * MiB) as engine:
+        await (await engine.save(state, tmp_path / "a"))
+        after_first = (engine.pool.allocations, engine.pool.allocated_bytes)
+        for i in range(5):  # pipelined: writes interleave with copies differently each time
+            await engine.save(state, tmp_path / f"b{i}")
+        await engine.wait()
+        assert (engine.pool.allocations, engine.pool.allocated_bytes) == after_first
