@@ -1,8 +1,8 @@
-"""PyTorch/XLA support: batched device<->host moves and the master-ordinal check.
+"""PyTorch/XLA support: batched device<->host moves.
 
-Importing this module never imports ``torch_xla``; a function imports it only when it has XLA work to do
-(:func:`is_master` only when the program already imported ``torch_xla``), so the engine can call into
-here unconditionally.
+Importing this module never imports ``torch_xla``; a function imports it only when it has XLA work to do, so the
+engine can call into here unconditionally. Which process writes is the trainer's business (Lightning calls the
+CheckpointIO on global rank zero only).
 
 Snapshot semantics: :func:`to_cpu` returns fresh host tensors that share no memory with the device
 buffers, so the snapshot is a point-in-time copy even though training keeps mutating the parameters.
@@ -10,12 +10,11 @@ buffers, so the snapshot is a point-in-time copy even though training keeps muta
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import torch
 
-__all__ = ["is_xla", "to_cpu", "to_xla", "copy_into", "is_master", "xla_device"]
+__all__ = ["is_xla", "to_cpu", "to_xla", "xla_device"]
 
 
 def is_xla(t: torch.Tensor) -> bool:
@@ -89,41 +88,3 @@ def to_xla(tensors: Sequence[torch.Tensor], device: str | torch.device | None = 
         if t.dtype in _UNSIGNED_WIDE:
             out[i] = t.detach().to(dev)
     return out
-
-
-def copy_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    """In-place load: ``dst[i].copy_(src[i])`` for XLA ``dst`` and host ``src``, with one upload.
-
-    A plain ``xla_param.copy_(cpu_tensor)`` does one host-to-device transfer per tensor; this uploads
-    every source in one batch and then copies device-to-device (lazily; ``torch_xla.sync()`` or the
-    next step materialises it). Shapes must match; dtypes are converted by ``copy_``.
-    """
-    if len(dst) != len(src):
-        raise ValueError(f"copy_into: {len(dst)} targets but {len(src)} sources")
-    if not dst:
-        return
-    by_device: dict[torch.device, list[int]] = {}
-    for i, d in enumerate(dst):
-        by_device.setdefault(d.device, []).append(i)
-    with torch.no_grad():
-        for dev, idx in by_device.items():
-            if dev.type != "xla":
-                for i in idx:
-                    dst[i].copy_(src[i])
-                continue
-            up = to_xla([src[i] for i in idx], dev)
-            for i, u in zip(idx, up):
-                dst[i].copy_(u)
-
-
-def is_master(local: bool = False) -> bool:
-    """True on the process that should write: XLA global ordinal 0 (``local=True``: ordinal 0 of this host).
-
-    Without torch_xla in use (not imported by the program) every process is its own master, so this
-    returns True without importing torch_xla or starting its runtime.
-    """
-    if "torch_xla" not in sys.modules:
-        return True
-    import torch_xla.runtime as xr
-
-    return (xr.local_ordinal() if local else xr.global_ordinal()) == 0

@@ -5,7 +5,7 @@ Lightning's ``XLAStrategy`` does: ``AsyncCheckpointIO(XLACheckpointIO())`` (the 
 thread, the base's write in the engine's worker thread, the written file a point-in-time copy) and
 ``NativeCheckpointIO()`` (save, load to host or device, in-place restore into a module and optimizer on XLA).
 
-Only-master semantics: neither the plugins nor the engine consult ``asyncckpt.xla.is_master()``. Lightning's
+Only-master semantics: the plugins and the engine do not check ordinals themselves. Lightning's
 strategy decides who writes (``Strategy.save_checkpoint`` calls the CheckpointIO only when ``is_global_zero``, which
 on XLA is ``torch_xla.runtime.global_ordinal() == 0``). That gate is exercised here through a real ``XLAStrategy``.
 """
@@ -205,14 +205,14 @@ def test_only_global_zero_writes_through_xla_strategy(tmp_path, dev, metric_coun
     """Lightning's XLAStrategy gates the CheckpointIO on ``is_global_zero``; the plugin and engine do not check
     ordinals themselves. Ordinal 0 (this process): the default base (XLACheckpointIO, chosen because torch_xla is
     loaded) writes the file. A simulated ordinal 1: the strategy never calls the plugin, so that process takes no
-    snapshot (no device-to-host transfer) and writes nothing, and ``asyncckpt.xla.is_master()`` agrees."""
+    snapshot (no device-to-host transfer) and writes nothing."""
     import torch_xla.runtime as xr
     from lightning.pytorch.strategies import XLAStrategy
 
     model, opt = _trained(dev)
     checkpoint = _checkpoint(model, opt)
 
-    assert xr.global_ordinal() == 0 and xla.is_master()
+    assert xr.global_ordinal() == 0
     plugin = al.AsyncCheckpointIO()
     strategy = XLAStrategy(checkpoint_io=plugin)
     assert strategy.checkpoint_io is plugin and strategy.is_global_zero
@@ -225,7 +225,6 @@ def test_only_global_zero_writes_through_xla_strategy(tmp_path, dev, metric_coun
 
     # Another process of the same run, seen from inside: global ordinal 1.
     monkeypatch.setattr(xr, "global_ordinal", lambda: 1)
-    assert not xla.is_master()
     other = al.AsyncCheckpointIO()
     worker = XLAStrategy(checkpoint_io=other)
     worker._launched = True  # ranks come from the XLA environment only once processes have spawned
