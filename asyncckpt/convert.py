@@ -22,7 +22,7 @@ import fsspec
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from .loader import build_state, read_manifest, read_shards, torch_load_reason
+from .loader import build_state, read_manifest, read_shards, shard_span, torch_load_reason
 from .manifest import MANIFEST_NAME, SAFETENSORS_DTYPES, decode, view_tensor
 from .storage import alias
 from .sync import SyncEngine
@@ -182,8 +182,8 @@ def _read_native(src: str, storage_options: dict[str, Any] | None, concurrency: 
             bar.update(total)
         if tensors_only:
             return doc, build_state({**doc, "tree": {"list": [{"tensor": i} for i in range(len(doc["tensors"]))]}},
-                                    buffers, src, "cpu", True)
-        return doc, build_state(_untangle(doc, buffers), buffers, src, "cpu", weights_only)
+                                    shard_span(buffers), src, "cpu", True)
+        return doc, build_state(_untangle(doc, buffers), shard_span(buffers), src, "cpu", weights_only)
 
     return _run(storage_options, lambda e: with_manifest(e, src, read), write_concurrency=concurrency)
 

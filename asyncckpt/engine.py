@@ -17,7 +17,7 @@ from anyio.lowlevel import checkpoint
 
 from . import snapshot
 from .errors import CheckpointError
-from .loader import apply_in_place, build_state, read_manifest, read_shards
+from .loader import apply_in_place, build_state, read_into_state, read_manifest, read_shards, shard_span
 from .manifest import MANIFEST_NAME, SHARD_RE, parse
 from .pipeline import CallJob, Job, SaveHandle, SaveJob, describe
 from .staging import StagingPool
@@ -260,10 +260,14 @@ class CheckpointEngine:
         await self._after_pending(storage, fs_path)
         try:
             doc = await read_manifest(storage, fs_path, display)
-            buffers = await read_shards(storage, fs_path, display, doc, self.verify if verify is None else verify)
+            verify = self.verify if verify is None else verify
+            if state is not None and all(s["chunk_bytes"] <= self.budget for s in doc["shards"]):
+                span = await read_into_state(storage, fs_path, display, doc, verify, self.pool, state)
+            else:
+                span = shard_span(await read_shards(storage, fs_path, display, doc, verify))
         except OSError as exc:
             raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
-        loaded = build_state(doc, buffers, display, map_location, weights_only is not False)
+        loaded = build_state(doc, span, display, map_location, weights_only is not False)
         if state is None:
             return loaded
         return apply_in_place(state, loaded, strict, display)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import torch
+from anyio import to_thread
 
 from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
-from .manifest import MANIFEST_NAME, SHARD_RE, decode, finish_tensor, parse, view_tensor
+from .manifest import DTYPES, MANIFEST_NAME, SHARD_RE, decode, finish_tensor, parse, view_tensor
+from .staging import StagingPool
 from .storage import Storage, alias
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
@@ -41,10 +45,10 @@ async def read_manifest(storage: Storage, path: str, display: str) -> dict[str, 
     return parse(raw, display)
 
 
-async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, Any], verify: bool
-                      ) -> list[torch.Tensor]:
-    """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
-    shards = doc["shards"]
+Span = Callable[[dict[str, Any]], torch.Tensor]  # manifest record -> its bytes (uint8, host)
+
+
+async def _check_sizes(storage: Storage, path: str, display: str, shards: list[dict[str, Any]]) -> None:
     for s in shards:
         size = await storage.size(storage.join(path, s["file"]))
         if size is None:
@@ -53,28 +57,33 @@ async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, 
             raise CorruptCheckpointError(
                 f"{display}: shard {s['file']} has {size} bytes, the manifest says {s['nbytes']} (truncated or "
                 "overwritten)")
-    buffers = [torch.empty(s["nbytes"], dtype=torch.uint8) for s in shards]
 
+
+async def _read_chunks(storage: Storage, path: str, display: str, shards: list[dict[str, Any]], verify: bool,
+                       read_chunk: Callable[[Any, int, int, int], Awaitable[str]], damaged: str = "") -> None:
+    """Read every chunk of every shard concurrently through ``read_chunk(reader, shard, offset, nbytes)``, which
+    returns the chunk's digest; a digest that differs from the manifest's is a CorruptCheckpointError."""
     async def read_shard(i: int) -> None:
         s = shards[i]
         reader = await storage.open_reader(storage.join(path, s["file"]))
         try:
             async with anyio.create_task_group() as tg:
                 for k, offset in enumerate(range(0, s["nbytes"], s["chunk_bytes"])):
-                    tg.start_soon(read_chunk, reader, i, k, offset)
+                    tg.start_soon(one_chunk, reader, i, k, offset)
         finally:
             await reader.close()
 
-    async def read_chunk(reader: Any, i: int, k: int, offset: int) -> None:
+    async def one_chunk(reader: Any, i: int, k: int, offset: int) -> None:
         s = shards[i]
         try:
-            sig = await reader.read_into(offset, buffers[i][offset:offset + s["chunk_bytes"]])
+            sig = await read_chunk(reader, i, offset, min(s["chunk_bytes"], s["nbytes"] - offset))
         except EOFError as exc:
-            raise CorruptCheckpointError(f"{display}: shard {s['file']} is truncated ({exc})") from exc
+            raise CorruptCheckpointError(f"{display}: shard {s['file']} is truncated ({exc}){damaged}") from exc
         if verify and sig != s["xxh3_64"][k]:
             raise CorruptCheckpointError(
                 f"{display}: checksum mismatch in shard {s['file']} at bytes {offset}..{offset + s['chunk_bytes']}; "
-                "the checkpoint is damaged — load another one (asyncckpt.latest) or pass verify=False to inspect it")
+                "the checkpoint is damaged — load another one (asyncckpt.latest) or pass verify=False to inspect it"
+                + damaged)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -82,7 +91,169 @@ async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, 
                 tg.start_soon(read_shard, i)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+
+
+async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, Any], verify: bool
+                      ) -> list[torch.Tensor]:
+    """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
+    shards = doc["shards"]
+    await _check_sizes(storage, path, display, shards)
+    buffers = [torch.empty(s["nbytes"], dtype=torch.uint8) for s in shards]
+
+    async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
+        return await reader.read_into(offset, buffers[i][offset:offset + nbytes])
+
+    await _read_chunks(storage, path, display, shards, verify, read_chunk)
     return buffers
+
+
+def shard_span(buffers: list[torch.Tensor]) -> Span:
+    """Records' bytes as views of whole-shard buffers, each with a storage of its own (see ``alias``)."""
+    return lambda r: alias(buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]])
+
+
+# ---------------------------------------------------------------- in-place load, streamed through staging buffers
+#
+# Restoring into existing tensors needs no shard-sized buffers: each chunk is read into a (reused, already resident)
+# staging buffer, checked, and its bytes copied straight into the target tensors it covers.  Only entries with no
+# such destination (optimizer state, which torch rebuilds; pickled values; tensors whose target differs in shape,
+# dtype, device or layout) get memory of their own.  Peak extra memory is the staging budget plus those entries.
+
+class _Slot:
+    """Stands for manifest tensor ``index`` while destinations are matched (no bytes read yet)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _module_destinations(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` entries that ``load_state_dict`` copies verbatim into the tensor under the same key.
+
+    Modules with state-dict hooks or their own (de)serialisation may rename or transform entries, so their keys are
+    left to ``load_state_dict`` itself.
+    """
+    base = torch.nn.Module
+    if type(module).load_state_dict is not base.load_state_dict:
+        return {}
+    whole_trees, own_keys = [], set()
+    for name, m in module.named_modules(remove_duplicate=False):
+        prefix = name + "." if name else ""
+        if (getattr(m, "_load_state_dict_pre_hooks", None) or getattr(m, "_state_dict_hooks", None)
+                or getattr(m, "_state_dict_pre_hooks", None) or type(m).state_dict is not base.state_dict):
+            whole_trees.append(prefix)
+        elif (type(m)._load_from_state_dict is not base._load_from_state_dict
+              or type(m)._save_to_state_dict is not base._save_to_state_dict):
+            own_keys.add(prefix)
+    out = {}
+    for key, t in module.state_dict(keep_vars=True).items():
+        owner = key.rpartition(".")[0]
+        if (isinstance(t, torch.Tensor) and not any(key.startswith(p) for p in whole_trees)
+                and (owner + "." if owner else "") not in own_keys):
+            out[key] = t
+    return out
+
+
+def _offer(target: Any, value: Any, offers: dict[int, list[torch.Tensor]], top: bool = False) -> None:
+    """Pair each slot in ``value`` with the target tensor ``apply_in_place`` would copy it into (same walk)."""
+    if isinstance(value, _Slot):
+        if isinstance(target, torch.Tensor):
+            offers.setdefault(value.index, []).append(target)
+    elif isinstance(target, torch.nn.Module):
+        if isinstance(value, Mapping):
+            dests = _module_destinations(target)
+            for key, v in value.items():
+                if isinstance(v, _Slot) and key in dests:
+                    offers.setdefault(v.index, []).append(dests[key])
+    elif isinstance(target, torch.optim.Optimizer):
+        return  # load_state_dict rebuilds optimizer state from the values it is given
+    elif isinstance(target, (list, tuple)) and isinstance(value, (list, tuple)) and len(target) == len(value):
+        for t, v in zip(target, value):
+            _offer(t, v, offers)
+    elif isinstance(target, Mapping) and isinstance(value, Mapping) and (top or hasattr(target, "__setitem__")):
+        for key, v in value.items():
+            if key in target:
+                _offer(target[key], v, offers)
+
+
+def _writable_bytes(t: torch.Tensor, r: dict[str, Any]) -> torch.Tensor | None:
+    """``t`` as flat bytes if the record's bytes can land in it unchanged (same dtype and shape, dense CPU)."""
+    if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu" or t.layout != torch.strided
+            or t.is_quantized or t.is_conj() or t.is_neg() or not t.is_contiguous() or "base" in r
+            or DTYPES.get(r["dtype"]) != t.dtype or list(t.shape) != list(r["shape"]) or t.numel() == 0):
+        return None
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _destinations(doc: dict[str, Any], target: Any) -> dict[int, torch.Tensor]:
+    """Tensor index -> the target's own bytes to read it into; ambiguous or overlapping destinations are dropped."""
+    objects: dict[int, object] = {}
+    tree = decode(doc["tree"], _Slot, lambda i: objects.setdefault(i, object()))
+    offers: dict[int, list[torch.Tensor]] = {}
+    _offer(target, tree, offers, top=True)
+    dests = {}
+    for i, ts in offers.items():
+        if len(ts) == 1 and (b := _writable_bytes(ts[0], doc["tensors"][i])) is not None:
+            dests[i] = b
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel(), i) for i, b in dests.items())
+    clash: set[int] = set()
+    reach, holder = -1, -1
+    for start, end, i in spans:  # two destinations sharing memory would race: both load the usual way
+        if start < reach:
+            clash.update((i, holder))
+        if end > reach:
+            reach, holder = end, i
+    return {i: b for i, b in dests.items() if i not in clash}
+
+
+def _scatter(chunk: torch.Tensor, start: int, regions: list[tuple[int, torch.Tensor]]) -> None:
+    end = start + chunk.numel()
+    for offset, out in regions:
+        a, b = max(offset, start), min(offset + out.numel(), end)
+        out[a - offset:b - offset].copy_(chunk[a - start:b - start])
+
+
+async def read_into_state(storage: Storage, path: str, display: str, doc: dict[str, Any], verify: bool,
+                          pool: StagingPool, target: Any) -> Span:
+    """Stream the checkpoint's bytes into ``target``'s tensors where they fit; return the records' bytes for
+    ``build_state`` (for those tensors: the target's own memory, which ``apply_in_place`` then leaves as it is)."""
+    shards = doc["shards"]
+    await _check_sizes(storage, path, display, shards)
+    dests = _destinations(doc, target)
+    by_record: dict[int, torch.Tensor] = {}
+    regions: list[list[tuple[int, torch.Tensor]]] = [[] for _ in shards]
+    for j, r in enumerate(doc["tensors"]):
+        if "base" not in r:
+            by_record[id(r)] = dests.get(j) if j in dests else torch.empty(r["nbytes"], dtype=torch.uint8)
+    for r in (*doc["storages"], *doc["objects"]):
+        by_record[id(r)] = torch.empty(r["nbytes"], dtype=torch.uint8)
+    for r in (*doc["tensors"], *doc["storages"], *doc["objects"]):
+        if id(r) in by_record and r["nbytes"]:
+            regions[r["shard"]].append((r["offset"], by_record[id(r)]))
+    starts, reach = [], []  # per shard: region starts, and the furthest end up to each region (bisectable)
+    for rs in regions:
+        rs.sort(key=lambda x: x[0])
+        starts.append([offset for offset, _ in rs])
+        reach.append(list(itertools.accumulate((offset + out.numel() for offset, out in rs), max)))
+
+    async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
+        buf = await pool.acquire(shards[i]["chunk_bytes"])
+        try:
+            sig = await reader.read_into(offset, buf[:nbytes])
+            if verify and sig != shards[i]["xxh3_64"][offset // shards[i]["chunk_bytes"]]:
+                return sig  # reported by the caller; nothing of this chunk reaches the target
+            lo, hi = bisect.bisect_right(reach[i], offset), bisect.bisect_left(starts[i], offset + nbytes)
+            covered = [(o, out) for o, out in regions[i][lo:hi] if o + out.numel() > offset]
+            if covered:
+                await to_thread.run_sync(_scatter, buf[:nbytes], offset, covered, limiter=storage.limiter)
+            return sig
+        finally:
+            pool.release(buf)
+
+    damaged = " (the target may already hold part of this checkpoint)" if dests else ""
+    await _read_chunks(storage, path, display, shards, verify, read_chunk, damaged)
+    return lambda r: by_record[id(r)]
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
@@ -129,13 +300,8 @@ def _place(views: list[torch.Tensor], devices: list[torch.device], display: str)
     return out
 
 
-def build_state(doc: dict[str, Any], buffers: list[torch.Tensor], display: str, map_location: MapLocation,
-                weights_only: bool) -> Any:
-    """Rebuild the saved structure from shard buffers; CPU tensors alias them (no copy), each with its own
-    storage, so the result can go straight to ``torch.save`` or safetensors."""
-    def span(r: dict[str, Any]) -> torch.Tensor:
-        return alias(buffers[r["shard"]][r["offset"]:r["offset"] + r["nbytes"]])
-
+def build_state(doc: dict[str, Any], span: Span, display: str, map_location: MapLocation, weights_only: bool) -> Any:
+    """Rebuild the saved structure from the records' bytes (``span``); CPU tensors alias them (no copy)."""
     bases = [span(s) for s in doc["storages"]]
     records = doc["tensors"]
     try:  # the manifest was validated; this is the safety net for whatever torch still refuses

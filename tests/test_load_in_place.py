@@ -1,0 +1,149 @@
+"""In-place loads stream chunk by chunk through staging buffers into the target's own tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncckpt import CheckpointEngine, CorruptCheckpointError
+
+from .helpers import assert_same, tiny_model
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def engine(**kw) -> CheckpointEngine:
+    opts = dict(chunk_bytes=256 * KiB, shard_bytes=4 * MiB, host_memory_budget=2 * MiB, fsync=False)
+    opts.update(kw)
+    return CheckpointEngine(**opts)
+
+
+def peak_rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmHWM:"))
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmRSS:"))
+
+
+async def test_tensors_are_restored_in_their_own_memory_without_shard_sized_buffers(tmp_path):
+    torch.manual_seed(0)
+    state = {"weights": {f"w{i}": torch.randn(1 << 20) for i in range(24)},  # 96 MiB, many shards and chunks
+             "step": 7, "odd": torch.arange(1001, dtype=torch.int16)}
+    target = {"weights": {k: torch.zeros_like(v) for k, v in state["weights"].items()},
+              "odd": torch.zeros(1001, dtype=torch.int16)}
+    addresses = {k: v.data_ptr() for k, v in target["weights"].items()}
+    async with engine() as eng:
+        await (await eng.save(state, tmp_path / "ck"))
+        for t in (*target["weights"].values(), target["odd"]):
+            t.fill_(1)  # pages resident before the measurement
+        peak_rss_reset()
+        before = rss()
+        rest = await eng.load(tmp_path / "ck", state=target)
+        growth = peak_rss() - before
+    assert rest == {"step": 7}
+    assert_same(target["weights"], state["weights"])
+    assert torch.equal(target["odd"], state["odd"])
+    assert {k: v.data_ptr() for k, v in target["weights"].items()} == addresses
+    # Reading whole shards first would add the state's 96 MiB; streaming adds the 2 MiB budget and slack.
+    assert growth < 32 * MiB, f"in-place load grew RSS by {growth / MiB:.1f} MiB"
+
+
+async def test_damaged_chunk_stops_the_load_and_says_the_target_may_be_partial(tmp_path):
+    state = {f"w{i}": torch.randn(256 * KiB // 4) for i in range(8)}
+    async with engine() as eng:
+        await (await eng.save(state, tmp_path / "ck"))
+        shard = sorted((tmp_path / "ck").glob("shard-*"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0x01
+        shard.write_bytes(bytes(data))
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch.*may already hold part"):
+            await eng.load(tmp_path / "ck", state=target)
+        assert torch.count_nonzero(target["w7"][-16:]) == 0  # the damaged (last) chunk's bytes never reach it
+
+
+class Delta(torch.nn.Module):
+    """Loads checkpoints as deltas: a pre-hook adds the weight it holds to the incoming one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 64))
+        self.register_load_state_dict_pre_hook(
+            lambda m, sd, prefix, *a: sd.update({prefix + "weight": sd[prefix + "weight"] + m.weight.detach()}))
+
+
+class Accumulating(torch.nn.Module):
+    """Its own ``_load_from_state_dict`` adds the held bias to the incoming one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(16))
+
+    def _load_from_state_dict(self, sd, prefix, *args):
+        sd[prefix + "bias"] = sd[prefix + "bias"] + self.bias.detach()
+        super()._load_from_state_dict(sd, prefix, *args)
+
+
+def hooked(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({"delta": Delta(), "acc": Accumulating(), "plain": torch.nn.Linear(8, 8)})
+
+
+async def test_modules_with_hooks_or_custom_loading_go_through_load_state_dict(tmp_path):
+    saved = hooked(1).state_dict()
+    expected = hooked(2)
+    expected.load_state_dict(saved)  # what torch itself makes of this state dict: held values take part
+    dst = hooked(2)
+    async with engine() as eng:
+        await (await eng.save({"model": hooked(1)}, tmp_path / "ck"))
+        await eng.load(tmp_path / "ck", state={"model": dst})
+    for (name, got), want in zip(dst.named_parameters(), expected.parameters()):
+        assert torch.equal(got, want), name
+    assert torch.equal(dst["plain"].weight, saved["plain.weight"])
+
+
+async def test_targets_sharing_memory_get_the_last_value_like_copy(tmp_path):
+    from asyncckpt.loader import _destinations
+    from asyncckpt.manifest import parse
+
+    values = {k: torch.full((1000,), float(i)) for i, k in enumerate("abcde")}
+    shared, overlap, alone = torch.zeros(1000), torch.zeros(1500), torch.zeros(1000)
+    target = {"a": shared, "b": shared, "c": overlap[:1000], "d": overlap[500:], "e": alone}
+    async with engine() as eng:
+        await (await eng.save(values, tmp_path / "ck"))
+        # racing chunk copies into shared memory would make the result depend on timing: only "e" streams
+        doc = parse((tmp_path / "ck" / "manifest.json").read_bytes(), "ck")
+        assert list(_destinations(doc, target)) == [4]
+        await eng.load(tmp_path / "ck", state=target)
+    assert torch.equal(shared, values["b"]) and torch.equal(alone, values["e"])
+    assert torch.equal(overlap[:500], values["c"][:500]) and torch.equal(overlap[500:], values["d"])
+
+
+async def test_model_and_optimizer_resume_bit_exact_through_streaming(tmp_path):
+    torch.manual_seed(2)
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(4, model[0].in_features)).sum().backward()
+        opt.step()
+    state = {"model": model, "opt": opt, "bf16": torch.randn(33, 7).to(torch.bfloat16)}
+    fresh = tiny_model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    target = {"model": fresh, "opt": fresh_opt, "bf16": torch.zeros(33, 7, dtype=torch.bfloat16)}
+    async with engine(chunk_bytes=4 * KiB, host_memory_budget=64 * KiB) as eng:
+        await (await eng.save(state, tmp_path / "ck"))
+        await eng.load(tmp_path / "ck", state=target)
+    assert_same(fresh.state_dict(), model.state_dict())
+    assert_same(fresh_opt.state_dict(), opt.state_dict())
+    assert torch.equal(target["bf16"], state["bf16"])
