@@ -8,6 +8,7 @@ a request that does not fit waits until writes release memory (backpressure inst
 
 from __future__ import annotations
 
+import mmap
 from collections import defaultdict
 
 import anyio
@@ -20,6 +21,30 @@ ALIGN = 4096  # buffers start and end on page boundaries, as O_DIRECT writes req
 
 def aligned_size(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+    raw.zero_()  # touch every page now: a buffer first used by a later save would otherwise grow RSS then
+    start = -raw.data_ptr() % ALIGN
+    return raw[start:start + nbytes]
+
+
+def _mapped(nbytes: int) -> torch.Tensor:
+    """A buffer in an anonymous mapping of its own: page-aligned, resident from the start, unmapped once dropped.
+
+    Through malloc, buffers under glibc's mmap threshold (which rises to the largest block freed) came from heap
+    arenas that kept their pages after the pool evicted them, so RSS crept up whenever chunk sizes changed.
+    """
+    size = max(nbytes, ALIGN)  # mmap refuses empty mappings
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+    else:
+        region = mmap.mmap(-1, size)
+    buf = torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # the tensor keeps the mapping alive
+    if not getattr(mmap, "MAP_POPULATE", 0):
+        buf.zero_()  # touch every page now (see _pinned)
+    return buf
 
 
 class StagingPool:
@@ -83,10 +108,7 @@ class StagingPool:
             self._evict(self._allocated + nbytes - self.budget, keep=nbytes)
         if self._allocated + nbytes > self.budget:
             return False
-        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin_memory)
-        raw.zero_()  # touch every page now: a buffer first used by a later save would otherwise grow RSS then
-        start = -raw.data_ptr() % ALIGN
-        self._free[nbytes].append(raw[start:start + nbytes])
+        self._free[nbytes].append(_pinned(nbytes) if self.pin_memory else _mapped(nbytes))
         self.allocations += 1
         self._allocated += nbytes
         self._held[nbytes] += 1
