@@ -16,7 +16,7 @@ from anyio import to_thread
 
 from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from .manifest import DTYPES, MANIFEST_NAME, SHARD_RE, decode, finish_tensor, parse, view_tensor
-from .staging import StagingPool
+from .staging import StagingPool, mapped_buffer
 from .storage import Storage, alias
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[storage, str], storage]
@@ -98,7 +98,7 @@ async def read_shards(storage: Storage, path: str, display: str, doc: dict[str, 
     """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
     shards = doc["shards"]
     await _check_sizes(storage, path, display, shards)
-    buffers = [torch.empty(s["nbytes"], dtype=torch.uint8) for s in shards]
+    buffers = [mapped_buffer(s["nbytes"], resident=False) for s in shards]  # page-aligned: chunks go O_DIRECT
 
     async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
         return await reader.read_into(offset, buffers[i][offset:offset + nbytes])

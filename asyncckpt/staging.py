@@ -30,20 +30,23 @@ def _pinned(nbytes: int) -> torch.Tensor:
     return raw[start:start + nbytes]
 
 
-def _mapped(nbytes: int) -> torch.Tensor:
-    """A buffer in an anonymous mapping of its own: page-aligned, resident from the start, unmapped once dropped.
+def mapped_buffer(nbytes: int, resident: bool = True) -> torch.Tensor:
+    """A buffer in an anonymous mapping of its own: page-aligned, unmapped as soon as it is dropped.
 
     Through malloc, buffers under glibc's mmap threshold (which rises to the largest block freed) came from heap
     arenas that kept their pages after the pool evicted them, so RSS crept up whenever chunk sizes changed.
+    ``resident`` faults every page in now (staging buffers, so later saves allocate nothing); without it pages
+    arrive as they are first written, spread over the threads that write them (buffers a load reads into).
     """
     size = max(nbytes, ALIGN)  # mmap refuses empty mappings
+    populate = getattr(mmap, "MAP_POPULATE", 0) if resident else 0
     if hasattr(mmap, "MAP_ANONYMOUS"):
-        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     else:
         region = mmap.mmap(-1, size)
     buf = torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # the tensor keeps the mapping alive
-    if not getattr(mmap, "MAP_POPULATE", 0):
-        buf.zero_()  # touch every page now (see _pinned)
+    if resident and not populate:
+        buf.zero_()
     return buf
 
 
@@ -108,7 +111,7 @@ class StagingPool:
             self._evict(self._allocated + nbytes - self.budget, keep=nbytes)
         if self._allocated + nbytes > self.budget:
             return False
-        self._free[nbytes].append(_pinned(nbytes) if self.pin_memory else _mapped(nbytes))
+        self._free[nbytes].append(_pinned(nbytes) if self.pin_memory else mapped_buffer(nbytes))
         self.allocations += 1
         self._allocated += nbytes
         self._held[nbytes] += 1
