@@ -225,7 +225,7 @@ async def read_into_state(storage: Storage, path: str, display: str, doc: dict[s
     regions: list[list[tuple[int, torch.Tensor]]] = [[] for _ in shards]
     for j, r in enumerate(doc["tensors"]):
         if "base" not in r:
-            by_record[id(r)] = dests.get(j) if j in dests else torch.empty(r["nbytes"], dtype=torch.uint8)
+            by_record[id(r)] = dests[j] if j in dests else torch.empty(r["nbytes"], dtype=torch.uint8)
     for r in (*doc["storages"], *doc["objects"]):
         by_record[id(r)] = torch.empty(r["nbytes"], dtype=torch.uint8)
     for r in (*doc["tensors"], *doc["storages"], *doc["objects"]):

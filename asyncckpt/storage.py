@@ -301,24 +301,25 @@ class _LocalSink:
 
 class _LocalReader:
     def __init__(self, storage: LocalStorage, fd: int, direct_fd: int) -> None:
-        self.storage, self.fd, self.direct_fd, self._direct_opened = storage, fd, direct_fd, direct_fd
+        self.storage, self.fd, self.direct_fd = storage, fd, direct_fd
+        self.direct = direct_fd >= 0
 
     async def read_into(self, offset: int, out: torch.Tensor) -> str:
         # Page-aligned whole pages (staging buffers) bypass the page cache, as writes do: no copy through the
         # cache, and one large request per chunk instead of readahead-sized pieces.
-        if self.direct_fd >= 0 and not (offset | out.numel() | out.data_ptr()) % ALIGN:
+        if self.direct and not (offset | out.numel() | out.data_ptr()) % ALIGN:
             try:
                 return await self.storage._run(_pread_all, self.direct_fd, out, offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # a filesystem that opens O_DIRECT but refuses to read that way
                     raise
-                self.direct_fd = -1
+                self.direct = False
         return await self.storage._run(_pread_all, self.fd, out, offset)
 
     async def close(self) -> None:
         os.close(self.fd)
-        if self._direct_opened >= 0:
-            os.close(self._direct_opened)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
 
 
 # ---------------------------------------------------------------- any fsspec filesystem

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from asyncckpt import CheckpointEngine, CorruptCheckpointError
+from benchmarks.memory import PeakRSS
 
 from .helpers import assert_same, tiny_model
 
@@ -16,24 +17,6 @@ def engine(**kw) -> CheckpointEngine:
     opts = dict(chunk_bytes=256 * KiB, shard_bytes=4 * MiB, host_memory_budget=2 * MiB, fsync=False)
     opts.update(kw)
     return CheckpointEngine(**opts)
-
-
-def peak_rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmHWM:"))
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmRSS:"))
 
 
 async def test_tensors_are_restored_in_their_own_memory_without_shard_sized_buffers(tmp_path):
@@ -47,10 +30,9 @@ async def test_tensors_are_restored_in_their_own_memory_without_shard_sized_buff
         await (await eng.save(state, tmp_path / "ck"))
         for t in (*target["weights"].values(), target["odd"]):
             t.fill_(1)  # pages resident before the measurement
-        peak_rss_reset()
-        before = rss()
-        rest = await eng.load(tmp_path / "ck", state=target)
-        growth = peak_rss() - before
+        with PeakRSS(interval=0.001) as rss:  # kernel high-water mark where resettable, else sampled
+            rest = await eng.load(tmp_path / "ck", state=target)
+        growth = rss.growth
     assert rest == {"step": 7}
     assert_same(target["weights"], state["weights"])
     assert torch.equal(target["odd"], state["odd"])
