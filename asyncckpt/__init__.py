@@ -1,20 +1,27 @@
 """asyncckpt: asynchronous, crash-consistent checkpoints for PyTorch on any fsspec target."""
 
-__version__ = "0.1.0"
-
-from .catalog import committed, latest  # noqa: E402
-from .engine import CheckpointEngine  # noqa: E402
-from .errors import (  # noqa: E402
+from .catalog import committed, latest
+from .engine import CheckpointEngine
+from .errors import (
     CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    InvalidArgumentError,
+    S3Error,
+    StorageError,
     UnsafeCheckpointError,
 )
-from .pipeline import SaveHandle, SaveResult  # noqa: E402
-from .sync import SyncEngine, SyncHandle  # noqa: E402
+from .format.manifest import Manifest
+from .options import EngineOptions, RetryPolicy
+from .pipeline.handles import SaveHandle, SaveResult
+from .sync_engine import SyncEngine, SyncHandle
+from .tools.convert import Conversion, from_torch_file, to_safetensors, to_torch_file
+from .tools.inspect import Verification, verify
+from .version import __version__
 
 __all__ = [
-    "CheckpointEngine", "CheckpointError", "CorruptCheckpointError", "IncompleteCheckpointError",
-    "SaveHandle", "SaveResult", "SyncEngine", "SyncHandle", "UnsafeCheckpointError", "__version__", "committed",
-    "latest",
+    "CheckpointEngine", "CheckpointError", "CorruptCheckpointError", "EngineOptions", "IncompleteCheckpointError",
+    "InvalidArgumentError", "Manifest", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",
+    "SyncEngine", "SyncHandle", "UnsafeCheckpointError", "Conversion", "Verification", "__version__", "committed",
+    "from_torch_file", "latest", "to_safetensors", "to_torch_file", "verify",
 ]

@@ -1,25 +1,22 @@
-"""The ``asyncckpt`` command: inspect, verify, convert and find checkpoints; run the benchmark harness.
+"""The ``asyncckpt`` command: inspect, verify, convert and find checkpoints; measure a storage target.
 
-Paths are local or fsspec URLs; ``-o KEY=VALUE`` passes storage options.  Errors are one line on stderr; the exit
-status is 0 on success, 1 on failure, 2 on a usage error.  Commands import torch only when they run.
+Argument parsing and printing only; the work is done by :mod:`asyncckpt.tools`. Paths are local or fsspec URLs;
+``-o KEY=VALUE`` passes storage options. Errors are one line on stderr; the exit status is 0 on success, 1 when a
+check fails or an operation cannot be done, 2 on a usage error. Commands import torch only when they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
 import re
 import sys
-import time
 from typing import Any, Sequence
 
-from . import __version__
+from .version import __version__
 
 EPILOG = "Paths may be local or fsspec URLs (s3://..., gs://..., memory://...). Exit status: 0 ok, 1 failure, 2 usage."
-PROGRESS_MIN_BYTES = 64 << 20  # below this a bar would only flash by
 
 
 class UsageError(Exception):
@@ -27,14 +24,6 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------- formatting
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -59,42 +48,6 @@ def _fit(text: str, width: int = 72) -> str:
         return text
     head = (width - 3) // 2
     return text[:head] + "..." + text[len(text) - (width - 3 - head):]
-
-
-# ---------------------------------------------------------------- progress bars
-
-class _TextBar:
-    """A plain progress bar on stderr, for when tqdm is not installed."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.desc, self.total, self.n, self.drawn = desc, max(total, 0), 0, 0.0
-
-    def update(self, n: int, end: str = "") -> None:
-        self.n += n
-        if end or time.monotonic() - self.drawn >= 0.1:
-            self.drawn = time.monotonic()
-            frac = min(self.n / self.total, 1.0) if self.total else 1.0
-            sys.stderr.write(f"\r{self.desc:<6} [{'#' * int(frac * 30):.<30}] {frac:4.0%}  "
-                             f"{human_bytes(min(self.n, self.total))} / {human_bytes(self.total)}  {end}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        self.update(0, "\n")
-
-
-def _progress(mode: str) -> Any:
-    """A ``progress(desc, total)`` factory for ``--progress``/``--no-progress``/auto: tqdm's bar if installed."""
-    def make(desc: str, total: int) -> Any:
-        if mode == "off" or (mode == "auto" and (total < PROGRESS_MIN_BYTES or not sys.stderr.isatty())):
-            return None
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return _TextBar(desc, total)
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                    leave=False, dynamic_ncols=True)
-
-    return make
 
 
 # ---------------------------------------------------------------- options
@@ -123,54 +76,9 @@ def storage_options(pairs: Sequence[str] | None) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- inspect
 
-def describe(doc: dict[str, Any], display: str, manifest_bytes: int | None = None) -> dict[str, Any]:
-    """A JSON-able summary of a validated manifest: entries by key path, shards and totals."""
-    from collections import OrderedDict
-
-    from .convert import Ref, leaves, structure, tensor_shard
-    from .manifest import DTYPES
-
-    shard_of = [tensor_shard(doc, i) for i in range(len(doc["tensors"]))]
-    tensors, objects, values, first = [], [], [], {}
-    for key, leaf in leaves(structure(doc, display)):
-        key = key or "<root>"
-        if isinstance(leaf, Ref) and leaf.kind == "tensor":
-            r = doc["tensors"][leaf.index]
-            entry = {"key": key, "dtype": r["dtype"], "shape": r["shape"],
-                     "nbytes": math.prod(r["shape"]) * DTYPES[r["dtype"]].itemsize, "shard": shard_of[leaf.index],
-                     "device": r["device"]}
-            if "base" in r:
-                entry["view_of_storage"] = r["base"]
-            entry.update({flag: True for flag in ("parameter", "requires_grad") if r.get(flag)})
-            if first.setdefault(leaf.index, key) != key:
-                entry["alias_of"] = first[leaf.index]
-            tensors.append(entry)
-        elif isinstance(leaf, Ref):
-            o = doc["objects"][leaf.index]
-            objects.append({"key": key, "type": o["type"], "nbytes": o["nbytes"], "shard": o["shard"]})
-        elif isinstance(leaf, float) and not math.isfinite(leaf):
-            values.append({"key": key, "type": "float", "value": repr(leaf)})  # JSON has no nan or inf
-        else:
-            kind = "None" if leaf is None else "odict" if isinstance(leaf, OrderedDict) else type(leaf).__name__
-            values.append({"key": key, "type": kind, "value": leaf})
-    shards = [{"index": i, "file": s["file"], "nbytes": s["nbytes"], "tensors": shard_of.count(i),
-               "objects": sum(1 for o in doc["objects"] if o["shard"] == i)} for i, s in enumerate(doc["shards"])]
-    created = doc.get("created_ns")
-    return {
-        "path": display, "format": doc["format"], "version": doc["version"], "producer": doc.get("producer"),
-        "torch": doc.get("torch"), "save_id": doc.get("save_id"), "created_ns": created,
-        "created": (datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds")
-                    if isinstance(created, int) else None),
-        "tensors": tensors, "objects": objects, "values": values, "shards": shards,
-        "totals": {"tensors": len(doc["tensors"]),
-                   "tensor_bytes": sum(t["nbytes"] for t in doc["tensors"] + doc["storages"] if "base" not in t),
-                   "objects": len(doc["objects"]), "object_bytes": sum(o["nbytes"] for o in doc["objects"]),
-                   "values": len(values), "shards": len(shards), "shard_bytes": sum(s["nbytes"] for s in doc["shards"]),
-                   "manifest_bytes": manifest_bytes},
-    }
-
-
 def _print_description(info: dict[str, Any]) -> None:
+    from .tools.progress import human_bytes
+
     t = info["totals"]
     when = (info["created"] or "unknown time").replace("T", " ").replace("+00:00", " UTC")
     size = f"{human_bytes(t['shard_bytes'])} in {_count(t['shards'], 'shard')}"
@@ -202,16 +110,9 @@ def _print_description(info: dict[str, Any]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .convert import with_manifest
-    from .manifest import MANIFEST_NAME
-    from .sync import SyncEngine
+    from .tools.inspect import inspect
 
-    async def size(storage: Any, path: str, doc: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-        return doc, await storage.size(storage.join(path, MANIFEST_NAME))
-
-    with SyncEngine(storage_options=args.storage_options) as engine:
-        doc, manifest_bytes = with_manifest(engine, args.path, size)
-    info = describe(doc, args.path, manifest_bytes)
+    info = inspect(args.path, args.storage_options)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -222,56 +123,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- verify
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .convert import progress_bar, structure, with_manifest
-    from .errors import CheckpointError
-    from .loader import verify_shards
-    from .manifest import MANIFEST_NAME, SHARD_RE
-    from .sync import SyncEngine
+    from .tools.inspect import verify
+    from .tools.progress import human_bytes, terminal_progress
 
-    url, t0 = args.path, time.perf_counter()
-
-    async def check(storage: Any, path: str, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
-        problems = []
-        try:
-            structure(doc, url)  # refers only to entries the manifest lists
-        except CheckpointError as exc:
-            problems.append(str(exc))
-        bar = progress_bar(_progress(args.progress), "verify", sum(s["nbytes"] for s in doc["shards"]))
-        try:
-            problems += await verify_shards(storage, path, url, doc, bar.update)
-        finally:
-            bar.close()
-        listed = {s["file"] for s in doc["shards"]}
-        warnings = [f"stray shard file {name} (left by an interrupted save; the next save to this path removes it)"
-                    if SHARD_RE.match(name) else f"stray temporary file {name} (left by an interrupted commit)"
-                    for name in sorted(await storage.list(path))
-                    if (SHARD_RE.match(name) and name not in listed) or name.startswith(MANIFEST_NAME + ".tmp-")]
-        return doc, problems, warnings
-
-    with SyncEngine(write_concurrency=args.concurrency, storage_options=args.storage_options) as engine:
-        doc, problems, warnings = with_manifest(engine, url, check)
-    for w in warnings:
-        print(f"asyncckpt: warning: {url}: {w}", file=sys.stderr)
-    for p in problems[:50]:
+    found = verify(args.path, args.storage_options, args.concurrency, terminal_progress(args.progress))
+    for w in found.warnings:
+        print(f"asyncckpt: warning: {found.path}: {w}", file=sys.stderr)
+    for p in found.problems[:50]:
         print(f"asyncckpt: error: {_one_line(p)}", file=sys.stderr)
-    if len(problems) > 50:
-        print(f"asyncckpt: error: {url}: ... and {len(problems) - 50} more problems", file=sys.stderr)
-    if problems:
+    if len(found.problems) > 50:
+        print(f"asyncckpt: error: {found.path}: ... and {len(found.problems) - 50} more problems", file=sys.stderr)
+    if not found.ok:
         return 1
-    chunks = sum(len(s["xxh3_64"]) for s in doc["shards"])
-    print(f"ok: {url}: {_count(len(doc['shards']), 'shard')}, {human_bytes(sum(s['nbytes'] for s in doc['shards']))}, "
-          f"{_count(chunks, 'checksum')} match, manifest consistent ({time.perf_counter() - t0:.2f} s)")
+    print(f"ok: {found.path}: {_count(found.shards, 'shard')}, {human_bytes(found.nbytes)}, "
+          f"{_count(found.checksums, 'checksum')} match, manifest consistent ({found.seconds:.2f} s)")
     return 0
 
 
 # ---------------------------------------------------------------- convert
 
-_KINDS = {"native": "native checkpoint", "torch": "torch.save file", "safetensors": "safetensors"}
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import convert
     from .errors import CheckpointError, UnsafeCheckpointError
+    from .tools import convert
+    from .tools.progress import human_bytes, terminal_progress
 
     src, dst, opts = args.src, args.dst, args.storage_options
     if args.key is not None and args.to != "safetensors":
@@ -286,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.unsafe and to != "safetensors":
         print("asyncckpt: warning: --unsafe unpickles with weights_only=False, which can run arbitrary code; "
               "use it only on files you trust", file=sys.stderr)
-    common = dict(overwrite=args.force, storage_options=opts, progress=_progress(args.progress))
+    common: dict[str, Any] = dict(overwrite=args.force, storage_options=opts, progress=terminal_progress(args.progress))
     try:
         if to == "torch":
             result = convert.to_torch_file(src, dst, weights_only=not args.unsafe, concurrency=args.concurrency,
@@ -312,8 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_latest(args: argparse.Namespace) -> int:
     from .catalog import latest
-    from .convert import path_kind
     from .errors import CheckpointError
+    from .tools.convert import path_kind
 
     found = latest(args.directory, args.storage_options)
     if found is None:
@@ -326,28 +200,40 @@ def cmd_latest(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench
 
-def cmd_bench(argv: list[str]) -> int:
-    if os.getcwd() not in sys.path:  # the harness lives in the source tree: found from a checkout's root
-        sys.path.append(os.getcwd())
-    try:
-        import benchmarks
-        bench_main = benchmarks.main
-    except (ImportError, AttributeError):
-        print("asyncckpt: error: the benchmark harness is not importable here; it lives in the source tree: run "
-              "`asyncckpt bench` (or `python -m benchmarks`) from a checkout of the repository root "
-              "(see docs/benchmarks.md)", file=sys.stderr)
-        return 1
-    try:
-        return int(bench_main(argv) or 0)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] != "benchmarks":
-            print(f"asyncckpt: error: the benchmarks need {exc.name}, which is not installed: "
-                  "pip install 'asyncckpt[bench]'", file=sys.stderr)
-            return 1
-        raise
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .tools import bench
+
+    result = bench.run(args.target, args.size, args.repeats, args.storage_options,
+                       write_concurrency=args.concurrency)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(bench.report(result)))
+    return 0
 
 
 # ---------------------------------------------------------------- parser
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (try 256MiB, 1GiB, 500MB)")
+    return max(1, int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -403,35 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
                 "Print the newest committed checkpoint directly under DIR (by snapshot time). Uncommitted or "
                 "foreign directories are ignored. Exit status 1 if there is none.")
     p.add_argument("directory", metavar="DIR", help="directory or URL prefix holding checkpoints")
-    sub.add_parser("bench", add_help=False, help="run the benchmark harness (arguments are passed on; "
-                                                 "`asyncckpt bench --help` shows its options)")
+    p = command("bench", cmd_bench, [storage], "measure a storage target and the engine on it",
+                "Measure how fast TARGET (a directory or URL) writes and reads without the engine, and how fast "
+                "the engine saves and loads a synthetic state there, in the same run; says whether the storage or "
+                "the engine is the bottleneck. Peer comparisons: `python -m benchmarks` in a checkout.")
+    p.add_argument("target", metavar="TARGET", nargs="?", default=None,
+                   help="directory or URL to measure (default: the system's temporary directory)")
+    p.add_argument("--size", type=_size, default=256 << 20, help="bytes of state (default 256MiB)")
+    p.add_argument("--repeats", type=_positive, default=3, help="measured saves and loads (default 3)")
+    p.add_argument("-j", "--concurrency", type=_positive, default=8, metavar="N",
+                   help="I/O operations in flight at once (default: 8)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return parser
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     from .errors import CheckpointError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "bench" in argv:  # everything after `bench` belongs to the harness, --help included
-        head = argv[:argv.index("bench")]
-        if all(a == "--debug" for a in head):
-            return cmd_bench(argv[len(head) + 1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         args.storage_options = storage_options(getattr(args, "storage_option", None))
-        return args.func(args)
+        if args.command == "bench" and args.target is None:
+            import tempfile
+
+            args.target = tempfile.gettempdir()
+        return int(args.func(args))
     except UsageError as exc:
         print(f"asyncckpt {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2

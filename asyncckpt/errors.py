@@ -1,7 +1,8 @@
 """Exceptions the engine raises on purpose.
 
-Every error a user can act on derives from :class:`CheckpointError`, so one ``except`` clause is enough to catch
-everything asyncckpt raises deliberately; the subclasses say what kind of action fits.
+Every error a user can act on derives from :class:`CheckpointError`, so one ``except`` clause catches everything
+asyncckpt raises deliberately; the subclasses say which action fits. Bad arguments raise
+:class:`InvalidArgumentError`, which is also a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 class CheckpointError(Exception):
     """Base class: a checkpoint could not be saved, loaded, listed or removed."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An option or argument cannot work (a bad engine option, an unknown ``map_location``, a ``bytes`` path)."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -22,3 +27,44 @@ class IncompleteCheckpointError(CheckpointError):
 
 class UnsafeCheckpointError(CheckpointError):
     """Loading needs full unpickling, which can run code; refused unless ``weights_only=False`` is given."""
+
+
+class StorageError(CheckpointError):
+    """A storage operation failed for good. ``operation`` and ``code`` (the store's own error code, when it gave
+    one) say which; ``attempts`` says how often it was tried."""
+
+    def __init__(self, message: str, *, operation: str | None = None, code: str | None = None,
+                 attempts: int | None = None) -> None:
+        super().__init__(message)
+        self.operation, self.code, self.attempts = operation, code, attempts
+
+
+class S3Error(StorageError):
+    """An S3 request failed for good: a permanent error (credentials, permissions, missing bucket…) or a transient
+    one that outlasted the retry policy. ``bucket``, ``key``, ``operation``, ``code`` and ``attempts`` say which."""
+
+    def __init__(self, message: str, *, bucket: str | None = None, key: str | None = None,
+                 operation: str | None = None, code: str | None = None, attempts: int | None = None) -> None:
+        super().__init__(message, operation=operation, code=code, attempts=attempts)
+        self.bucket, self.key = bucket, key
+
+
+def restate(error: BaseException, message: str) -> CheckpointError:
+    """``error`` told again with ``message`` (which names the operation and the path), the original as its cause.
+
+    A :class:`CheckpointError` keeps its type and attributes, so ``except S3Error`` and ``exc.code`` still work;
+    its constructor is not called again (subclasses may take other arguments). Anything else becomes a plain
+    ``CheckpointError``.
+    """
+    restated: CheckpointError | None = None
+    if isinstance(error, CheckpointError):
+        try:
+            restated = BaseException.__new__(type(error))
+            restated.args = (message,)
+            restated.__dict__.update(error.__dict__)
+        except Exception:  # an exotic subclass that cannot be built this way: the base class still carries it
+            restated = None
+    if restated is None:
+        restated = CheckpointError(message)
+    restated.__cause__ = error
+    return restated

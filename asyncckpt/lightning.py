@@ -76,9 +76,9 @@ class _AsyncCheckpointIOImpl:
         if isinstance(base, _AsyncCheckpointIOImpl):
             raise ValueError(f"{type(base).__name__} is already asynchronous and cannot be the base of "
                              f"{type(self).__name__}; pass it to the Trainer directly")
-        from .engine import CheckpointEngine
+        from .options import EngineOptions
 
-        CheckpointEngine(**engine_options)  # bad options fail here, not at the first save mid-training
+        EngineOptions.from_kwargs(engine_options)  # bad options fail here, not at the first save mid-training
         self._checkpoint_io = base
         self._base_checkpoint_io_configured = base is not None and getattr(base, "_base_checkpoint_io_configured", True)
         self._engine, self._owns_engine, self._engine_options = engine, engine is None, engine_options
@@ -110,7 +110,7 @@ class _AsyncCheckpointIOImpl:
     def engine(self) -> Any:
         """The ``SyncEngine`` in use; one created here is closed by ``teardown`` and reopened by the next save."""
         if self._engine is None:
-            from .sync import SyncEngine
+            from .sync_engine import SyncEngine
 
             self._engine = SyncEngine(**self._engine_options)
         return self._engine
@@ -172,15 +172,19 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
     requires_state_on_load = False  # newer Lightning: it loads without `state` too (the whole dict)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        if "://" not in os.fspath(path) and os.path.isfile(path):
-            os.remove(path)  # replaces a single file of that name, as torch.save would
+        from .io.paths import is_local, local_path, to_url
+
+        url = to_url(path)
+        if is_local(url) and os.path.isfile(local_path(url)):
+            os.remove(local_path(url))  # replaces a single file of that name, as torch.save would
         self.engine.save(checkpoint, path, storage_options=storage_options)
 
     def _kind(self, path: Any) -> Optional[str]:
-        from .convert import path_kind
+        from .tools.convert import kind_of
 
         self._settle(path)
-        return path_kind(path, self.engine.engine.storage_options)
+        core = self.engine.core
+        return self.engine.run(kind_of, core, core.target(path, None))
 
     def remove_checkpoint(self, path: Any) -> None:
         kind = self._kind(path)
@@ -211,7 +215,7 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
 
 def is_native_checkpoint(path: Any, storage_options: Optional[dict] = None) -> bool:
     """True when ``path`` holds a committed checkpoint in the engine's format."""
-    from .convert import path_kind
+    from .tools.convert import path_kind
 
     return path_kind(path, storage_options) == "native"
 
@@ -220,7 +224,7 @@ def read_checkpoint(path: Any, *, map_location: Any = "cpu", weights_only: Optio
                     storage_options: Optional[dict] = None) -> dict[str, Any]:
     """Read a checkpoint written by :class:`NativeCheckpointIO` (checksums verified; pickled values only with
     ``weights_only=False``, as in ``torch.load``)."""
-    from .sync import SyncEngine
+    from .sync_engine import SyncEngine
 
     with SyncEngine(storage_options=storage_options) as engine:
         return engine.load(path, map_location=map_location, weights_only=weights_only)
@@ -233,7 +237,7 @@ def load_from_checkpoint(cls: type, checkpoint_path: Any, map_location: Any = No
     Lightning's own reads single files only; for a native checkpoint this reads it with the engine and then takes
     Lightning's remaining steps (migration, ``hparams_file``, hyper-parameter overrides, ``strict``).
     """
-    from .convert import path_kind
+    from .tools.convert import path_kind
 
     if path_kind(checkpoint_path) in ("file", None):  # the engine explains an uncommitted directory better
         return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,

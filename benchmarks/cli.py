@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     "saves": args.saves, "workdir": str(target / f"{c}-{w}-r{r}"),
                     "drop_caches": args.drop_caches, "raw_threads": threads, "repeat": r}
             res = run_worker(spec, args, log)
-            from .fsutil import remove
+            from asyncckpt.tools.fsutil import remove
 
             remove(spec["workdir"])
             if res.get("status") == "unavailable":

@@ -21,73 +21,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from typing import Any
 
 import torch
 
 import asyncckpt
+from asyncckpt.testing import MotoServer
 
 MiB = 1 << 20
-
-KEY, SECRET, REGION = "asyncckpt-test-key", "asyncckpt-test-secret", "us-east-1"
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MotoServer:
-    """``python -m moto.server`` on a free loopback port, in its own process (so it does not share our GIL)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
-                return
-            except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.proc.kill()
-                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
-                    raise RuntimeError(f"moto server did not start: {err}")
-                time.sleep(0.05)
-
-    def options(self, endpoint: str | None = None) -> dict[str, Any]:
-        """storage_options for s3fs with dummy credentials."""
-        return {"key": KEY, "secret": SECRET, "endpoint_url": endpoint or self.url,
-                "client_kwargs": {"region_name": REGION}}
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-                            region_name=REGION)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-
 
 def make_state(total_mib: int, tensor_mib: int) -> dict[str, torch.Tensor]:
     n = max(1, total_mib // tensor_mib)
@@ -180,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeat):
             runs["asyncckpt"].append(asyncio.run(bench_engine(state, f"s3://{bucket}/{prefix}/ckpt-{r}", opts, args)))
             runs["s3fs one object"].append(asyncio.run(bench_s3fs_one(blobs, f"{bucket}/{prefix}/raw-{r}", opts, args)))
-            runs["s3fs per tensor"].append(asyncio.run(bench_s3fs_many(blobs, f"{bucket}/{prefix}/many-{r}", opts, args)))
+            many = bench_s3fs_many(blobs, f"{bucket}/{prefix}/many-{r}", opts, args)
+            runs["s3fs per tensor"].append(asyncio.run(many))
     finally:
         if server:
             server.stop()

@@ -39,7 +39,7 @@ def _median(xs: list[float]) -> float | None:
 
 async def measure(contender: Any, workload: Any, workdir: Path, saves: int,
                   drop_caches: bool) -> dict[str, Any]:
-    from . import fsutil, memory
+    from asyncckpt.tools import fsutil, memory
     import torch
 
     from .workloads import iter_tensors, same_tensors, tensor_bytes
@@ -110,7 +110,7 @@ async def measure(contender: Any, workload: Any, workdir: Path, saves: int,
 
 
 def run_limits(workload: Any, workdir: Path, threads: list[int], drop_caches: bool) -> dict[str, Any]:
-    from . import fsutil, limits
+    from asyncckpt.tools import fsutil, limits
     from .workloads import iter_tensors, tensor_bytes
 
     tensors = [t for _, t in iter_tensors(workload.state())]

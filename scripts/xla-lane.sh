@@ -15,7 +15,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${XLA_VENV:-${HOME}/.cache/asyncckpt/xla-venv}
 python_bin=${XLA_PYTHON:-python3}
-requirements="torch==2.9.0 torch_xla==2.9.0 lightning==2.6.6 pytest pytest-asyncio pytest-timeout anyio fsspec safetensors xxhash numpy"
+requirements="torch==2.9.0 torch_xla==2.9.0 lightning==2.6.6 pytest pytest-asyncio pytest-timeout anyio>=4.16 sniffio fsspec safetensors xxhash numpy"
 stamp="$venv/.asyncckpt-xla-requirements"
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -42,7 +42,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 import anyio  # noqa: E402
 
 import asyncckpt  # noqa: E402
-from asyncckpt import pipeline, snapshot, storage  # noqa: E402
+from asyncckpt.format.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.io import register  # noqa: E402
+from asyncckpt.io.local import LocalStorage, OsOps  # noqa: E402
+from asyncckpt.pipeline.committer import Committer  # noqa: E402
+from asyncckpt.snapshot.plan import Plan  # noqa: E402
+from asyncckpt.testing import mixed_state  # noqa: E402
 
 KEEP = 3  # step checkpoints kept (older ones are removed)
 PHASES = {
@@ -59,22 +64,8 @@ COUNTS_AT = 64  # 4-byte counters per phase code, indexed by ord(code)
 # ---------------------------------------------------------------- the state a step saves (shared with the test)
 
 def make_state(step: int) -> dict[str, Any]:
-    """Deterministic training-like state for ``step``: several dtypes, a view, nested plain data."""
-    g = torch.Generator().manual_seed(1000 + step)
-    w = torch.randn(96, 160, generator=g)
-    return {
-        "model": {
-            "w": w,
-            "w_t": w.t()[::2],  # a non-contiguous view sharing w's storage
-            "b": torch.randn(700, generator=g).to(torch.bfloat16),
-            "emb": torch.randint(-128, 127, (200, 64), generator=g, dtype=torch.int8),
-            "mask": torch.rand(513, generator=g) > 0.5,
-            "z": torch.randn(40, generator=g).to(torch.complex64),
-        },
-        "optim": {"state": {0: {"exp_avg": torch.randn(8000, generator=g, dtype=torch.float64)}},
-                  "param_groups": [{"lr": 1e-3 / (step + 1), "params": [0]}]},
-        "step": step, "tag": f"step-{step}", "hist": [step * 0.5, (step, None, True)],
-    }
+    """Deterministic training-like state for ``step`` (several shards at the trial sizes)."""
+    return mixed_state(step, scale=2)
 
 
 def fingerprint(state: Any) -> str:
@@ -84,8 +75,10 @@ def fingerprint(state: Any) -> str:
         if isinstance(x, torch.Tensor):
             h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
             dense = torch.empty(x.shape, dtype=x.dtype)
-            dense.copy_(x)
+            dense.copy_(x.detach())
             h.update(dense.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, (set, frozenset)):
+            h.update(repr(sorted(map(repr, x))).encode())  # set order depends on the process's hash seed
         elif isinstance(x, dict):
             h.update(b"{")
             for k, v in x.items():
@@ -147,72 +140,73 @@ def read_page(path: str) -> tuple[str, bool, dict[str, int]]:
     return chr(phase) if phase else "-", bool(page[FLAG_AT]), counts
 
 
-class PhaseOS:
-    """The ``os`` module as ``asyncckpt.storage`` sees it in the writer: marks phases, sleeps a little."""
+class PhaseOps(OsOps):
+    """LocalStorage's operating-system calls in the writer: each marks its phase and sleeps a little."""
 
-    def __init__(self, real: Any, mark: Marker) -> None:
-        self._real, self._mark = real, mark
-        self._dirs: set[int] = set()
+    def __init__(self, mark: Marker) -> None:
+        self._mark = mark
+        self._temp: set[int] = set()  # descriptors of temporary manifests
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def open(self, path: Any, flags: int, *args: Any) -> int:
-        if flags & self._real.O_CREAT:
-            self._mark("O")
-        fd = self._real.open(path, flags, *args)
-        if flags & getattr(self._real, "O_DIRECTORY", 0):
-            self._dirs.add(fd)
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        temp = MANIFEST_NAME + ".tmp-" in os.path.basename(path)
+        if flags & os.O_CREAT:
+            self._mark("P" if temp else "O", sleep=temp)
+        fd = super().open(path, flags, mode)
+        if temp:
+            self._temp.add(fd)
         return fd
 
     def close(self, fd: int) -> None:
-        self._dirs.discard(fd)
-        self._real.close(fd)
+        self._temp.discard(fd)
+        super().close(fd)
 
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        self._mark("W", sleep=True)
-        return self._real.pwrite(fd, data, offset)
+        self._mark("P" if fd in self._temp else "W", sleep=True)
+        return super().pwrite(fd, data, offset)
 
-    def fsync(self, fd: Any) -> None:
-        self._mark("D" if fd in self._dirs else "F", sleep=True)
-        self._real.fsync(fd)
+    def fsync(self, fd: int) -> None:
+        self._mark("P" if fd in self._temp else "F", sleep=True)
+        super().fsync(fd)
 
-    def replace(self, src: Any, dst: Any) -> None:
+    def fsync_dir(self, path: str) -> None:
+        self._mark("D", sleep=True)
+        super().fsync_dir(path)
+
+    def replace(self, src: str, dst: str) -> None:
         self._mark("R", sleep=True)
-        self._real.replace(src, dst)
+        super().replace(src, dst)
         self._mark("r", sleep=True)
 
-    def unlink(self, path: Any) -> None:
+    def unlink(self, path: str) -> None:
         self._mark("U", sleep=True)
-        self._real.unlink(path)
+        super().unlink(path)
 
 
 def install_hooks(mark: Marker) -> None:
-    storage.os = PhaseOS(os, mark)  # type: ignore[assignment]
+    """Mark phases: the OS calls through a registered LocalStorage, the copy and the sweep by wrapping the one
+    method each (they must exist where named: a moved method fails here, loudly)."""
+    class PhaseStorage(LocalStorage):
+        @classmethod
+        def create(cls, protocol: str, storage_options: Any, io: Any) -> "PhaseStorage":
+            return cls(io, PhaseOps(mark))
 
-    put_atomic = storage._put_atomic
+    register("file", PhaseStorage, clobber=True)
 
-    def marked_put_atomic(*args: Any) -> None:
-        mark("P", sleep=True)
-        put_atomic(*args)
-
-    storage._put_atomic = marked_put_atomic
-
-    fill = snapshot.Plan.fill
+    fill = Plan.fill
 
     def marked_fill(self: Any, chunk: Any, buf: Any) -> None:
         mark("S", sleep=True)
         fill(self, chunk, buf)
 
-    snapshot.Plan.fill = marked_fill  # type: ignore[method-assign]
+    Plan.fill = marked_fill  # type: ignore[method-assign]
 
-    sweep = pipeline.SaveJob._sweep
+    sweep = Committer.sweep
 
-    async def marked_sweep(self: Any) -> None:
+    async def marked_sweep(self: Any, *args: Any) -> None:
         mark("X")
-        await sweep(self)
+        await sweep(self, *args)
 
-    pipeline.SaveJob._sweep = marked_sweep  # type: ignore[method-assign]
+    Committer.sweep = marked_sweep  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- the writer

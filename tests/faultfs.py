@@ -7,10 +7,10 @@ Two injectors share one rule engine (:class:`FaultPlan`):
   calls the plan before each operation, so the k-th ``open`` / ``write`` / ``close`` / ``pipe`` / ``cat`` /
   ``info`` / ``ls`` / ``mkdir`` / ``rm`` / ``rmtree`` / ``mv`` can fail, fail after taking effect, write short or
   hang.  This drives the engine's generic fsspec code path (the one S3, GCS, … take).
-* :func:`faulty_os`, which swaps the ``os`` module (and ``open``) seen by ``asyncckpt.storage`` for a proxy that
-  calls the plan before ``create`` (a new shard file), ``fallocate``, ``pwrite``, ``fsync``, ``fsync_dir``,
-  ``replace`` (the rename that publishes a manifest), ``listdir``, ``unlink``, ``rmdir``, ``tmpwrite`` (the
-  temporary manifest) and ``read``.  This drives the local-disk code path without root, mounts or a full disk.
+* :func:`faulty_os`, which registers a LocalStorage whose operating-system calls (its injectable ``OsOps``) call
+  the plan before ``create`` (a new shard or temporary manifest file), ``fallocate``, ``pwrite``, ``fsync``,
+  ``fsync_dir``, ``replace`` (the rename that publishes a manifest), ``mkdir``, ``listdir``, ``unlink``, ``rmdir``
+  and ``read``.  This drives the local-disk code path without root, mounts or a full disk.
 
 Actions a rule can take:
 
@@ -24,10 +24,10 @@ Actions a rule can take:
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import errno as errno_mod
 import io
+import os
 import threading
 import time
 from collections import Counter
@@ -36,6 +36,9 @@ from typing import Any, Iterator
 
 import fsspec
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+from asyncckpt.io import register, unregister
+from asyncckpt.io.local import LocalStorage, OsOps
 
 
 class InjectedFault(OSError):
@@ -235,31 +238,26 @@ class FaultyFileSystem(MemoryFileSystem):
 fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
 
 
-# ---------------------------------------------------------------- local disk: the os seen by asyncckpt.storage
+# ---------------------------------------------------------------- local disk: LocalStorage's OsOps
 
-class _FaultyOS:
-    """Stands in for the ``os`` module inside ``asyncckpt.storage``; everything not listed passes through."""
+class FaultyOps(OsOps):
+    """The operating-system calls of LocalStorage, each passing the active plan first."""
 
-    def __init__(self, real: Any) -> None:
-        self._real = real
+    def __init__(self) -> None:
         self._names: dict[int, str] = {}  # fd -> path, to say which file an fsync/pwrite is about
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def open(self, path: Any, flags: int, mode: int = 0o777, *args: Any, **kwargs: Any) -> int:
-        is_dir = bool(flags & getattr(self._real, "O_DIRECTORY", 0))
-        op = "create" if flags & self._real.O_CREAT else "opendir" if is_dir else "open"
-        fd = _run(op, path, self._real.open, path, flags, mode, *args, **kwargs)
-        self._names[fd] = ("dir:" if is_dir else "") + str(path)
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        op = "create" if flags & os.O_CREAT else "open"
+        fd = _run(op, path, super().open, path, flags, mode)
+        self._names[fd] = str(path)
         return fd
 
     def close(self, fd: int) -> None:
         self._names.pop(fd, None)
-        self._real.close(fd)
+        super().close(fd)
 
     def posix_fallocate(self, fd: int, offset: int, length: int) -> None:
-        _run("fallocate", self._names.get(fd, fd), self._real.posix_fallocate, fd, offset, length)
+        _run("fallocate", self._names.get(fd, fd), super().posix_fallocate, fd, offset, length)
 
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         path = self._names.get(fd, fd)
@@ -270,114 +268,68 @@ class _FaultyOS:
                 raise plan.fault(rule, "pwrite", path)
             if rule.action == "short":
                 view = memoryview(data)
-                return self._real.pwrite(fd, view[: max(1, len(view) // 2)], offset)
+                return super().pwrite(fd, view[: max(1, len(view) // 2)], offset)
             if rule.action == "after":
-                self._real.pwrite(fd, data, offset)
+                super().pwrite(fd, data, offset)
                 raise plan.fault(rule, "pwrite", path)
-        return self._real.pwrite(fd, data, offset)
+        return super().pwrite(fd, data, offset)
 
-    def fsync(self, fd: Any) -> None:
-        if not isinstance(fd, int):
-            fd = fd.fileno()
-        path = self._names.get(fd, f"fd {fd}")
-        op = "fsync_dir" if str(path).startswith("dir:") else "fsync"
-        _run(op, str(path).removeprefix("dir:"), self._real.fsync, fd)
+    def fsync(self, fd: int) -> None:
+        _run("fsync", self._names.get(fd, f"fd {fd}"), super().fsync, fd)
 
-    def replace(self, src: Any, dst: Any) -> None:
-        _run("replace", dst, self._real.replace, src, dst)
+    def fsync_dir(self, path: str) -> None:
+        _run("fsync_dir", path, super().fsync_dir, path)
 
-    def listdir(self, path: Any) -> list[str]:
-        return _run("listdir", path, self._real.listdir, path)
+    def replace(self, src: str, dst: str) -> None:
+        _run("replace", dst, super().replace, src, dst)
 
-    def unlink(self, path: Any) -> None:
-        _run("unlink", path, self._real.unlink, path)
+    def listdir(self, path: str) -> list[str]:
+        return _run("listdir", path, super().listdir, path)
 
-    def rmdir(self, path: Any) -> None:
-        _run("rmdir", path, self._real.rmdir, path)
+    def mkdir(self, path: str) -> None:
+        _run("mkdir", path, super().mkdir, path)
+
+    def unlink(self, path: str) -> None:
+        _run("unlink", path, super().unlink, path)
+
+    def rmdir(self, path: str) -> None:
+        _run("rmdir", path, super().rmdir, path)
 
     def preadv(self, fd: int, buffers: Any, offset: int) -> int:
-        return _run("read", self._names.get(fd, fd), self._real.preadv, fd, buffers, offset)
+        return _run("read", self._names.get(fd, fd), super().preadv, fd, buffers, offset)
 
 
-class _FaultyTextFile:
-    """Wraps a file opened with the builtin ``open`` (the temporary manifest, reads of whole files)."""
+class FaultyLocalStorage(LocalStorage):
+    """LocalStorage whose operating-system calls go through :class:`FaultyOps`."""
 
-    def __init__(self, f: Any, path: str) -> None:
-        self._f, self._path = f, path
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-    def __enter__(self) -> "_FaultyTextFile":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._f.close()
-
-    def write(self, data: Any) -> int:
-        return _run("tmpwrite", self._path, self._f.write, data)
-
-    def read(self, *args: Any) -> Any:
-        return _run("read", self._path, self._f.read, *args)
+    @classmethod
+    def create(cls, protocol: str, storage_options: Any, io: Any) -> "FaultyLocalStorage":
+        return cls(io, FaultyOps())
 
 
-def _faulty_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-    op = "tmpcreate" if ("w" in mode or "x" in mode) else "open"
-    f = _run(op, path, builtins.open, path, mode, *args, **kwargs)
-    return _FaultyTextFile(f, str(path))
+def install() -> None:
+    """Serve local paths with :class:`FaultyLocalStorage` in this process (it passes everything through while no
+    plan is active). The test suite does this once per session (tests/conftest.py); crash writers do it too."""
+    register("file", FaultyLocalStorage, clobber=True)
+
+
+def uninstall() -> None:
+    unregister("file")
 
 
 @contextlib.contextmanager
 def faulty_os(plan: FaultPlan) -> Iterator[FaultPlan]:
-    """Route ``asyncckpt.storage``'s os calls (and ``open``) through ``plan`` for the duration."""
-    from asyncckpt import storage
+    """Make local-disk operations obey ``plan`` for the duration (see :func:`install`)."""
+    from asyncckpt.io.registry import backend_for
 
-    real = storage.os
-    proxy = _FaultyOS(real)
-    storage.os = proxy  # type: ignore[assignment]
-    storage.open = _faulty_open  # type: ignore[attr-defined]
-    try:
-        with plan_active(plan):
-            yield plan
-    finally:
-        storage.os = real  # type: ignore[assignment]
-        del storage.open  # type: ignore[attr-defined]
+    assert backend_for("file") is FaultyLocalStorage, "faultfs.install() has not run in this process"
+    with plan_active(plan):
+        yield plan
 
 
 # ---------------------------------------------------------------- helpers shared by the reliability tests
 
-def _bytes_of(t: Any) -> Any:
-    """The bytes of ``t`` in a fresh row-major tensor (``contiguous()`` may keep odd strides of size-1 dims)."""
-    import torch
-
-    dense = torch.empty(t.shape, dtype=t.dtype)
-    dense.copy_(t.detach())
-    return dense.reshape(-1).view(torch.uint8)
-
-
-def same(a: Any, b: Any) -> bool:
-    """Bit-exact structural equality: container types, key order, dtypes, shapes and every byte (NaN-safe)."""
-    import math
-    import struct
-
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        if a.numel() == 0:
-            return True
-        return torch.equal(_bytes_of(a), _bytes_of(b))
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a.keys()) == list(b.keys()) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
-    return a == b
-
+from asyncckpt.testing import same  # noqa: E402,F401  (the reliability tests import it from here)
 
 def cause_chain(exc: BaseException | None) -> list[BaseException]:
     """``exc`` and everything it was raised from (``__cause__``/``__context__``), including group members."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -14,8 +15,12 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import cli, convert
-from asyncckpt.manifest import seal
+from asyncckpt import cli
+from asyncckpt.format.manifest import seal
+from asyncckpt.format.tree import key_path
+from asyncckpt.tools import convert
+
+from .helpers import assert_same
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,32 +90,14 @@ def load(path: Path, **kw) -> dict:
         return engine.load(path, **kw)
 
 
-def assert_same(a: object, b: object) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, (a, b)
-        assert torch.equal(a.detach(), b.detach())
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    elif isinstance(a, float) and a != a:
-        assert b != b
-    else:
-        assert a == b
-
-
 def flatten(obj: object, path: str = ""):
     """``(key path, leaf)`` pairs, named as the engine names them."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from flatten(v, convert.key_path(path, k))
+            yield from flatten(v, key_path(path, k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from flatten(v, convert.key_path(path, str(i)))
+            yield from flatten(v, key_path(path, str(i)))
     else:
         yield path, obj
 
@@ -442,15 +429,28 @@ def test_text_progress_bar_without_tqdm(ckpt, tmp_path):
     assert "verify" in proc.stderr and "[" in proc.stderr and "100%" in proc.stderr
 
 
-def test_bench_forwards_to_the_harness_or_explains(tmp_path):
-    code = ("import sys; sys.modules['benchmarks'] = None; from asyncckpt.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    assert_error(run("bench", "--quick", code=code), "benchmark harness")
-    code = ("import sys, types; m = types.ModuleType('benchmarks'); "
-            "m.main = lambda argv: print('harness got', argv) or 3; sys.modules['benchmarks'] = m; "
-            "from asyncckpt.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = run("bench", "--help", "--size", "1", code=code)
-    assert proc.returncode == 3 and "harness got ['--help', '--size', '1']" in proc.stdout
+def test_bench_measures_the_target_and_never_imports_the_working_directory(tmp_path):
+    # a stray package named like the repository's harness, in the directory the command runs from
+    stray = tmp_path / "cwd" / "benchmarks"
+    stray.mkdir(parents=True)
+    sentinel = tmp_path / "stray-code-ran"
+    (stray / "__init__.py").write_text(f"open({str(sentinel)!r}, 'w').close()\nmain = lambda argv: 0\n")
+    script = shutil.which("asyncckpt", path=os.path.dirname(sys.executable))
+    assert script is not None, "the console script is installed with the package"
+    target = tmp_path / "target"
+    target.mkdir()
+    proc = subprocess.run([script, "bench", str(target), "--size", "4MiB", "--repeats", "1", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path / "cwd", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert not sentinel.exists(), "asyncckpt bench ran code from the working directory"
+    result = json.loads(proc.stdout)
+    assert result["bytes"] >= 4 << 20 and result["target"] == str(target)
+    for key in ("raw_write_s", "raw_read_s", "durable_s", "load_s", "blocking_s", "copy_floor_s"):
+        assert result[key] > 0, key
+    assert os.listdir(target) == [], "the benchmark leaves nothing behind"
+    text = run("bench", target, "--size", "4MiB", "--repeats", "1")
+    assert text.returncode == 0, text.stderr
+    assert "storage alone" in text.stdout and "engine" in text.stdout and "bottleneck" in text.stdout
 
 
 # ---------------------------------------------------------------- in-process: fsspec URLs and the Python API

@@ -42,7 +42,7 @@ from faultfs import same  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError  # noqa: E402
-from asyncckpt.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.format.manifest import MANIFEST_NAME  # noqa: E402
 
 REPO = HERE.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

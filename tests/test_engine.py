@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import threading
 from collections import OrderedDict
 
@@ -16,7 +15,7 @@ from safetensors import safe_open
 
 import asyncckpt
 from asyncckpt import CheckpointEngine, CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
-from asyncckpt.manifest import SAFETENSORS_DTYPES
+from asyncckpt.format.dtypes import SAFETENSORS_DTYPES
 
 from .helpers import assert_same, lightning_state, tiny_model
 
@@ -71,10 +70,10 @@ async def test_repeated_saves_reuse_buffers_and_keep_their_own_values(tmp_path):
             handles.append(await engine.save({"w": weights, "step": step}, tmp_path / f"step-{step}"))
             if step == 0:
                 await handles[0]
-                first_allocations = engine.pool.allocations
+                first_allocations = engine.staging.allocations
             else:
                 await handles[-1]
-        assert engine.pool.allocations == first_allocations, "steady-state saves must reuse staging buffers"
+        assert engine.staging.allocations == first_allocations, "steady-state saves must reuse staging buffers"
         for step in range(20):
             loaded = await engine.load(tmp_path / f"step-{step}")
             assert loaded["step"] == step
@@ -88,7 +87,7 @@ async def test_pipelined_saves_without_waiting_each_hold_their_own_values(tmp_pa
             weights.fill_(step)
             await engine.save({"w": weights}, tmp_path / f"s{step}")
         await engine.wait()
-        assert engine.pool.allocated_bytes <= 2 * MiB
+        assert engine.staging.allocated_bytes <= 2 * MiB
         for step in range(20):
             assert torch.all((await engine.load(tmp_path / f"s{step}"))["w"] == step)
 
@@ -101,7 +100,7 @@ async def test_state_larger_than_budget_streams_within_budget(tmp_path):
         async def watch():
             nonlocal peak
             while True:
-                peak = max(peak, engine.pool.allocated_bytes)
+                peak = max(peak, engine.staging.allocated_bytes)
                 await anyio.sleep(0)
 
         async with anyio.create_task_group() as tg:
@@ -432,11 +431,11 @@ async def test_first_save_reserves_every_buffer_so_later_saves_allocate_nothing(
     state = {f"w{i}": torch.randn(64 * KiB // 4) for i in range(24)}  # 1.5 MiB in 64 KiB chunks
     async with small_engine(host_memory_budget=4 * MiB) as engine:
         await (await engine.save(state, tmp_path / "a"))
-        after_first = (engine.pool.allocations, engine.pool.allocated_bytes)
+        after_first = (engine.staging.allocations, engine.staging.allocated_bytes)
         for i in range(5):  # each save's writes interleave with its copies differently
             await (await engine.save(state, tmp_path / f"b{i}"))
-        assert (engine.pool.allocations, engine.pool.allocated_bytes) == after_first
+        assert (engine.staging.allocations, engine.staging.allocated_bytes) == after_first
         for i in range(5):  # pipelined saves may use more buffers, never more than the budget
             await engine.save(state, tmp_path / f"c{i}")
         await engine.wait()
-        assert engine.pool.allocated_bytes <= 4 * MiB
+        assert engine.staging.allocated_bytes <= 4 * MiB

@@ -26,31 +26,21 @@ from typing import Any
 
 import anyio
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultfs import FaultPlan, FaultyFileSystem, InjectedFault, cause_chain, faulty_os, plan_active, same  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt import CheckpointError, CorruptCheckpointError  # noqa: E402
-from asyncckpt.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.format.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.testing import mixed_state  # noqa: E402
 
 OPTS = dict(write_concurrency=4, shard_bytes=24 << 10, chunk_bytes=8192, host_memory_budget=256 << 10)
 REPO = Path(__file__).resolve().parents[1]
 COUNTS: dict[str, int] = {}
 
 
-def make_state(v: int) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(v)
-    return {
-        "a": torch.randn(3000, generator=g),
-        "b": torch.randint(0, 1 << 40, (3000,), generator=g),
-        "c": {"d": torch.randn(48, 48, generator=g).t(), "e": torch.zeros(0)},
-        "step": v, "name": f"v{v}", "f": [1.5, (2, None)],
-    }
-
-
-V0, V1, V2 = make_state(0), make_state(1), make_state(2)
+V0, V1, V2 = mixed_state(0), mixed_state(1), mixed_state(2)
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +142,7 @@ async def fault_case(target: Target, op: str, nth: int, action: str, fresh: bool
             assert any(same(got, v) for v in allowed), f"{where}: the path holds a mix after {error}"
             if same(got, V1):  # committed although an error was reported: only when the storage took the write
                 assert action == "after" or op in ("fsync_dir", "opendir"), f"{where}: committed despite {error}"
-        assert engine.pool.in_use_bytes == 0, f"{where}: staging buffers leaked"
+        assert engine.staging.in_use_bytes == 0, f"{where}: staging buffers leaked"
         # the engine stays usable, and the next save to the path cleans up after the failed one
         await (await engine.save(V2, p))
         assert same(await engine.load(p), V2), f"{where}: the next save does not load"
@@ -218,7 +208,7 @@ async def test_disk_full_when_reserving_space(kind: str, tmp_path: Path) -> None
             with pytest.raises(CheckpointError, match="free space"):
                 await (await engine.save(V1, p))
         assert same(await engine.load(p), V0)
-        assert engine.pool.in_use_bytes == 0
+        assert engine.staging.in_use_bytes == 0
         await (await engine.save(V2, p))
         assert same(await engine.load(p), V2)
 

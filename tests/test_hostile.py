@@ -18,8 +18,6 @@ import os
 import pickle
 import random
 import sys
-import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -35,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from faultfs import same  # noqa: E402
 
 import asyncckpt  # noqa: E402
-import asyncckpt.manifest  # noqa: E402
 from asyncckpt import (  # noqa: E402
     CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     UnsafeCheckpointError,
 )
-from asyncckpt.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.format.manifest import MANIFEST_NAME, seal
+from asyncckpt.tools.memory import PeakRSS  # noqa: E402
 
 OPTS = dict(chunk_bytes=4096, shard_bytes=16 << 10, host_memory_budget=1 << 20)
 COUNTS: dict[str, int] = {}
@@ -140,28 +138,11 @@ def ckpt(tmp_path: Path) -> Ckpt:
     return Ckpt(tmp_path / "ck")
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def with_peak_rss(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``fn()`` and how far the resident set rose above its starting size meanwhile (sampled every ms)."""
-    start, peak, done = _rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss() - start)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    """``fn()`` and how far the resident set rose above its starting size meanwhile."""
+    with PeakRSS(interval=0.001) as rss:
         result = fn()
-    finally:
-        done.set()
-        sampler.join()
-    return result, max(peak[0], _rss() - start)
+    return result, rss.growth
 
 
 def expect(result: Any, cls: type[CheckpointError], path: Path | None = None) -> CheckpointError:
@@ -316,10 +297,9 @@ def nest(depth: int) -> Any:
 
 def to_json(doc: Any) -> bytes:
     """A manifest for ``doc`` that passes any self-checksum the format has (hostile input is well formed)."""
-    seal = getattr(asyncckpt.manifest, "seal", None)
     try:
-        if seal is not None and isinstance(doc, dict):
-            return seal({k: v for k, v in doc.items() if k != getattr(asyncckpt.manifest, "DIGEST", None)})
+        if isinstance(doc, dict):
+            return seal(doc)
         return json.dumps(doc).encode()
     except (RecursionError, ValueError):  # very deep or NaN: build by hand (parsing then fails anyway)
         return json.dumps({k: v for k, v in doc.items() if k != "tree"})[:-1].encode() + b', "tree": ' + \

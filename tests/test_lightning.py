@@ -195,7 +195,7 @@ def test_fit_topk_last_and_resume_bit_exact(package, kind, tmp_path, baseline):
         assert al.is_native_checkpoint(best)
         model = al.load_from_checkpoint(p.TinyModel, best)
         converted = str(tmp_path / "converted.ckpt")
-        from asyncckpt.convert import to_torch_file
+        from asyncckpt.tools.convert import to_torch_file
 
         to_torch_file(best, converted)  # or, from a shell: asyncckpt convert BEST converted.ckpt
         assert_same(p.TinyModel.load_from_checkpoint(converted).state_dict(), model.state_dict())

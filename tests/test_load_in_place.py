@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from asyncckpt import CheckpointEngine, CorruptCheckpointError
-from benchmarks.memory import PeakRSS
+from asyncckpt.tools.memory import PeakRSS
 
 from .helpers import assert_same, tiny_model
 
@@ -96,8 +96,8 @@ async def test_modules_with_hooks_or_custom_loading_go_through_load_state_dict(t
 
 
 async def test_targets_sharing_memory_get_the_last_value_like_copy(tmp_path):
-    from asyncckpt.loader import _destinations
-    from asyncckpt.manifest import parse
+    from asyncckpt.format.manifest import parse
+    from asyncckpt.load.in_place import destinations
 
     values = {k: torch.full((1000,), float(i)) for i, k in enumerate("abcde")}
     shared, overlap, alone = torch.zeros(1000), torch.zeros(1500), torch.zeros(1000)
@@ -106,7 +106,7 @@ async def test_targets_sharing_memory_get_the_last_value_like_copy(tmp_path):
         await (await eng.save(values, tmp_path / "ck"))
         # racing chunk copies into shared memory would make the result depend on timing: only "e" streams
         doc = parse((tmp_path / "ck" / "manifest.json").read_bytes(), "ck")
-        assert list(_destinations(doc, target)) == [4]
+        assert list(destinations(doc, target)) == [4]
         await eng.load(tmp_path / "ck", state=target)
     assert torch.equal(shared, values["b"]) and torch.equal(alone, values["e"])
     assert torch.equal(overlap[:500], values["c"][:500]) and torch.equal(overlap[500:], values["d"])

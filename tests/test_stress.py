@@ -29,18 +29,14 @@ from faultfs import FaultPlan, cause_chain, faulty_os, same  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt import CheckpointError, CorruptCheckpointError  # noqa: E402
-from asyncckpt.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.format.manifest import MANIFEST_NAME  # noqa: E402
+from asyncckpt.testing import mixed_state  # noqa: E402
+from asyncckpt.tools.memory import current_rss  # noqa: E402
 
 
 def make_state(v: int, n: int = 20_000) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(v)
-    return {"w": torch.randn(n, generator=g), "i": torch.randint(0, 1000, (n // 4,), generator=g),
-            "step": v, "tags": [f"s{v}", (v, None)]}
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """A state of about ``6 * n`` bytes, different for every ``v``."""
+    return mixed_state(v, big_tensors=1, big_bytes=4 * n)
 
 
 async def outcome(engine: asyncckpt.CheckpointEngine, path: Any) -> Any:
@@ -111,8 +107,8 @@ async def test_many_paths_saved_loaded_and_removed_concurrently(tmp_path: Path) 
             tg.start_soon(loader)
             tg.start_soon(remover)
         await engine.wait()
-        assert engine.pool.in_use_bytes == 0
-        assert engine.pool.allocated_bytes <= engine.budget
+        assert engine.staging.in_use_bytes == 0
+        assert engine.staging.allocated_bytes <= engine.options.budget
         for i in range(n):
             if i in removed:
                 assert not paths[i].exists(), f"removed ck-{i} still there"
@@ -148,16 +144,16 @@ async def test_backpressure_keeps_staging_within_budget(tmp_path: Path) -> None:
     state = {"w": torch.randn(4 << 20)}  # 16 MiB per save
     saves = 8
     peak = {"allocated": 0, "in_use": 0, "rss": 0}
-    base_rss = rss()
+    base_rss = current_rss()
     async with asyncckpt.CheckpointEngine(write_concurrency=4, host_memory_budget=budget, chunk_bytes=256 << 10,
                                           shard_bytes=8 << 20, fsync=False) as engine:
         stop = anyio.Event()
 
         async def monitor() -> None:
             while not stop.is_set():
-                peak["allocated"] = max(peak["allocated"], engine.pool.allocated_bytes)
-                peak["in_use"] = max(peak["in_use"], engine.pool.in_use_bytes)
-                peak["rss"] = max(peak["rss"], rss() - base_rss)
+                peak["allocated"] = max(peak["allocated"], engine.staging.allocated_bytes)
+                peak["in_use"] = max(peak["in_use"], engine.staging.in_use_bytes)
+                peak["rss"] = max(peak["rss"], current_rss() - base_rss)
                 await anyio.sleep(0.001)
 
         with slow_disk(0.002):
@@ -169,7 +165,7 @@ async def test_backpressure_keeps_staging_within_budget(tmp_path: Path) -> None:
                 for h in handles:
                     await h
                 stop.set()
-        assert engine.pool.in_use_bytes == 0
+        assert engine.staging.in_use_bytes == 0
         for k in (0, saves - 1):
             assert same(await engine.load(tmp_path / f"bp-{k}"), state)
     written = saves * state["w"].nbytes
@@ -200,7 +196,7 @@ async def test_cancelled_while_waiting_for_staging_memory(tmp_path: Path) -> Non
             plan.release()
             await first
         await engine.wait()  # the cancelled saves were the caller's own doing: no error here
-        assert engine.pool.in_use_bytes == 0
+        assert engine.staging.in_use_bytes == 0
         assert same(await engine.load(tmp_path / "kept"), v0)
         got = await outcome(engine, tmp_path / "fresh")
         assert isinstance(got, CheckpointError) and not isinstance(got, CorruptCheckpointError), got
@@ -217,7 +213,7 @@ async def test_cancelling_the_waiter_does_not_cancel_the_save(tmp_path: Path) ->
             with anyio.move_on_after(0.01):
                 await handle
             result = await handle
-        assert result.bytes_written > state["w"].nbytes
+        assert result.bytes_written > state["big"][0].nbytes
         assert same(await engine.load(tmp_path / "ck"), state)
 
 
@@ -237,8 +233,8 @@ def test_no_threads_or_buffers_leak_after_cancellations(tmp_path: Path) -> None:
                 await engine.wait()
             except CheckpointError as exc:
                 late_errors.append(f"round {k}: {exc}")
-            assert engine.pool.in_use_bytes == 0
-            pool = engine.pool
+            assert engine.staging.in_use_bytes == 0
+            pool = engine.staging
         return pool.allocated_bytes
 
     with slow_disk(0.001):
@@ -272,7 +268,7 @@ async def test_cancelled_close_aborts_pending_saves_cleanly(tmp_path: Path) -> N
                 await engine.save(make_state(1, n=400_000), tmp_path / "ck")
                 await engine.save(make_state(2, n=400_000), tmp_path / "new")
                 await anyio.sleep(30)
-    assert engine.pool.allocated_bytes == 0
+    assert engine.staging.allocated_bytes == 0
     async with asyncckpt.CheckpointEngine() as engine:
         assert same(await engine.load(tmp_path / "ck"), v0)  # the aborted overwrite left the old one
         got = await outcome(engine, tmp_path / "new")

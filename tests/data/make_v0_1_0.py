@@ -1,14 +1,24 @@
-"""Writes tests/data/v0.1.0: a small checkpoint made by asyncckpt 0.1.0, and the same state as torch.save."""
-import os, shutil, torch, anyio
+"""Wrote tests/data/v0.1.0: a small checkpoint made by asyncckpt 0.1.0 and the same state as torch.save.
+
+Run with release 0.1.0 installed; kept to document how the data was made.
+"""
+
+import os
+import shutil
 from collections import OrderedDict
+
+import anyio
+import torch
+
 import asyncckpt
 
 torch.manual_seed(1234)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 8))
-model[2].weight = model[0].weight if False else model[2].weight
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 for _ in range(2):
-    model(torch.randn(4, 8)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
 base = torch.arange(64, dtype=torch.float32)
 state = {
     "model": model.state_dict(),

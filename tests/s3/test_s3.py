@@ -11,9 +11,13 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.s3 import RetryPolicy, S3Error, S3Storage
+from asyncckpt import RetryPolicy, S3Error
+from asyncckpt.io.s3 import S3Storage
 
-from .util import KEY, REGION, SECRET, keys, run, uploads
+from asyncckpt.testing.emulators import KEY, REGION, SECRET
+
+from ..helpers import assert_same
+from .util import keys, run, uploads
 
 MiB = 1 << 20
 FAST = {"attempts": 12, "base_delay": 0.02, "max_delay": 0.2}  # retry policy for tests: many quick retries
@@ -25,14 +29,6 @@ def big_state(seed: int = 0) -> dict:
     w = [torch.randn(6 * MiB // 4, generator=g) for _ in range(4)]
     return {"w": w, "view": w[0][:1000], "bias": torch.arange(1000, dtype=torch.int64) + seed,
             "half": torch.randn(333, generator=g).half(), "step": 100 + seed, "name": f"run-{seed}"}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert len(a["w"]) == len(b["w"])
-    for x, y in zip(a["w"], b["w"]):
-        assert torch.equal(x, y)
-    assert torch.equal(a["view"], b["view"]) and torch.equal(a["bias"], b["bias"]) and torch.equal(a["half"], b["half"])
-    assert (a["step"], a["name"]) == (b["step"], b["name"])
 
 
 def engine(options: dict, **kw) -> asyncckpt.CheckpointEngine:
@@ -159,14 +155,15 @@ def test_storage_options_reach_s3fs(s3, bucket, moto):
             "retry": {"attempts": 3, "base_delay": 0.5, "max_delay": 1.0}}
 
     async def main():
-        storage = S3Storage.create(opts, anyio.CapacityLimiter(4))
-        assert (storage.fs.key, storage.fs.secret) == (KEY, SECRET)
-        assert storage.retry == RetryPolicy(attempts=3, base_delay=0.5, max_delay=1.0)
-        assert storage.fs.config_kwargs["retries"]["total_max_attempts"] == 1 and storage.fs.retries == 1
         state = {"x": torch.arange(100)}
         async with engine(opts) as eng:
             await (await eng.save(state, f"s3://{bucket}/opts"))
             out = await eng.load(f"s3://{bucket}/opts")
+            storage = eng.core.cached_target(f"s3://{bucket}/opts", None).storage
+            assert isinstance(storage, S3Storage)
+            assert (storage.fs.key, storage.fs.secret) == (KEY, SECRET)
+            assert storage.retry == RetryPolicy(attempts=3, base_delay=0.5, max_delay=1.0)
+            assert storage.fs.config_kwargs["retries"]["total_max_attempts"] == 1 and storage.fs.retries == 1
         # anon=True sends unsigned requests, which moto refuses on a private bucket: a clear, unretried error
         async with engine({"anon": True, "endpoint_url": moto.url, "retry": {"attempts": 5}}) as eng:
             with pytest.raises(S3Error, match=f"s3://{bucket}/opts.*HTTP 403.*not allowed.*not retried"):
@@ -289,6 +286,10 @@ def test_permanent_error_fails_fast(s3, bucket, proxy, proxy_options):
     assert time.monotonic() - t0 < 5
     assert proxy.injected["403"] == 1
     assert "not retried" in str(error) and f"s3://{bucket}/ckpt/shard-" in str(error)
+    assert f"save to s3://{bucket}/ckpt failed" in str(error)
+    # the S3 details survive the trip from the background task to the handle
+    assert (error.code, error.bucket, error.operation, error.attempts) == ("AccessDenied", bucket, "upload_part", 1)
+    assert error.key.startswith("ckpt/shard-") and isinstance(error.__cause__, S3Error)
     assert keys(s3, bucket) == [] and uploads(s3, bucket) == []
 
 

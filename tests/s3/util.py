@@ -1,11 +1,9 @@
-"""Helpers for the S3 tests: bucket inspection; the moto server process lives with the S3 benchmark."""
+"""Helpers for the S3 tests: bucket inspection, independent of the code under test."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
-
-from benchmarks.s3 import KEY, REGION, SECRET, MotoServer  # noqa: F401
 
 
 def run(coro: Any) -> Any:

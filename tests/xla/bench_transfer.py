@@ -17,7 +17,7 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 import torch  # noqa: E402
 import torch_xla  # noqa: E402
 
-from asyncckpt import xla  # noqa: E402
+from asyncckpt.snapshot import xla  # noqa: E402
 
 
 def make_host(n: int = 200, total_bytes: int = 200 << 20, seed: int = 0) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import xla
+from asyncckpt.snapshot import xla
 
 pytestmark = pytest.mark.xla
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import asyncckpt.lightning as al  # imports no Lightning package itself
-from asyncckpt import xla
+from asyncckpt.snapshot import xla
 
 # Lightning is imported inside the tests: the main lane collects this file (and deselects it) without needing
 # Lightning, and in the XLA lane, whose venv installs it, a missing Lightning is an error rather than a skip.

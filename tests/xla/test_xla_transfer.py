@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from asyncckpt import xla
+from asyncckpt.snapshot import xla
 
 pytestmark = pytest.mark.xla
 
@@ -137,9 +137,9 @@ def test_to_xla_batched_and_bit_exact(dev, metric_count, where):
 
 
 def test_module_does_not_import_torch_xla_by_itself():
-    code = ("import sys, torch, asyncckpt.xla as x; "
+    code = ("import sys, torch, asyncckpt.snapshot.xla as x; "
             "assert x.to_cpu([torch.ones(1)])[0].device.type == 'cpu'; "
-            "assert 'torch_xla' not in sys.modules, 'asyncckpt.xla imported torch_xla'")
+            "assert 'torch_xla' not in sys.modules, 'asyncckpt.snapshot.xla imported torch_xla'")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

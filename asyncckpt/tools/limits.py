@@ -1,4 +1,4 @@
-"""Physical limits, measured in the same run and the same target directory as the contenders.
+"""Physical limits of a machine and a local target directory, measured the way the engine's figures are.
 
 * copy floor: copy every tensor of the state into host buffers that were allocated (and touched)
   beforehand; the least work any point-in-time snapshot has to do.
@@ -141,7 +141,7 @@ def raw_write(directory: Path, nbytes: int, threads: list[int], chunk: int = 8 <
 
         t0 = time.perf_counter()
         _run_threads(t, work)
-        fsutil._fsync_dir(directory)
+        fsutil.fsync_dir(directory)
         per_threads[t] = time.perf_counter() - t0
         for m in bufs:
             m.close()

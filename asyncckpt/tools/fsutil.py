@@ -1,5 +1,5 @@
-"""File-system helpers shared by the workers: make files durable, evict them from the page cache,
-sum their sizes and remove them."""
+"""File-system helpers for measurements: make files durable, evict them from the page cache, sum their sizes and
+remove them (local paths only)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def bytes_on_disk(path: str | os.PathLike[str]) -> int:
     return sum(q.stat().st_size for q in files_under(path))
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a directory, best effort."""
     try:
         fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -51,7 +52,7 @@ def fsync_tree(path: str | os.PathLike[str]) -> int:
             os.close(fd)
         dirs.add(q.parent)
     for d in sorted(dirs, key=lambda x: len(x.parts), reverse=True):
-        _fsync_dir(d)
+        fsync_dir(d)
     return len(files)
 
 

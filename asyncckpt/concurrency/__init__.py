@@ -1,0 +1,5 @@
+"""The engine's own event loop and worker threads (:class:`Runtime`), shared by the asyncio and threaded faces."""
+
+from .runtime import IoRunner, Runtime
+
+__all__ = ["IoRunner", "Runtime"]

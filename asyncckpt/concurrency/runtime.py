@@ -1,0 +1,225 @@
+"""An event loop of the engine's own on a background thread, with worker threads for blocking calls.
+
+Background writes, commits and retries run here, so they progress whatever the caller does: an asyncio loop that
+never yields, a thread in a long training step, or a trio program. Callers reach the loop through an anyio
+blocking portal (threads: :meth:`Runtime.call`; any async loop: :meth:`Runtime.call_async`, which cancels the
+runtime's task when the caller is cancelled). Blocking I/O runs in a thread pool the runtime owns, so closing the
+runtime joins every thread it started.
+
+A forked child inherits the object but not its threads: every call from another process raises
+:class:`~asyncckpt.CheckpointError`, and the exit hook does nothing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import os
+import threading
+import weakref
+from typing import Any, Awaitable, Callable, TypeVar
+
+import anyio
+import sniffio
+from anyio.from_thread import BlockingPortal
+
+from ..errors import CheckpointError
+
+T = TypeVar("T")
+
+_live: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+def _at_interpreter_exit() -> None:
+    """Run each live runtime's exit callbacks, then close it, while the interpreter is still whole."""
+    for runtime in sorted(_live, key=lambda r: r.serial):
+        if not runtime.forked:
+            runtime.exit_now()
+
+
+def _install_exit_hook() -> None:
+    global _hook_installed
+    with _hook_lock:
+        if not _hook_installed:
+            # threading's hook runs before non-daemon threads are joined and before atexit, while every module and
+            # thread still works; concurrent.futures flushes its pools the same way.
+            threading._register_atexit(_at_interpreter_exit)  # type: ignore[attr-defined]
+            _hook_installed = True
+
+
+class Runtime:
+    """A running event loop on a daemon thread plus ``workers`` threads for blocking calls."""
+
+    _serial = 0
+
+    def __init__(self, workers: int, name: str = "asyncckpt") -> None:
+        Runtime._serial += 1
+        self.serial = Runtime._serial
+        self.pid = os.getpid()
+        self.name = name
+        self.closed = False
+        self._exit_callbacks: list[Callable[[], Any]] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
+        self._ready = threading.Event()
+        self.portal: BlockingPortal | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.portal is None:
+            raise CheckpointError("the engine's event loop thread could not start")
+        _install_exit_hook()
+        _live.add(self)
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            async with anyio.create_task_group() as tasks, BlockingPortal() as portal:
+                self.portal, self.loop, self._tasks = portal, asyncio.get_running_loop(), tasks
+                self._context = contextvars.copy_context()  # anyio finds its backend through this context
+                self._ready.set()
+                await portal.sleep_until_stopped()
+
+        try:
+            anyio.run(serve, backend="asyncio")
+        finally:
+            self._ready.set()
+
+    # ------------------------------------------------------------ reaching the loop
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a forked child's copy of the runtime (its threads stayed in the parent)."""
+        return os.getpid() != self.pid
+
+    def check(self) -> None:
+        """Raise the error that explains why this runtime cannot be used from here, if it cannot."""
+        if self.forked:
+            raise CheckpointError(
+                f"this engine was created in process {self.pid}; a forked child cannot use it (its threads stayed "
+                "in the parent): create a new engine in the child")
+        if self.closed:
+            raise CheckpointError("the engine is closed; create a new one")
+
+    @property
+    def in_loop(self) -> bool:
+        """Whether the calling thread is the runtime's own loop thread."""
+        return threading.get_ident() == self._thread.ident
+
+    def call(self, fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the loop (awaited if it is a coroutine function) and block until it returns.
+
+        If the wait itself is interrupted (Ctrl-C), ``fn`` is cancelled before the interrupt propagates."""
+        future = self.spawn(fn, *args)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                future.cancel()
+            raise
+
+    def start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start the background task ``fn(*args)`` on the loop without waiting (closing waits for it to finish);
+        ``fn`` must handle its own errors."""
+        self.call_soon(self._tasks.start_soon, fn, *args)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
+        """Start ``fn(*args)`` on the loop without waiting; the future tells its outcome."""
+        self.check()
+        assert self.portal is not None
+        return self.portal.start_task_soon(fn, *args)
+
+    async def call_async(self, fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
+        """``call`` for code running on any other event loop (asyncio or trio): cancelling the caller cancels
+        ``fn`` and waits until it has unwound."""
+        self.check()
+        assert self.portal is not None
+        return await self.portal.call_async(fn, *args)  # type: ignore[arg-type]
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule the plain function ``fn(*args)`` on the loop, from any thread; calls run in order."""
+        self.check()
+        assert self.loop is not None
+        if self.in_loop:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(self._context.copy().run, fn, *args)
+
+    def build(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the calling thread, with anyio primitives it creates belonging to the runtime's loop
+        (asyncio) rather than to the caller's, which may be trio: sniffio's documented per-thread override."""
+        saved = sniffio.thread_local.name
+        sniffio.thread_local.name = "asyncio"
+        try:
+            return fn(*args)
+        finally:
+            sniffio.thread_local.name = saved
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the blocking ``fn(*args)`` in a worker thread (from the loop). Cancellation waits for a call that has
+        started, since it may still use buffers the caller is about to release."""
+        assert self.loop is not None
+        done = anyio.Event()
+        loop = self.loop
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+        try:
+            await done.wait()
+        except anyio.get_cancelled_exc_class():
+            if not future.cancel():
+                with anyio.CancelScope(shield=True):
+                    await done.wait()
+            raise
+        return future.result()
+
+    # ------------------------------------------------------------ shutting down
+
+    def at_exit(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` at interpreter exit, in this process only, before the runtime closes."""
+        self._exit_callbacks.append(callback)
+
+    def exit_now(self) -> None:
+        callbacks, self._exit_callbacks = self._exit_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one engine's failure at exit must not keep the others from flushing
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loop after the tasks on it finish, and join every thread the runtime started."""
+        if self.closed or self.forked:
+            return
+        self.closed = True
+        _live.discard(self)
+        portal = self.portal
+        if portal is not None and not self.in_loop:
+            try:
+                portal.call(portal.stop)
+            except RuntimeError:  # the loop already ended
+                pass
+            self._thread.join()
+        self._executor.shutdown(wait=True)
+
+
+class IoRunner:
+    """Blocking calls in the runtime's worker threads, at most ``limit`` at once: the engine's I/O concurrency.
+
+    Async stores use :attr:`limiter` directly to bound their requests in flight.
+    """
+
+    def __init__(self, runtime: Runtime, limit: int) -> None:
+        self.runtime = runtime
+        self.limit = limit
+        self.limiter = anyio.CapacityLimiter(limit)
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self.limiter:
+            return await self.runtime.run_sync(fn, *args)
+
+    async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """A CPU-bound call (hashing, copying) off the loop, not counted against the I/O concurrency."""
+        return await self.runtime.run_sync(fn, *args)

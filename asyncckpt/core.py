@@ -1,0 +1,283 @@
+"""What both faces share: options, the runtime, the staging pool, per-path ordering, and every operation's body.
+
+:class:`~asyncckpt.CheckpointEngine` (asyncio/trio) and :class:`~asyncckpt.SyncEngine` (threads) are thin: each
+takes the snapshot on its caller's thread through the one feed loop, and reaches the runtime in its own way
+(awaiting or blocking). Background work — writes, commits, retries — runs on the runtime whatever the caller does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import warnings
+from typing import Any, Mapping
+
+import anyio
+
+from .concurrency import IoRunner, Runtime
+from .errors import CheckpointError
+from .format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, is_temporary, parse
+from .io.contract import Storage
+from .io.paths import is_local, protocol_of, to_url
+from .io.registry import resolve
+from .load import catalog
+from .load.apply import apply_in_place
+from .load.in_place import read_into_state
+from .load.manifest import MAX_MANIFEST_BYTES, read_manifest
+from .load.reads import Span, read_shards, shard_span
+from .load.rebuild import MapLocation, build_state
+from .memory.pool import StagingPool
+from .options import EngineOptions
+from .pipeline.jobs import Job, Target, describe
+from .snapshot.plan import Plan
+
+log = logging.getLogger("asyncckpt")
+
+
+class EngineCore:
+    """One engine's shared state. Methods marked *(loop)* run on the runtime; the others on any thread."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self.runtime = Runtime(workers=options.write_concurrency + 4)
+        try:
+            self.io: IoRunner = self.runtime.call(IoRunner, self.runtime, options.write_concurrency)
+        except BaseException:
+            self.runtime.close()
+            raise
+        self.pool = StagingPool(options.budget)
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[Job]] = {}
+        self._jobs: list[Job] = []
+        self._storages: dict[str, Storage] = {}
+        self._closed = False
+        self.runtime.at_exit(self.close)
+
+    # ------------------------------------------------------------ state
+
+    def check(self) -> None:
+        """Raise the CheckpointError that says why this engine cannot be used (closed, or from a forked child)."""
+        self.runtime.check()
+        if self._closed:
+            raise CheckpointError("the engine is closed; create a new one")
+
+    def pending_paths(self) -> list[str]:
+        with self._lock:
+            return [job.display for job in self._jobs if not job.handle.done()]
+
+    # ------------------------------------------------------------ targets
+
+    def _cache_key(self, url: str, storage_options: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any] | None]:
+        if is_local(url):
+            return "file", None
+        options = self.options.storage_options if storage_options is None else storage_options
+        return f"{protocol_of(url)}:{json.dumps(options, sort_keys=True, default=str)}", options
+
+    def cached_target(self, path: Any, storage_options: Mapping[str, Any] | None) -> Target | None:
+        """The target of ``path`` if its storage exists already (no loop round trip), else None."""
+        url = to_url(path)
+        key, _ = self._cache_key(url, storage_options)
+        storage = self._storages.get(key)
+        if storage is None:
+            return None
+        fs_path = storage.strip(url)
+        return Target(storage, fs_path, url, storage.key(fs_path))
+
+    async def open_target(self, path: Any, storage_options: Mapping[str, Any] | None) -> Target:
+        """*(loop)* The target of ``path``, creating its storage (bound to this loop) on first use."""
+        url = to_url(path)
+        key, options = self._cache_key(url, storage_options)
+        storage = self._storages.get(key)
+        if storage is None:
+            storage, _ = resolve(url, options, self.io)
+            self._storages[key] = storage
+        fs_path = storage.strip(url)
+        return Target(storage, fs_path, url, storage.key(fs_path))
+
+    def target(self, path: Any, storage_options: Mapping[str, Any] | None) -> Target:
+        """The target of ``path``, from a thread (blocks for the first use of its storage)."""
+        return self.cached_target(path, storage_options) or self.runtime.call(self.open_target, path,
+                                                                              storage_options)
+
+    async def target_async(self, path: Any, storage_options: Mapping[str, Any] | None) -> Target:
+        """The target of ``path``, from any event loop."""
+        return self.cached_target(path, storage_options) or await self.runtime.call_async(
+            self.open_target, path, storage_options)
+
+    # ------------------------------------------------------------ saves
+
+    def begin(self, job_type: type[Job], target: Target, plan: Plan, **extra: Any) -> Job:
+        """Register a save of ``target`` after those already pending for it, and start its background task."""
+        self.check()
+        with self._lock:
+            queue = self._pending.setdefault(target.key, [])
+            job = self.runtime.build(lambda: job_type(self.runtime, self.pool, target, plan,
+                                                      queue[-1] if queue else None,
+                                                      lambda: self._in_flight(target.key),
+                                                      not self.options.overlap_writes, **extra))
+            queue.append(job)
+            self._jobs.append(job)
+        self.runtime.start(self._run, job)
+        return job
+
+    def check_fits(self, plan: Plan) -> None:
+        if plan.total_bytes > self.pool.budget:
+            raise CheckpointError(
+                f"the state needs {plan.total_bytes} bytes of staging memory at once to be handed to another "
+                f"serializer, more than host_memory_budget ({self.pool.budget}); raise the budget or use the native "
+                "format, which streams through any budget")
+
+    def _in_flight(self, key: str) -> set[str]:
+        with self._lock:
+            return {job.save_id for job in self._pending.get(key, [])}
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await job.run()
+        finally:
+            with self._lock:
+                queue = self._pending.get(job.target.key, [])
+                if job in queue:
+                    queue.remove(job)
+                if not queue:
+                    self._pending.pop(job.target.key, None)
+            if job.handle.error is not None:
+                log.debug("save to %s failed: %s", job.display, job.handle.error)
+
+    async def after_pending(self, target: Target) -> None:
+        """*(loop)* Wait until no save of ``target`` is pending (whatever their outcome)."""
+        with self._lock:
+            queue = list(self._pending.get(target.key, []))
+        for job in queue:
+            await job.handle.settled()
+
+    def raise_unobserved(self) -> None:
+        """Raise the first failure of a finished save that no caller has seen yet (once)."""
+        error = None
+        with self._lock:
+            for job in self._jobs:
+                handle = job.handle
+                if handle.done() and handle.error is not None and not handle.observed:
+                    handle.observed = True
+                    error = handle.error
+                    break
+            self._jobs = [j for j in self._jobs if not j.handle.done() or j.handle.error is not None
+                          and not j.handle.observed]
+        if error is not None:
+            raise error
+
+    async def wait_all(self) -> None:
+        """*(loop)* Wait for every save pending now."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            await job.handle.settled()
+
+    # ------------------------------------------------------------ loads and removal
+
+    async def read(self, target: Target, state: Any, verify: bool | None) -> tuple[Manifest, Span]:
+        """*(loop)* After pending saves of ``target``: its manifest and the records' bytes (streamed into
+        ``state``'s own tensors where they fit)."""
+        await self.after_pending(target)
+        verify = self.options.verify if verify is None else verify
+        storage, path, display = target.storage, target.path, target.display
+        try:
+            manifest = await read_manifest(storage, path, display)
+            if state is not None and all(s.chunk_bytes <= self.pool.budget for s in manifest.shards):
+                return manifest, await read_into_state(storage, path, display, manifest, verify, self.pool, state)
+            return manifest, shard_span(await read_shards(storage, path, display, manifest, verify))
+        except OSError as exc:
+            raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
+
+    @staticmethod
+    def build(manifest: Manifest, span: Span, target: Target, state: Any, map_location: MapLocation, strict: bool,
+              weights_only: bool | None) -> Any:
+        """The loaded structure, or with ``state`` what could not be restored in place (on the caller's thread)."""
+        loaded = build_state(manifest, span, target.display, map_location, weights_only is not False)
+        if state is None:
+            return loaded
+        return apply_in_place(state, loaded, strict, target.display)
+
+    async def remove(self, target: Target) -> None:
+        """*(loop)* Delete the checkpoint at ``target`` after its pending saves: manifest first, so it never
+        half-loads; files that are not ours (and the directory holding them) stay."""
+        await self.after_pending(target)
+        storage, path, display = target.storage, target.path, target.display
+        kind = await storage.kind(path)
+        if kind is None:
+            return
+        names = await storage.list(path) if kind == "dir" else []
+        ours = [n for n in names if SHARD_RE.match(n) or is_temporary(n)]
+        if MANIFEST_NAME in names and not ours:  # a lone manifest.json: delete it only if it is an asyncckpt one
+            try:
+                parse(await storage.read_bytes(storage.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES), display)
+            except CheckpointError:
+                raise CheckpointError(
+                    f"refusing to remove {display}: its {MANIFEST_NAME} is not an asyncckpt manifest") from None
+        if kind == "file" or (names and not ours and MANIFEST_NAME not in names):
+            raise CheckpointError(f"refusing to remove {display}: it is not an asyncckpt checkpoint")
+        if MANIFEST_NAME in names:
+            await storage.remove(storage.join(path, MANIFEST_NAME))
+            await storage.sync_dir(path)
+        for name in ours:
+            await storage.remove(storage.join(path, name))
+        await storage.remove_dir(path)
+
+    async def committed(self, target: Target) -> list[tuple[str, Manifest]]:
+        """*(loop)* ``(path, manifest)`` of the committed checkpoints directly under ``target``, oldest first."""
+        found = await catalog.committed(target.storage, target.path)
+        base = target.display
+        if is_local(base):
+            return [(os.path.join(base, name), manifest) for name, manifest in found]
+        return [(f"{base.rstrip('/')}/{name}", manifest) for name, manifest in found]
+
+    # ------------------------------------------------------------ closing
+
+    async def shutdown(self, abort: bool) -> None:
+        """*(loop)* Finish (or with ``abort``, abort) every pending save, then release memory and sessions."""
+        if abort:
+            with self._lock:
+                jobs = list(self._jobs)
+            for job in jobs:
+                job.fail(CheckpointError("the engine was closed before the save was committed"))
+        with anyio.CancelScope(shield=abort):
+            await self.wait_all()
+        self.pool.clear()
+        for storage in self._storages.values():
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+        self._storages.clear()
+
+    def close(self, abort: bool = False) -> None:
+        """Finish (or abort) pending saves and stop the runtime, from any thread but the runtime's own. A Ctrl-C
+        while waiting aborts what is still pending (nothing torn is committed) and then propagates."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.runtime.forked:
+            return  # a forked child: the runtime is the parent's
+        try:
+            try:
+                self.runtime.call(self.shutdown, abort)
+            except BaseException:
+                if not abort:
+                    self.runtime.call(self.shutdown, True)
+                raise
+        finally:
+            self.runtime.close()
+
+    def dropped(self, face: str) -> None:
+        """The face was garbage-collected without being closed: say so, and let pending saves finish."""
+        if self._closed:
+            return
+        paths = self.pending_paths()
+        if paths:
+            message = (f"{face} was garbage-collected with {len(paths)} pending save(s) ({', '.join(paths[:5])}); "
+                       "they finish in the background — close the engine (or use it as a context manager) to wait "
+                       "for them and see their errors")
+            warnings.warn(message, ResourceWarning, stacklevel=2)
+            log.error(message)
+        threading.Thread(target=self.close, name="asyncckpt-close", daemon=False).start()

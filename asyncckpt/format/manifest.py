@@ -1,0 +1,359 @@
+"""The manifest: the JSON document whose presence commits a checkpoint, as typed records.
+
+It maps the state's structure onto entries that live in shard files and records every chunk's checksum.
+Everything read from a manifest is untrusted: :func:`parse` validates it fully, against itself, before a loader
+allocates or opens anything. docs/format.md is the specification.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import xxhash
+
+from ..errors import CorruptCheckpointError
+from ..version import __version__
+from .dtypes import DTYPES
+
+FORMAT = "asyncckpt"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TEMP_INFIX = ".tmp-"  # a manifest being written is ``manifest.json.tmp-<random>``
+SHARD_RE = re.compile(r"^shard-[0-9a-f]{16}-[0-9]{5}\.safetensors$")
+MAX_DIMS = 64
+MAX_INDEX = 1 << 62  # sizes, strides and offsets beyond this overflow torch's int64 arithmetic
+DIGEST = "manifest_xxh3_64"  # last member: xxh3-64 of the compact JSON of all the others, in their order
+
+
+def shard_name(save_id: str, index: int) -> str:
+    """The file name of shard ``index`` of save ``save_id`` (16 hex digits)."""
+    return f"shard-{save_id}-{index:05d}.safetensors"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a manifest still being written (or left by a killed commit)."""
+    return name.startswith(MANIFEST_NAME + TEMP_INFIX)
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A run of bytes in one shard file."""
+
+    shard: int
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def to_json(self) -> dict[str, int]:
+        return {"shard": self.shard, "offset": self.offset, "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRecord:
+    """One shard file: its size and one xxh3-64 digest per ``chunk_bytes`` run (the last one shorter)."""
+
+    file: str
+    nbytes: int
+    chunk_bytes: int
+    xxh3_64: tuple[str, ...]
+
+    def chunks(self) -> Iterator[tuple[int, int, int]]:
+        """``(index, offset, nbytes)`` of every checksummed chunk."""
+        for k, offset in enumerate(range(0, self.nbytes, self.chunk_bytes)):
+            yield k, offset, min(self.chunk_bytes, self.nbytes - offset)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "nbytes": self.nbytes, "chunk_bytes": self.chunk_bytes,
+                "xxh3_64": list(self.xxh3_64)}
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """Where a tensor lies inside a shared storage blob (``storages[base]``), in elements of its dtype."""
+
+    base: int
+    storage_offset: int
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    """A tensor: its own bytes (``span``) or a view of a shared storage (``view``)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    span: Span | None = None
+    view: View | None = None
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def logical_bytes(self) -> int:
+        return math.prod(self.shape) * self.torch_dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "device": self.device}
+        if self.requires_grad:
+            out["requires_grad"] = True
+        if self.parameter:
+            out["parameter"] = True
+        if self.view is not None:
+            out.update(base=self.view.base, storage_offset=self.view.storage_offset, stride=list(self.view.stride))
+        else:
+            assert self.span is not None
+            out.update(self.span.to_json())
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRecord:
+    """Raw bytes of a storage shared by several overlapping views."""
+
+    span: Span
+
+    def to_json(self) -> dict[str, Any]:
+        return self.span.to_json()
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    """``torch.save`` bytes of a value JSON cannot hold; ``key`` is its key path, ``type`` its class."""
+
+    type: str
+    key: str
+    span: Span
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "key": self.key, **self.span.to_json()}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest."""
+
+    save_id: str
+    created_ns: int
+    shards: tuple[ShardRecord, ...]
+    tensors: tuple[TensorRecord, ...]
+    storages: tuple[StorageRecord, ...]
+    objects: tuple[ObjectRecord, ...]
+    tree: Any
+    producer: str = f"asyncckpt {__version__}"
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def byte_records(self) -> Iterator[TensorRecord | StorageRecord | ObjectRecord]:
+        """Every record that owns bytes in a shard (tensors with a span, storages, objects)."""
+        yield from (t for t in self.tensors if t.span is not None)
+        yield from self.storages
+        yield from self.objects
+
+    def seal(self) -> bytes:
+        """The manifest's bytes (see :func:`seal`)."""
+        return seal({
+            "format": FORMAT, "version": VERSION, "producer": self.producer, "torch": self.torch_version,
+            "save_id": self.save_id, "created_ns": self.created_ns,
+            "shards": [s.to_json() for s in self.shards], "tensors": [t.to_json() for t in self.tensors],
+            "storages": [s.to_json() for s in self.storages], "objects": [o.to_json() for o in self.objects],
+            "tree": self.tree,
+        })
+
+
+# ---------------------------------------------------------------- building tensors from records
+
+def view_tensor(record: TensorRecord, data: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
+    """The tensor a record describes, as a view of ``data`` (its own bytes) or of ``base`` (a shared storage blob).
+
+    Both are uint8 host tensors; no bytes are copied unless a shared blob is misaligned for the dtype.
+    """
+    dtype = record.torch_dtype
+    if record.view is not None:
+        assert base is not None
+        if base.storage_offset() % dtype.itemsize:
+            base = base.clone()
+        return torch.empty(0, dtype=dtype).set_(
+            base.untyped_storage(), base.storage_offset() // dtype.itemsize + record.view.storage_offset,
+            record.shape, record.view.stride)
+    assert data is not None
+    return data.view(dtype).view(record.shape)
+
+
+def finish_tensor(record: TensorRecord, t: torch.Tensor) -> torch.Tensor:
+    """Restore what the record says besides bytes: Parameter type and requires_grad."""
+    if record.parameter:
+        return torch.nn.Parameter(t, requires_grad=record.requires_grad)
+    if record.requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+def _body(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def seal(doc: dict[str, Any]) -> bytes:
+    """The bytes of the JSON manifest ``doc``: compact JSON whose last member is the checksum of all the others."""
+    body = _body({k: v for k, v in doc.items() if k != DIGEST})
+    return f'{body[:-1]},"{DIGEST}":"{xxhash.xxh3_64_hexdigest(body.encode())}"}}'.encode()
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise CorruptCheckpointError(f"manifest is invalid: {what}")
+
+
+def _is_int(x: Any, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_digest(doc: dict[str, Any]) -> None:
+    """Shard bytes carry checksums; this covers the manifest itself (offsets, keys, dtypes, numbers)."""
+    claimed = doc.pop(DIGEST, None)
+    try:
+        actual = xxhash.xxh3_64_hexdigest(_body(doc).encode())
+    except (ValueError, RecursionError):
+        actual = None
+    _expect(claimed == actual, "its checksum does not match: the manifest is damaged")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("an object has duplicate members")
+    return doc
+
+
+def parse(raw: bytes, where: str) -> Manifest:
+    """Parse and validate manifest bytes read from ``where``; raise CorruptCheckpointError on any lie."""
+    try:
+        doc = json.loads(raw, object_pairs_hook=_unique_members)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    try:
+        _expect(isinstance(doc, dict), "not an asyncckpt manifest")
+        _check_digest(doc)
+        return _validate(doc)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
+
+
+def _table(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    table = doc.get(name)
+    _expect(isinstance(table, list) and all(isinstance(x, dict) for x in table), f"{name} is not a list of entries")
+    return table
+
+
+def _span(entry: dict[str, Any], shards: list[ShardRecord], what: str) -> Span:
+    _expect(_is_int(entry.get("shard")) and entry["shard"] < len(shards), f"{what} names no shard")
+    _expect(_is_int(entry.get("offset")) and _is_int(entry.get("nbytes")), f"{what} has a bad offset/nbytes")
+    span = Span(entry["shard"], entry["offset"], entry["nbytes"])
+    _expect(span.end <= shards[span.shard].nbytes, f"{what} lies past its shard's end")
+    return span
+
+
+def _shard(s: Any) -> ShardRecord:
+    _expect(isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_RE.match(s["file"]) is not None,
+            f"shard file name {str(s.get('file') if isinstance(s, dict) else s)[:80]!r} is not allowed")
+    _expect(_is_int(s.get("nbytes")) and _is_int(s.get("chunk_bytes"), 1), f"shard {s['file']} has bad sizes")
+    sums = s.get("xxh3_64")
+    _expect(isinstance(sums, list) and len(sums) == -(-s["nbytes"] // s["chunk_bytes"])
+            and all(isinstance(h, str) and len(h) == 16 for h in sums), f"shard {s['file']} has bad checksums")
+    return ShardRecord(s["file"], s["nbytes"], s["chunk_bytes"], tuple(sums))
+
+
+def shape_problem(shape: Any, itemsize: int) -> str | None:
+    """Why a tensor of ``shape`` cannot be stored (the same rule for saving and loading), or None."""
+    if not isinstance(shape, (list, tuple)) or not all(_is_int(d) for d in shape):
+        return "its shape is not a list of non-negative integers"
+    if len(shape) > MAX_DIMS:
+        return f"it has {len(shape)} dimensions (the format stores at most {MAX_DIMS})"
+    if max(shape, default=0) >= MAX_INDEX or math.prod(shape) * itemsize >= MAX_INDEX:
+        return f"its size overflows 64-bit offsets (shape {list(shape)[:8]})"
+    return None
+
+
+def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list[StorageRecord]) -> TensorRecord:
+    what = f"tensor {i}"
+    _expect(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES,
+            f"{what} has unknown dtype {str(t.get('dtype'))[:40]!r}")
+    dtype = DTYPES[t["dtype"]]
+    itemsize = dtype.itemsize
+    shape = t.get("shape")
+    _expect(shape_problem(shape, itemsize) is None and isinstance(shape, list), f"{what} has a bad shape")
+    _expect(isinstance(t.get("device"), str) and len(t["device"]) < 64 and _is_device(t["device"]),
+            f"{what} has a bad device")
+    requires_grad, parameter = t.get("requires_grad", False), t.get("parameter", False)
+    _expect(isinstance(requires_grad, bool) and isinstance(parameter, bool), f"{what} has bad flags")
+    _expect(not (requires_grad or parameter) or dtype.is_floating_point or dtype.is_complex,
+            f"{what} of dtype {t['dtype']} cannot require gradients")
+    numel = math.prod(shape)
+    if "base" in t:  # a view into a shared storage blob
+        _expect(_is_int(t["base"]) and t["base"] < len(storages), f"{what} names no storage")
+        stride = t.get("stride")
+        _expect(isinstance(stride, list) and len(stride) == len(shape)
+                and all(_is_int(x) and x < MAX_INDEX for x in stride)
+                and _is_int(t.get("storage_offset")) and t["storage_offset"] < MAX_INDEX, f"{what} has a bad view")
+        if numel:
+            last = t["storage_offset"] + sum((d - 1) * s for d, s in zip(shape, stride))
+            _expect((last + 1) * itemsize <= storages[t["base"]].span.nbytes, f"{what} views past its storage")
+        view = View(t["base"], t["storage_offset"], tuple(stride))
+        return TensorRecord(t["dtype"], tuple(shape), t["device"], view=view, requires_grad=requires_grad,
+                            parameter=parameter)
+    span = _span(t, shards, what)
+    _expect(numel * itemsize == span.nbytes, f"{what} shape/dtype disagree with its size")
+    _expect(span.offset % itemsize == 0, f"{what} is misaligned for {t['dtype']}")
+    return TensorRecord(t["dtype"], tuple(shape), t["device"], span=span, requires_grad=requires_grad,
+                        parameter=parameter)
+
+
+def _validate(doc: dict[str, Any]) -> Manifest:
+    _expect(doc.get("format") == FORMAT, "not an asyncckpt manifest")
+    _expect(doc.get("version") == VERSION, f"unsupported version {doc.get('version')!r} (this reader knows {VERSION})")
+    _expect(_is_int(doc.get("created_ns")), "created_ns is not a timestamp")
+    save_id = doc.get("save_id", "")
+    _expect(isinstance(save_id, str) and len(save_id) <= 64, "save_id is not a string")
+    _expect(isinstance(doc.get("shards"), list), "shards is not a list")
+    shards = [_shard(s) for s in doc["shards"]]
+    _expect(len({s.file for s in shards}) == len(shards), "a shard is listed twice")
+    storages = [StorageRecord(_span(st, shards, f"storage {i}")) for i, st in enumerate(_table(doc, "storages"))]
+    tensors = [_tensor(t, i, shards, storages) for i, t in enumerate(_table(doc, "tensors"))]
+    objects = []
+    for i, o in enumerate(_table(doc, "objects")):
+        span = _span(o, shards, f"object {i}")
+        _expect(isinstance(o.get("type"), str), f"object {i} has no type")
+        key = o.get("key", "")
+        _expect(isinstance(key, str), f"object {i} has a bad key")
+        objects.append(ObjectRecord(o["type"], key, span))
+    _expect("tree" in doc, "no structure")
+    producer, torch_version = doc.get("producer", ""), doc.get("torch", "")
+    return Manifest(save_id, doc["created_ns"], tuple(shards), tuple(tensors), tuple(storages), tuple(objects),
+                    doc["tree"], producer if isinstance(producer, str) else "",
+                    torch_version if isinstance(torch_version, str) else "")

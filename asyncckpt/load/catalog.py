@@ -1,0 +1,34 @@
+"""The committed checkpoints directly under a directory or prefix, oldest first."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import CheckpointError
+from ..format.manifest import MANIFEST_NAME, Manifest, parse
+from ..io.contract import Storage
+from .manifest import MAX_MANIFEST_BYTES
+
+log = logging.getLogger("asyncckpt")
+
+
+async def committed(storage: Storage, directory: str) -> list[tuple[str, Manifest]]:
+    """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest snapshot first.
+
+    Entries without a valid manifest (saves that crashed or are still running, hidden directories, foreign data,
+    unreadable or special files) are skipped, and logged at DEBUG: they are never mistaken for a checkpoint and
+    never stop the listing.
+    """
+    found = []
+    for name in await storage.list(directory):
+        if name.startswith("."):
+            continue
+        try:
+            raw = await storage.read_bytes(storage.join(directory, name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+            manifest = parse(raw, storage.join(directory, name))
+        except (OSError, CheckpointError, MemoryError) as exc:
+            log.debug("skipping %s: %s", storage.join(directory, name), exc)
+            continue
+        found.append((manifest.created_ns, name, manifest))
+    found.sort(key=lambda x: (x[0], x[1]))
+    return [(name, manifest) for _, name, manifest in found]

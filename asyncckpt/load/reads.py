@@ -1,0 +1,94 @@
+"""Reading a checkpoint's chunks concurrently, each checked against its checksum."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..format.manifest import Manifest, ObjectRecord, ShardRecord, StorageRecord, TensorRecord
+from ..io.contract import Reader, Storage
+from ..memory.buffers import alias, mapped_buffer
+
+Record = TensorRecord | StorageRecord | ObjectRecord
+Span = Callable[[Record], torch.Tensor]  # manifest record -> its bytes (uint8, host)
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first meaningful error inside (possibly nested) exception groups."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...]) -> None:
+    for s in shards:
+        size = await storage.size(storage.join(path, s.file))
+        if size is None:
+            raise CorruptCheckpointError(f"{display}: shard {s.file} is missing")
+        if size != s.nbytes:
+            raise CorruptCheckpointError(
+                f"{display}: shard {s.file} has {size} bytes, the manifest says {s.nbytes} (truncated or "
+                "overwritten)")
+
+
+ReadChunk = Callable[[Reader, int, int, int], Awaitable[str]]
+
+
+async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...], verify: bool,
+                      read_chunk: ReadChunk, damaged: str = "") -> None:
+    """Read every chunk of every shard concurrently through ``read_chunk(reader, shard, offset, nbytes)``, which
+    returns the chunk's digest; a digest that differs from the manifest's is a CorruptCheckpointError."""
+    async def read_shard(i: int) -> None:
+        s = shards[i]
+        reader = await storage.open_reader(storage.join(path, s.file))
+        try:
+            async with anyio.create_task_group() as tg:
+                for k, offset, nbytes in s.chunks():
+                    tg.start_soon(one_chunk, reader, i, k, offset, nbytes)
+        finally:
+            await reader.close()
+
+    async def one_chunk(reader: Reader, i: int, k: int, offset: int, nbytes: int) -> None:
+        s = shards[i]
+        try:
+            sig = await read_chunk(reader, i, offset, nbytes)
+        except EOFError as exc:
+            raise CorruptCheckpointError(f"{display}: shard {s.file} is truncated ({exc}){damaged}") from exc
+        if verify and sig != s.xxh3_64[k]:
+            raise CorruptCheckpointError(
+                f"{display}: checksum mismatch in shard {s.file} at bytes {offset}..{offset + nbytes}; the checkpoint "
+                "is damaged — load another one (asyncckpt.latest) or pass verify=False to inspect it" + damaged)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(shards)):
+                tg.start_soon(read_shard, i)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+async def read_shards(storage: Storage, path: str, display: str, manifest: Manifest, verify: bool
+                      ) -> list[torch.Tensor]:
+    """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
+    shards = manifest.shards
+    await check_sizes(storage, path, display, shards)
+    buffers = [mapped_buffer(s.nbytes, resident=False) for s in shards]  # page-aligned: chunks go O_DIRECT
+
+    async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
+        return await reader.read_into(offset, buffers[i][offset:offset + nbytes])
+
+    await read_chunks(storage, path, display, shards, verify, read_chunk)
+    return buffers
+
+
+def shard_span(buffers: list[torch.Tensor]) -> Span:
+    """Records' bytes as views of whole-shard buffers, each with a storage of its own (see ``alias``)."""
+    def span(r: Record) -> torch.Tensor:
+        assert r.span is not None
+        return alias(buffers[r.span.shard][r.span.offset:r.span.end])
+    return span

@@ -1,0 +1,83 @@
+"""The one feed loop: copy a plan's chunks into staging buffers on the caller's thread and hand them to the job.
+
+It is a generator so that both faces drive the same code: it yields the size of a buffer it must wait for, and the
+driver — blocking (:func:`drive`) or awaiting (:func:`drive_async`) — sends the buffer back (None: the job failed,
+stop). Every way out (done, an error in the copy, the caller cancelled or interrupted) closes the job's input, so
+the job always concludes and returns every buffer it was given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Generator
+
+import torch
+
+from ..errors import CheckpointError
+from .jobs import Job
+
+Steps = Generator[int, "torch.Tensor | None", None]
+
+
+def snapshot_error(exc: BaseException) -> Exception:
+    """What a job records when its snapshot did not complete."""
+    if isinstance(exc, Exception):
+        return exc
+    return CheckpointError("the save was interrupted during its snapshot; nothing of it was committed")
+
+
+def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None) -> Steps:
+    """Fill and submit each chunk of ``job``'s plan; ``check()`` runs between chunks (raising aborts the save)."""
+    runtime, plan = job.runtime, job.plan
+    try:
+        job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
+        for chunk in plan.chunks:
+            check()
+            if job.error is not None:
+                break
+            buf = job.try_acquire(chunk.nbytes)
+            if buf is None:
+                buf = yield chunk.nbytes
+                if buf is None:
+                    break
+            plan.fill(chunk, buf)  # a buffer not submitted stays the job's: it returns it when it concludes
+            runtime.call_soon(job.submit, chunk, buf)
+        plan.finish()
+    except BaseException as exc:
+        runtime.call_soon(job.fail, snapshot_error(exc))
+        job.handle.observed = True  # the caller sees this exception right now
+        raise
+    finally:
+        runtime.call_soon(job.close_input, time.perf_counter() - t0)
+
+
+def _advance(steps: Steps, buf: torch.Tensor | None = None, error: BaseException | None = None) -> int | None:
+    """Resume the feed with a buffer (or an error to raise in it); the next size it waits for, None when done."""
+    try:
+        return steps.throw(error) if error is not None else steps.send(buf)
+    except StopIteration:
+        return None
+
+
+def drive(steps: Steps, wait: Callable[[int], torch.Tensor | None]) -> None:
+    """Run the feed on a thread, blocking in ``wait(nbytes)`` for buffers."""
+    need = _advance(steps)
+    while need is not None:
+        try:
+            buf = wait(need)
+        except BaseException as exc:
+            _advance(steps, error=exc)
+            raise
+        need = _advance(steps, buf)
+
+
+async def drive_async(steps: Steps, wait: Callable[[int], Awaitable[torch.Tensor | None]]) -> None:
+    """Run the feed on an event loop, awaiting ``wait(nbytes)`` for buffers."""
+    need = _advance(steps)
+    while need is not None:
+        try:
+            buf = await wait(need)
+        except BaseException as exc:
+            _advance(steps, error=exc)
+            raise
+        need = _advance(steps, buf)

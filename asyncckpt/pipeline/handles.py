@@ -1,0 +1,101 @@
+"""What a caller holds for a save: the handle to wait on, and the result it reports."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Generator
+
+import anyio
+
+from ..concurrency import Runtime
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a finished save reports.
+
+    Attributes:
+        path: the checkpoint's path or URL, as given to ``save``.
+        bytes_written: bytes of shard files and manifest.
+        snapshot_seconds: seconds ``save`` blocked its caller (the copy into staging memory).
+        write_seconds: seconds from the end of the snapshot to the commit.
+        shards: shard files written (0 for a save handed to another serializer).
+        tensors: distinct tensors in the checkpoint.
+    """
+
+    path: str
+    bytes_written: int
+    snapshot_seconds: float
+    write_seconds: float
+    shards: int
+    tensors: int
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second from the start of the snapshot to the commit."""
+        return self.bytes_written / max(self.snapshot_seconds + self.write_seconds, 1e-9)
+
+
+class SaveHandle:
+    """The outcome of one save, for any caller: ``await handle`` on an asyncio or trio loop, ``handle.result()``
+    on a thread. Both return the :class:`SaveResult` once the checkpoint is durable and committed, or raise the
+    save's error (a :class:`~asyncckpt.CheckpointError` naming the path, the storage error as its cause).
+
+    Waiting is optional: a failure nobody waited for is raised by the engine's next call instead (see the docs).
+    Cancelling a wait does not cancel the save.
+    """
+
+    def __init__(self, path: str, runtime: Runtime) -> None:
+        self.path = path
+        self._runtime = runtime
+        self._settled = threading.Event()
+        self._settled_on_loop = anyio.Event()
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
+        self.observed = False  # the error reached a caller (through this handle, wait(), save() or close)
+
+    def done(self) -> bool:
+        """Whether the save has finished, committed or failed."""
+        return self._settled.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The save's failure once it has finished, or None."""
+        return self._error
+
+    def _outcome(self) -> SaveResult:
+        if self._error is not None:
+            self.observed = True
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    async def wait(self) -> SaveResult:
+        """Wait (from any event loop) until the save has finished."""
+        if not self.done():
+            await self._runtime.call_async(self._settled_on_loop.wait)
+        return self._outcome()
+
+    def __await__(self) -> Generator[Any, None, SaveResult]:
+        return self.wait().__await__()
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        """Block the calling thread until the save has finished (``TimeoutError`` after ``timeout`` seconds)."""
+        if not self.done():
+            if self._runtime.in_loop:
+                raise CheckpointError("SaveHandle.result() would block the engine's own loop; await the handle")
+            if not self._settled.wait(timeout):
+                raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
+        return self._outcome()
+
+    async def settled(self) -> None:
+        """Wait on the engine's loop (for work ordered after this save)."""
+        await self._settled_on_loop.wait()
+
+    def settle(self, result: SaveResult | None = None, error: BaseException | None = None) -> None:
+        """Record the outcome (on the engine's loop, exactly once) and wake every waiter."""
+        self._result, self._error = result, error
+        self._settled.set()
+        self._settled_on_loop.set()

@@ -1,0 +1,287 @@
+"""Jobs: the background work of one save on one path, on the engine's loop.
+
+A job is created when ``save`` starts; the feed hands it one filled staging buffer per chunk and each chunk becomes
+a task that writes (and checksums) its bytes, then returns the buffer to the pool. When every chunk is in, the job
+finishes — for a native save, the committer publishes the manifest after any earlier save of the same path has
+finished, so saves of one path commit in the order they were issued. Any failure aborts the job: its files are
+deleted, no manifest is written, and the error is kept on the handle for the caller.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+
+from ..concurrency import Runtime
+from ..errors import CheckpointError, restate
+from ..format.manifest import Manifest, shard_name
+from ..io.contract import Storage
+from ..memory.pool import StagingPool
+from ..snapshot.plan import Chunk, Plan
+from .committer import Committer
+from .handles import SaveHandle, SaveResult
+from .writer import ShardWriter
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a save goes: the storage, its own path, the path as the user wrote it, and the location's key."""
+
+    storage: Storage
+    path: str
+    display: str
+    key: str
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error that ends a save or load."""
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return f"{exc} — free space or save elsewhere; committed checkpoints are untouched"
+    return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+
+
+class Job:
+    """Common part of background work on one path: buffers in, handle out, failure recorded once.
+
+    Buffers acquired for the job but not yet handed over (``in_hand``) belong to it: whatever happens to the
+    caller's thread (an error, a cancellation, Ctrl-C), the job returns them to the pool when it concludes.
+    """
+
+    owns_buffers_until_finish = False
+
+    def __init__(self, runtime: Runtime, pool: StagingPool, target: Target, plan: Plan, previous: "Job | None",
+                 in_flight: Callable[[], set[str]], yield_to_copy: bool = False) -> None:
+        self.runtime, self.pool, self.target, self.plan = runtime, pool, target, plan
+        self.storage, self.path, self.display = target.storage, target.path, target.display
+        self.previous = previous
+        self.in_flight = in_flight  # save ids of this path's saves still running (this one included)
+        self.handle = SaveHandle(target.display, runtime)
+        self.save_id = ""
+        self.error: BaseException | None = None
+        self.snapshot_seconds = 0.0
+        self.in_hand: dict[int, torch.Tensor] = {}
+        self.input_closed = False
+        self._backlog: list[tuple[Chunk, torch.Tensor]] = []
+        self._input_done = anyio.Event()
+        self._ready = anyio.Event()  # start() finished: chunks may be written
+        self._may_write = anyio.Event()  # the snapshot no longer needs the machine to itself (see ``yield_to_copy``)
+        self._waits: set[anyio.CancelScope] = set()
+        if not yield_to_copy:
+            self._may_write.set()
+        self._tg: Any = None
+        self._snapshot_done = time.perf_counter()
+
+    # ------------------------------------------------------------ from the feed (caller's thread)
+
+    def try_acquire(self, nbytes: int) -> torch.Tensor | None:
+        buf = self.pool.try_acquire(nbytes)
+        if buf is not None:
+            self.in_hand[id(buf)] = buf
+        return buf
+
+    # ------------------------------------------------------------ on the loop
+
+    async def acquire(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer for this job, waiting for budget; None once the job has failed (the feed then stops)."""
+        self._may_write.set()  # only writes free memory now
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                buf = await self.pool.acquire(nbytes)
+            finally:
+                self._waits.discard(scope)
+        if scope.cancelled_caught or self.error is not None:
+            return None
+        if self.input_closed:  # the caller gave up waiting: nobody will fill this one
+            self.pool.release(buf)
+            return None
+        self.in_hand[id(buf)] = buf
+        return buf
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            for scope in list(self._waits):
+                scope.cancel()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+    def close_input(self, snapshot_seconds: float) -> None:
+        self.snapshot_seconds = snapshot_seconds
+        self._snapshot_done = time.perf_counter()
+        self.input_closed = True
+        self._input_done.set()
+        self._may_write.set()
+
+    def submit(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Take a filled buffer (ownership passes to the job, which returns it to the pool)."""
+        self.in_hand.pop(id(buf), None)
+        if self.error is not None:
+            self.pool.release(buf)
+            return
+        self.keep(chunk, buf)
+        if self._tg is None:
+            self._backlog.append((chunk, buf))
+            return
+        try:
+            self._tg.start_soon(self._guarded, chunk, buf)
+        except Exception as exc:  # never lose a chunk silently: the save fails instead
+            if not self.owns_buffers_until_finish:
+                self.pool.release(buf)
+            self.fail(exc)
+
+    def write_seconds(self) -> float:
+        """Seconds since the snapshot ended."""
+        return time.perf_counter() - self._snapshot_done
+
+    def keep(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Hold on to a buffer until the job finishes (jobs whose result aliases their buffers)."""
+
+    async def run(self) -> None:
+        """Background body: accept chunks until input closes, then conclude; never raises into the runtime."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for chunk, buf in self._backlog:
+                    tg.start_soon(self._guarded, chunk, buf)
+                self._backlog.clear()
+                try:
+                    await self.start()
+                except Exception as exc:
+                    self.fail(exc)
+                self._ready.set()
+                await self._input_done.wait()
+            with anyio.CancelScope(shield=True):
+                await self._input_done.wait()  # the feed always closes its input; its buffers are ours after
+                await self._conclude()
+        except anyio.get_cancelled_exc_class():
+            if not self.handle.done():
+                self.fail(CheckpointError("the engine was closed before the save was committed"))
+                with anyio.CancelScope(shield=True):
+                    await self._conclude()
+            raise
+
+    async def _conclude(self) -> None:
+        try:
+            for buf in self.in_hand.values():
+                self.pool.release(buf)
+            self.in_hand.clear()
+            if self.error is None:
+                try:
+                    result = await self.finish()
+                except Exception as exc:
+                    self.fail(exc)
+                else:
+                    self.handle.settle(result)
+                    return
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.abort()
+                except Exception:  # cleanup is best effort; the save's own error is what the caller needs
+                    pass
+        finally:
+            if not self.handle.done():
+                error = self.error or CheckpointError("the save ended without a result")
+                self.handle.settle(error=restate(error, f"save to {self.display} failed: {describe(error)}"))
+
+    async def _guarded(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        try:
+            await self._ready.wait()
+            await self._may_write.wait()
+            if chunk.ready is not None:  # CUDA copies of this chunk were queued on the side stream
+                await self.runtime.run_sync(chunk.ready.synchronize)
+            if self.error is None:
+                await self.take(chunk, buf)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            if not self.owns_buffers_until_finish:
+                self.pool.release(buf)
+
+    async def start(self) -> None:
+        """Set up storage for the chunks (runs while the snapshot copies)."""
+
+    async def take(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Write one filled chunk."""
+
+    async def finish(self) -> SaveResult:
+        """Complete the job once every chunk was taken; returns what the handle reports."""
+        raise NotImplementedError
+
+    async def abort(self) -> None:
+        """Undo what the job wrote (the job failed)."""
+
+
+class SaveJob(Job):
+    """Writes a native checkpoint: the shard writer writes the shards, then the committer publishes the manifest."""
+
+    def __init__(self, *args: Any, fsync: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_id = uuid.uuid4().hex[:16]
+        self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
+        files = [shard_name(self.save_id, i) for i in range(len(self.plan.shard_sizes))]
+        self.writer = ShardWriter(self.storage, self.path, files, self.plan.shard_sizes, self.plan.chunk_bytes, fsync)
+        self.committer = Committer(self.storage, self.path, fsync)
+
+    async def start(self) -> None:
+        await self.writer.prepare()
+
+    async def take(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        await self.writer.write(chunk.shard, chunk.offset, buf, chunk.nbytes)
+
+    async def finish(self) -> SaveResult:
+        if self.previous is not None:  # commit after an earlier save of this path, never before
+            await self.previous.handle.settled()
+        tensors, storages, objects = self.plan.records()
+        manifest = Manifest(self.save_id, self.created_ns, tuple(self.writer.results()), tensors, storages, objects,
+                            self.plan.tree)
+        size = await self.committer.commit(manifest, self.in_flight)
+        return SaveResult(self.display, self.plan.total_bytes + size, self.snapshot_seconds, self.write_seconds(),
+                          len(manifest.shards), len(tensors))
+
+    async def abort(self) -> None:
+        if self.committer.publishing:  # the manifest may be out (storage errors can follow a write that took
+            return  # effect): keep the shards it names; if it is not out, the next save of this path sweeps them
+        await self.writer.abort(remove_directory=self.in_flight() <= {self.save_id})
+
+
+class CallJob(Job):
+    """Hands a point-in-time copy of the state to a foreign serializer running in a worker thread."""
+
+    owns_buffers_until_finish = True
+
+    def __init__(self, *args: Any, fn: Callable[[Any], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fn = fn
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.plan.chunks)
+
+    def keep(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        self.buffers[chunk.shard] = buf
+
+    async def finish(self) -> SaveResult:
+        if self.previous is not None:
+            await self.previous.handle.settled()
+        try:
+            copy = self.plan.rebuild(self.buffers)  # type: ignore[arg-type]
+            await self.runtime.run_sync(self.fn, copy)
+        finally:
+            self._release()
+        return SaveResult(self.display, self.plan.total_bytes, self.snapshot_seconds, self.write_seconds(), 0,
+                          len(self.plan.tensors))
+
+    async def abort(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        for i, buf in enumerate(self.buffers):
+            if buf is not None:
+                self.pool.release(buf)
+                self.buffers[i] = None

@@ -1,0 +1,303 @@
+"""The write plan: a walked state laid out into shards (or staging bins) cut into chunks, and the copy of a chunk.
+
+``prepare`` plans a native save (safetensors shards cut into ``chunk_bytes`` chunks); ``prepare_copy`` plans an
+in-memory point-in-time copy handed to another serializer. ``Plan.fill`` copies one chunk's bytes into a staging
+buffer on the caller's thread; the engine drives it chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
+from ..format.manifest import ObjectRecord, Span, StorageRecord, TensorRecord, View, finish_tensor, view_tensor
+from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
+from ..format.tree import decode
+from ..memory.buffers import alias
+from . import devices, xla
+from .walk import Walker, walk_state
+
+
+@dataclass
+class Entry:
+    """One run of bytes written into a shard: a tensor, a shared storage blob, a pickled object or a header."""
+
+    name: str
+    nbytes: int
+    itemsize: int
+    src: torch.Tensor  # uint8 view of the bytes, or the tensor itself when it is not contiguous
+    typed: torch.Tensor | None = None  # the typed tensor, for non-contiguous copies
+    st_dtype: str = "U8"
+    st_shape: tuple[int, ...] = ()
+    shard: int = 0
+    offset: int = 0  # file offset (shard layout) or buffer offset (bin layout)
+    _contig: torch.Tensor | None = None
+
+    @property
+    def span(self) -> Span:
+        return Span(self.shard, self.offset, self.nbytes)
+
+    def copy_into(self, dest: torch.Tensor, start: int, end: int, non_blocking: bool) -> None:
+        """Copy bytes ``[start, end)`` of this entry's contiguous image into ``dest`` (a uint8 view)."""
+        if self.typed is None:
+            dest.copy_(self.src[start:end], non_blocking=non_blocking)
+        elif start == 0 and end == self.nbytes:
+            dest.view(self.typed.dtype).view(self.typed.shape).copy_(self.typed, non_blocking=non_blocking)
+        else:  # a non-contiguous tensor split across chunks: one temporary contiguous copy, kept for its pieces
+            if self._contig is None:
+                self._contig = self.typed.contiguous().reshape(-1).view(torch.uint8)
+            dest.copy_(self._contig[start:end], non_blocking=non_blocking)
+
+
+@dataclass
+class Chunk:
+    """A contiguous byte range of one output (shard file or staging bin), filled from pieces of entries."""
+
+    shard: int
+    offset: int
+    nbytes: int
+    pieces: list[tuple[Entry, int, int, int]] = field(default_factory=list)  # entry, start, end, offset in chunk
+    ready: Any = None  # CUDA event recorded after the chunk's device copies
+
+
+@dataclass
+class TensorInfo:
+    """What the manifest will say of one tensor, before its bytes have a place."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    requires_grad: bool
+    parameter: bool
+    entry: Entry | None = None  # its own bytes
+    view: tuple[int, int, tuple[int, ...]] | None = None  # (storage index, storage offset, stride)
+
+    def record(self) -> TensorRecord:
+        if self.view is not None:
+            base, offset, stride = self.view
+            return TensorRecord(self.dtype, self.shape, self.device, view=View(base, offset, stride),
+                                requires_grad=self.requires_grad, parameter=self.parameter)
+        assert self.entry is not None
+        return TensorRecord(self.dtype, self.shape, self.device, span=self.entry.span,
+                            requires_grad=self.requires_grad, parameter=self.parameter)
+
+
+@dataclass
+class Plan:
+    tree: Any
+    tensors: list[TensorInfo]
+    storages: list[Entry]
+    objects: list[tuple[str, str, Entry]]  # type name, key path, bytes
+    entries: list[Entry]
+    shard_sizes: list[int] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    chunk_bytes: int = 0
+    values: list[Any] = field(default_factory=list)  # copied non-tensor leaves (copy plans only)
+    stream: Any = None  # CUDA side stream, when any source lives on CUDA
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.shard_sizes)
+
+    def records(self) -> tuple[tuple[TensorRecord, ...], tuple[StorageRecord, ...], tuple[ObjectRecord, ...]]:
+        """The manifest records of the laid-out plan."""
+        return (tuple(t.record() for t in self.tensors), tuple(StorageRecord(e.span) for e in self.storages),
+                tuple(ObjectRecord(type_name, key, e.span) for type_name, key, e in self.objects))
+
+    def fill(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Copy ``chunk``'s bytes into ``buf``; runs on the caller's thread."""
+        if self.stream is None:
+            for entry, start, end, at in chunk.pieces:
+                entry.copy_into(buf[at:at + end - start], start, end, False)
+            return
+        with torch.cuda.stream(self.stream):
+            for entry, start, end, at in chunk.pieces:
+                if entry.src.is_cuda:  # keep the caching allocator from reusing the source before we copied it
+                    entry.src.record_stream(self.stream)
+                entry.copy_into(buf[at:at + end - start], start, end, True)
+            chunk.ready = devices.record(self.stream)
+
+    def finish(self) -> None:
+        """Order the caller's later CUDA work after our copies, so in-place updates cannot race them."""
+        if self.stream is not None:
+            devices.fence(self.stream)
+
+    def rebuild(self, buffers: list[torch.Tensor]) -> Any:
+        """The copied state, its tensors aliasing ``buffers`` (one per bin of a copy plan).
+
+        Each tensor (or each group of overlapping views, which share in the original too) gets a storage of its own
+        over its bytes (:func:`alias`), so serializers see exactly the sharing the original state had.
+        """
+        def own(e: Entry) -> torch.Tensor:
+            return alias(buffers[e.shard][e.offset:e.offset + e.nbytes])
+
+        bases = [own(e) for e in self.storages]
+        built: dict[int, torch.Tensor] = {}
+
+        def tensor(i: int) -> torch.Tensor:
+            if i not in built:
+                info = self.tensors[i]
+                r = info.record()
+                view = view_tensor(r, None if info.entry is None else own(info.entry),
+                                   None if info.view is None else bases[info.view[0]])
+                built[i] = finish_tensor(r, view)
+            return built[i]
+
+        return decode(self.tree, tensor, self.values.__getitem__)
+
+
+# ---------------------------------------------------------------- leaves to entries
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    """uint8 view of a contiguous tensor's bytes (as_strided: ``reshape`` keeps odd strides of size-1 dims)."""
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
+
+
+def _overlapping(ts: list[torch.Tensor]) -> bool:
+    spans = []
+    for t in ts:
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + (sum((d - 1) * s for d, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+        spans.append((lo, hi))
+    spans.sort()
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def _tensor_entries(walker: Walker) -> tuple[list[TensorInfo], list[Entry], list[Entry], bool]:
+    """Tensor descriptions and byte entries for the unique views; overlapping views of one storage share a blob."""
+    views = walker.views
+    # XLA: materialise pending work and bring every XLA tensor to host in one batched transfer.
+    xla_at = [i for i, (t, _) in enumerate(views) if xla.is_xla(t)]
+    host: dict[int, torch.Tensor] = {}
+    if xla_at:
+        host = dict(zip(xla_at, xla.to_cpu([views[i][0] for i in xla_at])))
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (t, _) in enumerate(views):
+        if t.numel() and i not in host and not (t.is_conj() or t.is_neg()):  # lazy conj/neg: own resolved bytes
+            groups.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append(i)
+    shared: dict[int, int] = {}  # view index -> storage index
+    storages: list[Entry] = []
+    entries: list[Entry] = []
+    for members in groups.values():
+        if len(members) > 1 and _overlapping([views[i][0] for i in members]):
+            base = views[members[0]][0]
+            st = base.untyped_storage()
+            blob = torch.empty(0, dtype=torch.uint8, device=base.device).set_(st)
+            storages.append(Entry(f"__storage__.{len(storages)}", st.nbytes(), 1, blob, st_shape=(st.nbytes(),)))
+            entries.append(storages[-1])
+            for i in members:
+                shared[i] = len(storages) - 1
+    cuda = False
+    infos: list[TensorInfo] = []
+    for i, (t, path) in enumerate(views):
+        original = t
+        t = host.get(i, t)
+        info = TensorInfo(dtype_name(t.dtype), tuple(t.shape), str(original.device), original.requires_grad,
+                          isinstance(original, torch.nn.Parameter))
+        infos.append(info)
+        cuda = cuda or t.is_cuda
+        if i in shared:
+            info.view = (shared[i], t.storage_offset(), tuple(t.stride()))
+            continue
+        t = t.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        nbytes = t.numel() * t.element_size()
+        st_dtype = SAFETENSORS_DTYPES.get(t.dtype, "U8")
+        info.entry = Entry(path or "<root>", nbytes, t.element_size(), _byte_view(t) if t.is_contiguous() else t,
+                           typed=None if t.is_contiguous() else t, st_dtype=st_dtype,
+                           st_shape=tuple(t.shape) if st_dtype != "U8" or t.dtype == torch.uint8 else (nbytes,))
+        entries.append(info.entry)
+    return infos, storages, entries, cuda
+
+
+def _object_entries(walker: Walker) -> list[tuple[str, str, Entry]]:
+    out = []
+    for obj, path, type_name in walker.objects:
+        data = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else torch.empty(0, dtype=torch.uint8)
+        out.append((type_name, path, Entry(f"__object__.{path or '<root>'}", len(obj), 1, data, st_shape=(len(obj),))))
+    return out
+
+
+# ---------------------------------------------------------------- layouts
+
+SHARD_METADATA = {"format": "pt", "producer": "asyncckpt"}
+
+
+def prepare(state: Any, shard_bytes: int, chunk_bytes: int) -> Plan:
+    """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks."""
+    tree, walker = walk_state(state, pickle_objects=True)
+    tensors, storages, entries, cuda = _tensor_entries(walker)
+    objects = _object_entries(walker)
+    entries += [e for _, _, e in objects]
+    # Largest item size first keeps every tensor aligned inside the 64-byte aligned data section.
+    entries.sort(key=lambda e: -e.itemsize)
+    plan = Plan(tree, tensors, storages, objects, entries, chunk_bytes=chunk_bytes)
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    for index, members in enumerate(shards):
+        header = build_header([HeaderEntry(e.name, e.st_dtype, e.st_shape, e.nbytes) for e in members],
+                              SHARD_METADATA)
+        pos = len(header)
+        for e in members:
+            e.shard, e.offset = index, pos
+            pos += e.nbytes
+        plan.shard_sizes.append(pos)
+        hdr = Entry("__header__", len(header), 1, torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        _cut(plan, index, [hdr, *members], pos, chunk_bytes)
+    if cuda:
+        plan.stream = devices.side_stream()
+    return plan
+
+
+def _cut(plan: Plan, shard: int, ordered: list[Entry], size: int, chunk_bytes: int) -> None:
+    """Split one output of ``size`` bytes, holding ``ordered`` entries back to back, into chunks."""
+    chunks = [Chunk(shard, off, min(chunk_bytes, size - off)) for off in range(0, size, chunk_bytes)]
+    chunks = chunks or [Chunk(shard, 0, 0)]
+    pos = 0
+    for e in ordered:
+        start = pos
+        while start < pos + e.nbytes:
+            c = chunks[start // chunk_bytes]
+            end = min(pos + e.nbytes, c.offset + c.nbytes)
+            c.pieces.append((e, start - pos, end - pos, start - c.offset))
+            start = end
+        pos += e.nbytes
+    plan.chunks.extend(chunks)
+
+
+def prepare_copy(state: Any, chunk_bytes: int) -> Plan:
+    """Plan an in-memory point-in-time copy: tensors packed into staging bins of about ``chunk_bytes``.
+
+    Used when another serializer (a Lightning base CheckpointIO) writes the state: it receives the copy built by
+    :meth:`Plan.rebuild`, whose tensors are views of the staging buffers.
+    """
+    tree, walker = walk_state(state, pickle_objects=False)
+    tensors, storages, entries, cuda = _tensor_entries(walker)
+    plan = Plan(tree, tensors, storages, [], entries, chunk_bytes=chunk_bytes)
+    plan.values = [obj for obj, _, _ in walker.objects]
+    bins: list[Chunk] = []
+    pos = chunk_bytes
+    for e in sorted(entries, key=lambda e: -e.nbytes):
+        pos += -pos % HEADER_ALIGN
+        if pos + e.nbytes > chunk_bytes and pos:
+            bins.append(Chunk(len(bins), 0, 0))
+            pos = 0
+        e.shard, e.offset = bins[-1].shard, pos
+        bins[-1].pieces.append((e, 0, e.nbytes, pos))
+        pos += e.nbytes
+        bins[-1].nbytes = pos
+    plan.chunks = bins
+    plan.shard_sizes = [b.nbytes for b in bins]
+    if cuda:
+        plan.stream = devices.side_stream()
+    return plan

@@ -1,0 +1,167 @@
+"""The state walk: encode a state's structure for the manifest and collect its tensors and other leaves.
+
+Each value is handled by the preparer its type dispatches to: first by exact type (plain values, containers,
+dense tensors), then by kind (modules and optimizers are saved as their ``state_dict()``); anything else is an
+*object*, captured at call time (pickled with ``torch.save`` for the native format, deep-copied for a foreign
+serializer). A type whose values need their own treatment gets its own entry in :data:`EXACT` or :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import sys
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+from ..format.manifest import shape_problem
+from ..format.tree import MAX_DEPTH, encode_float, key_path
+from . import xla
+
+Preparer = Callable[["Walker", Any, str, int], Any]
+
+
+class Walker:
+    """Encodes a state's structure and collects its leaves."""
+
+    def __init__(self, pickle_objects: bool) -> None:
+        self.pickle_objects = pickle_objects
+        self.views: list[tuple[torch.Tensor, str]] = []  # unique tensor views, with the first path naming each
+        self.view_index: dict[tuple[Any, ...], int] = {}
+        self.objects: list[tuple[Any, str, str]] = []  # payload, path, type name
+        self._active: set[int] = set()
+
+    def walk(self, value: Any, path: str = "", depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"the state nests deeper than {MAX_DEPTH} levels at {path or '<root>'}; "
+                                  "flatten it (checkpoints this deep could not be loaded)")
+        prepare = EXACT.get(type(value))
+        if prepare is None:
+            prepare = next((p for kind, p in KINDS if isinstance(value, kind)), object_leaf)
+        return prepare(self, value, path, depth)
+
+    def add_tensor(self, t: torch.Tensor, path: str) -> int:
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor at {path or '<root>'} is on the meta device and has no data to save; "
+                                  "materialise it (e.g. module.to_empty + init) before saving")
+        problem = shape_problem(tuple(t.shape), t.element_size())
+        if problem is not None:
+            raise CheckpointError(f"cannot save the tensor at {path or '<root>'}: {problem}")
+        key: tuple[Any, ...] = (id(t),)
+        if t.numel() and not xla.is_xla(t):  # XLA storages expose no data pointer: such views stay distinct
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                   t.is_conj(), t.is_neg())  # z and z.conj() share every byte but not their values
+        index = self.view_index.get(key)
+        if index is None:
+            index = self.view_index[key] = len(self.views)
+            self.views.append((t, path))
+        return index
+
+    def add_object(self, obj: Any, path: str) -> int:
+        type_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if self.pickle_objects:
+            buf = io.BytesIO()
+            try:
+                torch.save(obj, buf)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"cannot save the {type_name} at {path or '<root>'}: it is not picklable ({exc}); convert it to "
+                    "plain data or a tensor first") from exc
+            self.objects.append((bytearray(buf.getbuffer()), path, type_name))
+        else:
+            self.objects.append((copy.deepcopy(obj), path, ""))
+        return len(self.objects) - 1
+
+    def enter(self, value: Any, path: str) -> None:
+        if id(value) in self._active:
+            raise CheckpointError(f"the state refers to itself at {path or '<root>'}; cyclic states cannot be saved")
+        self._active.add(id(value))
+
+    def leave(self, value: Any) -> None:
+        self._active.discard(id(value))
+
+
+# ---------------------------------------------------------------- preparers
+
+def plain(w: Walker, value: Any, path: str, depth: int) -> Any:
+    return value
+
+
+def integer(w: Walker, value: int, path: str, depth: int) -> Any:
+    # JSON readers refuse integers of more digits than Python's conversion limit: store those pickled
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)() or 4300
+    if value.bit_length() > 3 * limit:
+        return object_leaf(w, value, path, depth)
+    return value
+
+
+def floating(w: Walker, value: float, path: str, depth: int) -> Any:
+    return encode_float(value)
+
+
+def tensor(w: Walker, value: torch.Tensor, path: str, depth: int) -> Any:
+    if value.layout is torch.strided and not value.is_quantized and not value.is_nested:
+        return {"tensor": w.add_tensor(value, path)}
+    return object_leaf(w, value, path, depth)
+
+
+def sequence(w: Walker, value: list[Any] | tuple[Any, ...], path: str, depth: int) -> Any:
+    w.enter(value, path)
+    try:
+        items = []
+        for i, v in enumerate(value):
+            items.append(w.walk(v, f"{path}.{i}" if path else str(i), depth + 1))
+        return {"list" if type(value) is list else "tuple": items}
+    finally:
+        w.leave(value)
+
+
+def mapping(w: Walker, value: dict[Any, Any], path: str, depth: int) -> Any:
+    w.enter(value, path)
+    try:
+        pairs = []
+        for k, v in value.items():
+            pairs.append([w.walk(k, f"{path}.<key>", depth + 1), w.walk(v, key_path(path, k), depth + 1)])
+        if type(value) is dict:
+            return {"dict": pairs}
+        node: dict[str, Any] = {"odict": pairs}
+        metadata = getattr(value, "_metadata", None)  # state_dict() versions, read by load_state_dict
+        if metadata is not None:
+            node["metadata"] = w.walk(metadata, f"{path}._metadata", depth + 1)
+        return node
+    finally:
+        w.leave(value)
+
+
+def stateful(w: Walker, value: torch.nn.Module | torch.optim.Optimizer, path: str, depth: int) -> Any:
+    return w.walk(value.state_dict(), path, depth)
+
+
+def object_leaf(w: Walker, value: Any, path: str, depth: int) -> Any:
+    return {"object": w.add_object(value, path)}
+
+
+#: preparers by exact type; subclasses (an ``Enum`` of ``str``, a tensor subclass) are not these types.
+EXACT: dict[type, Preparer] = {
+    type(None): plain, bool: plain, str: plain, int: integer, float: floating,
+    torch.Tensor: tensor, torch.nn.Parameter: tensor,
+    list: sequence, tuple: sequence, dict: mapping, OrderedDict: mapping,
+}
+
+#: preparers by kind, tried in order for types not in :data:`EXACT`.
+KINDS: list[tuple[type, Preparer]] = [(torch.nn.Module, stateful), (torch.optim.Optimizer, stateful)]
+
+
+def walk_state(state: Any, pickle_objects: bool) -> tuple[Any, Walker]:
+    """The encoded structure of ``state`` and the walker holding its leaves."""
+    walker = Walker(pickle_objects)
+    try:
+        tree = walker.walk(state)
+    except RecursionError:
+        raise CheckpointError(f"the state nests too deeply for Python to walk (at most {MAX_DEPTH} levels can be "
+                              "saved); flatten it") from None
+    return tree, walker

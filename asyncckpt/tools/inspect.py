@@ -1,0 +1,127 @@
+"""What a checkpoint holds (from its manifest alone) and whether it is intact (every byte read and checked)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..core import EngineCore
+from ..errors import CheckpointError
+from ..format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, is_temporary
+from ..format.tree import Ref, leaves, structure
+from ..load.manifest import read_manifest
+from ..load.verify import verify_shards
+from .convert import run, tensor_shard
+from .progress import Progress, progress_bar
+
+
+def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON-able summary of a validated manifest: entries by key path, shards and totals."""
+    shard_of = [tensor_shard(manifest, i) for i in range(len(manifest.tensors))]
+    tensors, objects, values, first = [], [], [], {}
+    tree = structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
+    for key, leaf in leaves(tree):
+        key = key or "<root>"
+        if isinstance(leaf, Ref) and leaf.kind == "tensor":
+            r = manifest.tensors[leaf.index]
+            entry: dict[str, Any] = {"key": key, "dtype": r.dtype, "shape": list(r.shape), "nbytes": r.logical_bytes,
+                                     "shard": shard_of[leaf.index], "device": r.device}
+            if r.view is not None:
+                entry["view_of_storage"] = r.view.base
+            if r.parameter:
+                entry["parameter"] = True
+            if r.requires_grad:
+                entry["requires_grad"] = True
+            if first.setdefault(leaf.index, key) != key:
+                entry["alias_of"] = first[leaf.index]
+            tensors.append(entry)
+        elif isinstance(leaf, Ref):
+            o = manifest.objects[leaf.index]
+            objects.append({"key": key, "type": o.type, "nbytes": o.span.nbytes, "shard": o.span.shard})
+        elif isinstance(leaf, float) and not math.isfinite(leaf):
+            values.append({"key": key, "type": "float", "value": repr(leaf)})  # JSON has no nan or inf
+        else:
+            kind = "None" if leaf is None else "odict" if isinstance(leaf, OrderedDict) else type(leaf).__name__
+            values.append({"key": key, "type": kind, "value": leaf})
+    shards = [{"index": i, "file": s.file, "nbytes": s.nbytes, "tensors": shard_of.count(i),
+               "objects": sum(1 for o in manifest.objects if o.span.shard == i)}
+              for i, s in enumerate(manifest.shards)]
+    created = manifest.created_ns
+    return {
+        "path": display, "format": "asyncckpt", "version": 1, "producer": manifest.producer or None,
+        "torch": manifest.torch_version or None, "save_id": manifest.save_id or None, "created_ns": created,
+        "created": datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tensors": tensors, "objects": objects, "values": values, "shards": shards,
+        "totals": {"tensors": len(manifest.tensors),
+                   "tensor_bytes": sum(r.span.nbytes for r in (*manifest.tensors, *manifest.storages)
+                                       if r.span is not None),
+                   "objects": len(manifest.objects), "object_bytes": sum(o.span.nbytes for o in manifest.objects),
+                   "values": len(values), "shards": len(shards), "shard_bytes": manifest.total_bytes,
+                   "manifest_bytes": manifest_bytes},
+    }
+
+
+def inspect(path: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`describe` of the committed checkpoint at ``path`` (reads its manifest only)."""
+    async def job(core: EngineCore) -> dict[str, Any]:
+        target = await core.open_target(path, None)
+        manifest = await read_manifest(target.storage, target.path, target.display)
+        size = await target.storage.size(target.storage.join(target.path, MANIFEST_NAME))
+        return describe(manifest, target.display, size)
+
+    return run(storage_options, job)
+
+
+@dataclass
+class Verification:
+    """What :func:`verify` found: ``problems`` (the checkpoint is damaged) and ``warnings`` (harmless debris)."""
+
+    path: str
+    shards: int = 0
+    nbytes: int = 0
+    checksums: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurrency: int = 8,
+           progress: Progress | None = None) -> Verification:
+    """Read every shard of the checkpoint at ``path``, check each chunk's checksum and that the manifest, the
+    shards' safetensors headers and the files agree. A checkpoint that cannot be read at all raises."""
+    t0 = time.perf_counter()
+
+    async def job(core: EngineCore) -> Verification:
+        target = await core.open_target(path, None)
+        manifest = await read_manifest(target.storage, target.path, target.display)
+        found = Verification(target.display, len(manifest.shards), manifest.total_bytes,
+                             sum(len(s.xxh3_64) for s in manifest.shards))
+        try:
+            structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
+        except CheckpointError as exc:
+            found.problems.append(f"{target.display}: {exc}")
+        bar = progress_bar(progress, "verify", manifest.total_bytes)
+        try:
+            found.problems += await verify_shards(target.storage, target.path, target.display, manifest, bar.update)
+        finally:
+            bar.close()
+        listed = {s.file for s in manifest.shards}
+        for name in sorted(await target.storage.list(target.path)):
+            if SHARD_RE.match(name) and name not in listed:
+                found.warnings.append(f"stray shard file {name} (left by an interrupted save; the next save to this "
+                                      "path removes it)")
+            elif is_temporary(name):
+                found.warnings.append(f"stray temporary file {name} (left by an interrupted commit)")
+        return found
+
+    result: Verification = run(storage_options, job, concurrency)
+    result.seconds = time.perf_counter() - t0
+    return result
