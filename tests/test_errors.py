@@ -1,0 +1,122 @@
+"""Errors keep their identity across the background boundary; limits match on both sides; closed engines say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt import CheckpointError
+from asyncckpt.io import register, unregister
+from asyncckpt.io.local import LocalStorage
+
+
+class QuotaError(CheckpointError):
+    """A backend's own error whose constructor takes more than a message."""
+
+    def __init__(self, volume: str, used: int) -> None:
+        super().__init__(f"quota exceeded on {volume} ({used} bytes used)")
+        self.volume, self.used = volume, used
+
+
+class QuotaStorage(LocalStorage):
+    """Local disk that refuses every new shard with a QuotaError."""
+
+    @classmethod
+    def create(cls, protocol, storage_options, io):
+        return cls(io)
+
+    def strip(self, url: str) -> str:
+        return super().strip(url.removeprefix("quota://"))
+
+    async def open_sink(self, path, nbytes, fsync, chunk_bytes):
+        raise QuotaError("/vol0", 123)
+
+
+@pytest.fixture
+def quota():
+    register("quota", QuotaStorage)
+    yield
+    unregister("quota")
+
+
+async def test_background_error_keeps_its_type_attributes_and_cause(quota, tmp_path):
+    async with asyncckpt.CheckpointEngine() as engine:
+        handle = await engine.save({"w": torch.ones(8)}, f"quota://{tmp_path}/ck")
+        with pytest.raises(QuotaError) as caught:
+            await handle
+        assert handle.done()
+    error = caught.value
+    assert f"save to quota://{tmp_path}/ck failed" in str(error) and "quota exceeded on /vol0" in str(error)
+    assert (error.volume, error.used) == ("/vol0", 123)
+    assert isinstance(error.__cause__, QuotaError) and error.__cause__ is not error
+    assert not (tmp_path / "ck").exists()
+
+
+def test_background_error_reaches_a_sync_waiter_too(quota, tmp_path):
+    with asyncckpt.SyncEngine() as engine:
+        handle = engine.save({"w": torch.ones(8)}, f"quota://{tmp_path}/ck")
+        with pytest.raises(QuotaError, match="quota exceeded"):
+            handle.result(timeout=30)
+        engine.wait()  # already observed: not raised again
+
+
+def nest(depth: int) -> list:
+    node: list = [1]
+    for _ in range(depth - 1):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("depth", [250, 300])
+def test_nesting_limit_is_the_same_on_save_and_load(tmp_path, depth):
+    with asyncckpt.SyncEngine() as engine:
+        if depth > 256:
+            with pytest.raises(CheckpointError, match="nests deeper than 256 levels"):
+                engine.save({"deep": nest(depth)}, tmp_path / "ck")
+            assert not (tmp_path / "ck").exists(), "nothing is written for a state that could not load"
+        else:
+            engine.save({"deep": nest(depth)}, tmp_path / "ck").result()
+            assert engine.load(tmp_path / "ck") == {"deep": nest(depth)}
+
+
+def test_closed_sync_engine_raises_checkpoint_error_everywhere(tmp_path):
+    engine = asyncckpt.SyncEngine()
+    engine.save({"w": torch.ones(2)}, tmp_path / "ck").result()
+    engine.close()
+    engine.close()  # idempotent
+    calls = {
+        "save": lambda: engine.save({"w": torch.ones(2)}, tmp_path / "x"),
+        "save_with": lambda: engine.save_with({"w": torch.ones(2)}, lambda c: None, tmp_path / "y"),
+        "load": lambda: engine.load(tmp_path / "ck"), "remove": lambda: engine.remove(tmp_path / "ck"),
+        "wait": engine.wait, "wait_for": lambda: engine.wait_for(tmp_path / "ck"), "check": engine.check,
+        "latest": lambda: engine.latest(tmp_path), "committed": lambda: engine.committed(tmp_path),
+        "run": lambda: engine.run(lambda: None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(CheckpointError, match="closed"):
+            call()
+    assert (tmp_path / "ck" / "manifest.json").exists()
+
+
+async def test_closed_async_engine_raises_checkpoint_error(tmp_path):
+    engine = asyncckpt.CheckpointEngine()
+    with pytest.raises(CheckpointError, match="not running"):
+        await engine.save({"w": torch.ones(2)}, tmp_path / "x")
+    async with engine:
+        await (await engine.save({"w": torch.ones(2)}, tmp_path / "ck"))
+    for call in (lambda: engine.save({"w": torch.ones(2)}, tmp_path / "x"), lambda: engine.load(tmp_path / "ck"),
+                 lambda: engine.remove(tmp_path / "ck"), engine.wait):
+        with pytest.raises(CheckpointError, match="closed"):
+            await call()
+
+
+def test_public_names_live_at_the_package_root():
+    for name in asyncckpt.__all__:
+        assert getattr(asyncckpt, name) is not None, name
+    for name in ("S3Error", "StorageError", "RetryPolicy", "EngineOptions", "InvalidArgumentError", "SaveHandle",
+                 "SaveResult", "SyncHandle", "Manifest", "verify", "to_torch_file"):
+        assert name in asyncckpt.__all__, name
+    assert issubclass(asyncckpt.S3Error, asyncckpt.StorageError) and issubclass(asyncckpt.StorageError,
+                                                                             CheckpointError)
+    assert asyncckpt.RetryPolicy(attempts=3).attempts == 3
