@@ -9,11 +9,16 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``s3 ...`` runs the object-store benchmark (benchmarks/s3.py); anything else the main harness."""
+    """``s3 ...`` runs the object-store benchmark (benchmarks/s3.py), ``faces ...`` the two engines in a training
+    loop (benchmarks/faces.py); anything else the main harness."""
     if argv and argv[0] == "s3":
         from .s3 import main as s3_main
 
         return s3_main(argv[1:])
+    if argv and argv[0] == "faces":
+        from .faces import main as faces_main
+
+        return faces_main(argv[1:])
     from .cli import main as _main
 
     return _main(argv)

@@ -318,6 +318,16 @@ class OursNative(Contender):
                 "options": getattr(self, "options", {})}
 
 
+class OursOverlap(OursNative):
+    """The engine with ``overlap_writes=True``: writes start while the snapshot still copies."""
+
+    name = "asyncckpt-overlap"
+    label = "asyncckpt, overlap_writes=True"
+
+    def engine_options(self, workload: Any) -> dict[str, Any]:
+        return {"overlap_writes": True}
+
+
 class OursBudget(OursNative):
     """The engine held to a host staging budget of 25% of the state's tensor bytes."""
 
@@ -343,8 +353,8 @@ class OursBudget(OursNative):
 
 
 CONTENDERS: dict[str, type[Contender]] = {c.name: c for c in (
-    TorchSave, LightningAsync, DCPAsync, TorchSnapshot, OursNative, OursLightning,
+    TorchSave, LightningAsync, DCPAsync, TorchSnapshot, OursNative, OursOverlap, OursLightning,
     OursLightningNative, OursBudget)}
 
 PEERS = ("torch.save", "lightning-async", "dcp-async", "torchsnapshot")
-OURS = ("asyncckpt", "asyncckpt-lightning", "asyncckpt-lightning-native", "asyncckpt-budget")
+OURS = ("asyncckpt", "asyncckpt-overlap", "asyncckpt-lightning", "asyncckpt-lightning-native", "asyncckpt-budget")
