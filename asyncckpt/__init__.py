@@ -12,6 +12,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .format.manifest import Manifest
+from .manager import CheckpointManager, SyncCheckpointManager
 from .options import EngineOptions, RetryPolicy
 from .pipeline.handles import SaveHandle, SaveResult
 from .sync_engine import SyncEngine, SyncHandle
@@ -20,8 +21,9 @@ from .tools.inspect import Verification, verify
 from .version import __version__
 
 __all__ = [
-    "CheckpointEngine", "CheckpointError", "CorruptCheckpointError", "EngineOptions", "IncompleteCheckpointError",
-    "InvalidArgumentError", "Manifest", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",
-    "SyncEngine", "SyncHandle", "UnsafeCheckpointError", "Conversion", "Verification", "__version__", "committed",
-    "from_torch_file", "latest", "to_safetensors", "to_torch_file", "verify",
+    "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
+    "EngineOptions", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest", "RetryPolicy", "S3Error",
+    "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager", "SyncEngine", "SyncHandle",
+    "UnsafeCheckpointError", "Verification", "__version__", "committed", "from_torch_file", "latest",
+    "to_safetensors", "to_torch_file", "verify",
 ]

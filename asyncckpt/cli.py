@@ -101,7 +101,8 @@ def _print_description(info: dict[str, Any]) -> None:
         rows += [[_fit(o["key"]), o["type"], f"pickled, {human_bytes(o['nbytes'])}", o["shard"]]
                  for o in info["objects"]]
         out += ["", *_table(["OTHER ENTRY", "TYPE", "VALUE", "SHARD"], rows, right=(3,))]
-    rows = [[s["index"], s["file"], human_bytes(s["nbytes"]), s["tensors"], s["objects"]] for s in info["shards"]]
+    rows = [[s["index"], s["file"] if s["in"] is None else f"{s['in']}/{s['file']} (referenced)",
+             human_bytes(s["nbytes"]), s["tensors"], s["objects"]] for s in info["shards"]]
     out += ["", *_table(["SHARD", "FILE", "SIZE", "TENSORS", "OBJECTS"], rows, right=(0, 2, 3, 4)), "",
             f"total: {_count(t['tensors'], 'tensor')} ({human_bytes(t['tensor_bytes'])}), "
             f"{_count(t['objects'], 'pickled object')} ({human_bytes(t['object_bytes'])}), "

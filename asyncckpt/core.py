@@ -17,20 +17,23 @@ from typing import Any, Mapping
 import anyio
 
 from .concurrency import IoRunner, Runtime
-from .errors import CheckpointError
-from .format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, is_temporary, parse
+from .errors import CheckpointError, InvalidArgumentError
+from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, Manifest, is_temporary,
+                              parse)
 from .io.contract import Storage
 from .io.paths import is_local, protocol_of, to_url
 from .io.registry import resolve
 from .load import catalog
 from .load.apply import apply_in_place
 from .load.in_place import read_into_state
-from .load.manifest import MAX_MANIFEST_BYTES, read_manifest
+from .load.manifest import read_manifest
 from .load.reads import Span, read_shards, shard_span
 from .load.rebuild import MapLocation, build_state
 from .memory.pool import StagingPool
 from .options import EngineOptions
+from .pipeline.committer import references
 from .pipeline.jobs import Job, Target, describe
+from .snapshot.incremental import Base, VersionMemo
 from .snapshot.plan import Plan
 
 log = logging.getLogger("asyncckpt")
@@ -53,6 +56,7 @@ class EngineCore:
         self._jobs: list[Job] = []
         self._storages: dict[str, Storage] = {}
         self._closed = False
+        self.memo = VersionMemo()  # digests by tensor location and version, for trust_versions
         self.runtime.at_exit(self.close)
 
     # ------------------------------------------------------------ state
@@ -105,6 +109,21 @@ class EngineCore:
         """The target of ``path``, from any event loop."""
         return self.cached_target(path, storage_options) or await self.runtime.call_async(
             self.open_target, path, storage_options)
+
+    async def open_base(self, target: Target, base: Any) -> Base:
+        """*(loop)* The checkpoint an incremental save of ``target`` builds on: a committed sibling of it."""
+        found = await self.open_target(base, None)
+        storage = target.storage
+        if found.storage is not storage or storage.split(found.path)[0] != storage.split(target.path)[0]:
+            raise InvalidArgumentError(f"the base of an incremental save must be a checkpoint next to it (the same "
+                                       f"parent directory): {found.display} is not next to {target.display}")
+        if found.key == target.key:
+            raise InvalidArgumentError(f"{target.display} cannot be its own base; save to a new path")
+        manifest = await read_manifest(storage, found.path, found.display)
+        if not any(t.digest for t in manifest.tensors):
+            log.warning("%s records no tensor digests (it was not saved for incremental use): %s is written whole",
+                        found.display, target.display)
+        return Base.of(storage.split(found.path)[1], manifest)
 
     # ------------------------------------------------------------ saves
 
@@ -209,7 +228,13 @@ class EngineCore:
         if kind is None:
             return
         names = await storage.list(path) if kind == "dir" else []
-        ours = [n for n in names if SHARD_RE.match(n) or is_temporary(n)]
+        children = await references(storage, path, names)
+        if children:
+            raise CheckpointError(
+                f"refusing to remove {display}: {', '.join(sorted(children))} hold references to its shards "
+                "(incremental saves built on it); remove those first (a CheckpointManager does this for you)")
+        ours = [n for n in names if SHARD_RE.match(n) or is_temporary(n) or n.startswith(REF_PREFIX)]
+        bases: set[str] = set()
         if MANIFEST_NAME in names and not ours:  # a lone manifest.json: delete it only if it is an asyncckpt one
             try:
                 parse(await storage.read_bytes(storage.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES), display)
@@ -219,11 +244,19 @@ class EngineCore:
         if kind == "file" or (names and not ours and MANIFEST_NAME not in names):
             raise CheckpointError(f"refusing to remove {display}: it is not an asyncckpt checkpoint")
         if MANIFEST_NAME in names:
+            try:
+                raw = await storage.read_bytes(storage.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+                bases = parse(raw, display).bases
+            except CheckpointError:
+                bases = set()
             await storage.remove(storage.join(path, MANIFEST_NAME))
             await storage.sync_dir(path)
         for name in ours:
             await storage.remove(storage.join(path, name))
         await storage.remove_dir(path)
+        parent, me = storage.split(path)
+        for base in bases:  # the checkpoints it built on no longer need to keep shards for it
+            await storage.remove(storage.join(parent, base, REF_PREFIX + me))
 
     async def committed(self, target: Target) -> list[tuple[str, Manifest]]:
         """*(loop)* ``(path, manifest)`` of the committed checkpoints directly under ``target``, oldest first."""

@@ -7,6 +7,7 @@ engine's own runtime: they progress even if the caller's loop never yields. Work
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from typing import Any, Callable, Mapping
@@ -14,13 +15,14 @@ from typing import Any, Callable, Mapping
 import anyio
 
 from .core import EngineCore
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError
 from .load.rebuild import check_map_location
 from .memory.pool import StagingPool
 from .options import EngineOptions
 from .pipeline.feed import drive_async, feed
 from .pipeline.handles import SaveHandle
 from .pipeline.jobs import CallJob, Job, SaveJob
+from .snapshot.incremental import Base
 from .snapshot.plan import Plan, prepare, prepare_copy
 
 MiB = 1 << 20
@@ -79,8 +81,24 @@ class EngineBase:
         weakref.finalize(self, core.dropped, type(self).__name__).atexit = False  # the runtime flushes at exit
         return core
 
-    def _plan(self, state: Any) -> Plan:
-        return prepare(state, self.options.shard_bytes, self.options.chunk_bytes)
+    def _plan(self, state: Any, base: Base | None = None, digests: bool = False, trust_versions: bool = False
+              ) -> Plan:
+        return prepare(state, self.options.shard_bytes, self.options.chunk_bytes, digests=digests or base is not None,
+                       base=base, memo=self.core.memo if trust_versions else None)
+
+    @staticmethod
+    def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The caller's manifest metadata, checked: a JSON object of at most 1 MiB."""
+        if metadata is None:
+            return None
+        try:
+            text = json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"metadata must be JSON (dicts, lists, strings, finite numbers): {exc}") \
+                from None
+        if not isinstance(metadata, Mapping) or len(text) > 1 << 20:
+            raise InvalidArgumentError("metadata must be a dict whose JSON takes at most 1 MiB")
+        return json.loads(text)
 
     def _plan_copy(self, state: Any) -> Plan:
         plan = prepare_copy(state, self.options.chunk_bytes)
@@ -129,11 +147,23 @@ class CheckpointEngine(EngineBase):
         await drive_async(feed(job, t0), lambda n: self.core.runtime.call_async(job.acquire, n))
         return job.handle
 
-    async def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> SaveHandle:
+    async def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None,
+                   base: Any = None, metadata: Mapping[str, Any] | None = None, digests: bool = False,
+                   trust_versions: bool = False) -> SaveHandle:
         """Snapshot ``state`` now and write it to ``path`` in the background.
 
         Returns once every byte is copied into staging memory: the caller may then change any tensor. Await the
         returned handle for the :class:`SaveResult` (the checkpoint is then durable and committed).
+
+        Args:
+            base: an incremental save: a committed checkpoint next to ``path`` (same parent directory) whose bytes
+                are referenced, not written again, for every tensor whose bytes it already holds under the same key.
+            metadata: a JSON object stored in the manifest (``Manifest.metadata``).
+            digests: record each tensor's xxh3-64 so later saves can use this one as their ``base`` (implied by
+                ``base``).
+            trust_versions: skip hashing (and copying) a tensor whose storage and ``_version`` are those this engine
+                saw when it last hashed it; writes through ``.data`` are invisible to this, so trust frozen tensors
+                only.
 
         Raises:
             CheckpointError: the state cannot be saved (an unpicklable value, a meta tensor, a cycle), or an
@@ -141,11 +171,13 @@ class CheckpointEngine(EngineBase):
         """
         core = self.core
         core.raise_unobserved()
+        info = self._metadata(metadata)
         async with self._snapshot_lock:
             t0 = time.perf_counter()
-            plan = self._plan(state)
             target = await core.target_async(path, storage_options)
-            return await self._feed(core.begin(SaveJob, target, plan, fsync=self.options.fsync), t0)
+            found = None if base is None else await core.runtime.call_async(core.open_base, target, base)
+            plan = self._plan(state, found, digests, trust_versions)
+            return await self._feed(core.begin(SaveJob, target, plan, fsync=self.options.fsync, metadata=info), t0)
 
     async def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` now, then call ``fn(copy)`` in a worker thread, ordered as a save of ``path``.

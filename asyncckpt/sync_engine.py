@@ -19,7 +19,7 @@ from .engine import EngineBase
 from .load.rebuild import check_map_location
 from .pipeline.feed import drive, feed
 from .pipeline.handles import SaveHandle
-from .pipeline.jobs import CallJob, Job, SaveJob
+from .pipeline.jobs import CallJob, Job, SaveJob, Target
 from .snapshot.plan import Plan
 
 T = TypeVar("T")
@@ -54,14 +54,14 @@ class SyncEngine(EngineBase):
 
     # ------------------------------------------------------------ saves
 
-    def _save(self, plan: Callable[[], Plan], path: Any, storage_options: Mapping[str, Any] | None,
+    def _save(self, plan: Callable[[Target], Plan], path: Any, storage_options: Mapping[str, Any] | None,
               job_type: type[Job], **extra: Any) -> SaveHandle:
         core = self.core
         core.raise_unobserved()
         with self._lock, DeferredInterrupt() as interrupts:
             t0 = time.perf_counter()
             target = core.target(path, storage_options)
-            job = core.begin(job_type, target, plan(), **extra)
+            job = core.begin(job_type, target, plan(target), **extra)
             drive(feed(job, t0, interrupts.check), lambda n: self._wait_for_buffer(job, n, interrupts))
         return job.handle
 
@@ -77,15 +77,23 @@ class SyncEngine(EngineBase):
             future.cancel()  # a buffer it still gets goes back to the pool (the job owns it)
             raise
 
-    def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> SaveHandle:
+    def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None, base: Any = None,
+             metadata: Mapping[str, Any] | None = None, digests: bool = False,
+             trust_versions: bool = False) -> SaveHandle:
         """Snapshot ``state`` on this thread and write it to ``path`` in the background; returns after the
-        snapshot. ``handle.result()`` waits for the commit (see :meth:`CheckpointEngine.save`)."""
-        return self._save(lambda: self._plan(state), path, storage_options, SaveJob, fsync=self.options.fsync)
+        snapshot. ``handle.result()`` waits for the commit. The options are :meth:`CheckpointEngine.save`'s."""
+        info = self._metadata(metadata)
+
+        def plan(target: Target) -> Plan:
+            found = None if base is None else self.core.runtime.call(self.core.open_base, target, base)
+            return self._plan(state, found, digests, trust_versions)
+
+        return self._save(plan, path, storage_options, SaveJob, fsync=self.options.fsync, metadata=info)
 
     def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` on this thread, then run ``fn(copy)`` in the pipeline, ordered as a save of ``path``
         (see :meth:`CheckpointEngine.save_with`)."""
-        return self._save(lambda: self._plan_copy(state), path, None, CallJob, fn=fn)
+        return self._save(lambda target: self._plan_copy(state), path, None, CallJob, fn=fn)
 
     # ------------------------------------------------------------ everything else
 

@@ -21,10 +21,15 @@ from ..version import __version__
 from .dtypes import DTYPES
 
 FORMAT = "asyncckpt"
-VERSION = 1
+VERSION = 1  # written unless a feature of a later version is used
+REFERENCES_VERSION = 2  # shards held by another checkpoint (incremental saves)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TEMP_INFIX = ".tmp-"  # a manifest being written is ``manifest.json.tmp-<random>``
 SHARD_RE = re.compile(r"^shard-[0-9a-f]{16}-[0-9]{5}\.safetensors$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,254}$")  # a sibling checkpoint a shard may live in
+MAX_MANIFEST_BYTES = 1 << 30  # far beyond any real manifest (a million tensors): a larger file is not ours
+REF_PREFIX = ".ref-"  # ``.ref-<child>`` in a checkpoint: ``<child>`` holds references to its shards
 MAX_DIMS = 64
 MAX_INDEX = 1 << 62  # sizes, strides and offsets beyond this overflow torch's int64 arithmetic
 DIGEST = "manifest_xxh3_64"  # last member: xxh3-64 of the compact JSON of all the others, in their order
@@ -66,6 +71,7 @@ class ShardRecord:
     nbytes: int
     chunk_bytes: int
     xxh3_64: tuple[str, ...]
+    base: str | None = None  # the sibling checkpoint directory holding the file (incremental saves); None: this one
 
     def chunks(self) -> Iterator[tuple[int, int, int]]:
         """``(index, offset, nbytes)`` of every checksummed chunk."""
@@ -73,8 +79,11 @@ class ShardRecord:
             yield k, offset, min(self.chunk_bytes, self.nbytes - offset)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "nbytes": self.nbytes, "chunk_bytes": self.chunk_bytes,
-                "xxh3_64": list(self.xxh3_64)}
+        out: dict[str, Any] = {"file": self.file, "nbytes": self.nbytes, "chunk_bytes": self.chunk_bytes,
+                               "xxh3_64": list(self.xxh3_64)}
+        if self.base is not None:
+            out["in"] = self.base
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +106,7 @@ class TensorRecord:
     view: View | None = None
     requires_grad: bool = False
     parameter: bool = False
+    digest: str | None = None  # xxh3-64 of the tensor's own bytes, where recorded (saves others may build on)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -112,6 +122,8 @@ class TensorRecord:
             out["requires_grad"] = True
         if self.parameter:
             out["parameter"] = True
+        if self.digest is not None:
+            out["xxh3_64"] = self.digest
         if self.view is not None:
             out.update(base=self.view.base, storage_offset=self.view.storage_offset, stride=list(self.view.stride))
         else:
@@ -155,6 +167,13 @@ class Manifest:
     tree: Any
     producer: str = f"asyncckpt {__version__}"
     torch_version: str = field(default_factory=lambda: torch.__version__)
+    metadata: dict[str, Any] | None = None  # the caller's JSON data (the manager's step and metrics)
+    chain: int = 0  # incremental saves since the last full one (0: this one holds all its bytes)
+
+    @property
+    def bases(self) -> set[str]:
+        """The sibling checkpoints this one holds references into."""
+        return {s.base for s in self.shards if s.base is not None}
 
     @property
     def total_bytes(self) -> int:
@@ -168,13 +187,18 @@ class Manifest:
 
     def seal(self) -> bytes:
         """The manifest's bytes (see :func:`seal`)."""
-        return seal({
-            "format": FORMAT, "version": VERSION, "producer": self.producer, "torch": self.torch_version,
-            "save_id": self.save_id, "created_ns": self.created_ns,
+        doc: dict[str, Any] = {
+            "format": FORMAT, "version": REFERENCES_VERSION if self.bases else VERSION, "producer": self.producer,
+            "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,
             "shards": [s.to_json() for s in self.shards], "tensors": [t.to_json() for t in self.tensors],
             "storages": [s.to_json() for s in self.storages], "objects": [o.to_json() for o in self.objects],
             "tree": self.tree,
-        })
+        }
+        if self.metadata is not None:
+            doc["metadata"] = self.metadata
+        if self.chain:
+            doc["chain"] = self.chain
+        return seal(doc)
 
 
 # ---------------------------------------------------------------- building tensors from records
@@ -286,7 +310,10 @@ def _shard(s: Any) -> ShardRecord:
     sums = s.get("xxh3_64")
     _expect(isinstance(sums, list) and len(sums) == -(-s["nbytes"] // s["chunk_bytes"])
             and all(isinstance(h, str) and len(h) == 16 for h in sums), f"shard {s['file']} has bad checksums")
-    return ShardRecord(s["file"], s["nbytes"], s["chunk_bytes"], tuple(sums))
+    base = s.get("in")
+    _expect(base is None or (isinstance(base, str) and NAME_RE.match(base) is not None and ".." not in base),
+            f"shard {s['file']} names a checkpoint outside the parent directory: {str(base)[:80]!r}")
+    return ShardRecord(s["file"], s["nbytes"], s["chunk_bytes"], tuple(sums), base)
 
 
 def shape_problem(shape: Any, itemsize: int) -> str | None:
@@ -311,6 +338,8 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
     _expect(isinstance(t.get("device"), str) and len(t["device"]) < 64 and _is_device(t["device"]),
             f"{what} has a bad device")
     requires_grad, parameter = t.get("requires_grad", False), t.get("parameter", False)
+    digest = t.get("xxh3_64")
+    _expect(digest is None or (isinstance(digest, str) and len(digest) == 16), f"{what} has a bad digest")
     _expect(isinstance(requires_grad, bool) and isinstance(parameter, bool), f"{what} has bad flags")
     _expect(not (requires_grad or parameter) or dtype.is_floating_point or dtype.is_complex,
             f"{what} of dtype {t['dtype']} cannot require gradients")
@@ -326,23 +355,26 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
             _expect((last + 1) * itemsize <= storages[t["base"]].span.nbytes, f"{what} views past its storage")
         view = View(t["base"], t["storage_offset"], tuple(stride))
         return TensorRecord(t["dtype"], tuple(shape), t["device"], view=view, requires_grad=requires_grad,
-                            parameter=parameter)
+                            parameter=parameter, digest=digest)
     span = _span(t, shards, what)
     _expect(numel * itemsize == span.nbytes, f"{what} shape/dtype disagree with its size")
     _expect(span.offset % itemsize == 0, f"{what} is misaligned for {t['dtype']}")
     return TensorRecord(t["dtype"], tuple(shape), t["device"], span=span, requires_grad=requires_grad,
-                        parameter=parameter)
+                        parameter=parameter, digest=digest)
 
 
 def _validate(doc: dict[str, Any]) -> Manifest:
     _expect(doc.get("format") == FORMAT, "not an asyncckpt manifest")
-    _expect(doc.get("version") == VERSION, f"unsupported version {doc.get('version')!r} (this reader knows {VERSION})")
+    version = doc.get("version")
+    _expect(version in READABLE_VERSIONS,
+            f"unsupported version {version!r} (this reader knows {', '.join(map(str, READABLE_VERSIONS))})")
     _expect(_is_int(doc.get("created_ns")), "created_ns is not a timestamp")
     save_id = doc.get("save_id", "")
     _expect(isinstance(save_id, str) and len(save_id) <= 64, "save_id is not a string")
     _expect(isinstance(doc.get("shards"), list), "shards is not a list")
     shards = [_shard(s) for s in doc["shards"]]
-    _expect(len({s.file for s in shards}) == len(shards), "a shard is listed twice")
+    _expect(len({(s.base, s.file) for s in shards}) == len(shards), "a shard is listed twice")
+    _expect(version >= REFERENCES_VERSION or not any(s.base for s in shards), "references need version 2")
     storages = [StorageRecord(_span(st, shards, f"storage {i}")) for i, st in enumerate(_table(doc, "storages"))]
     tensors = [_tensor(t, i, shards, storages) for i, t in enumerate(_table(doc, "tensors"))]
     objects = []
@@ -354,6 +386,9 @@ def _validate(doc: dict[str, Any]) -> Manifest:
         objects.append(ObjectRecord(o["type"], key, span))
     _expect("tree" in doc, "no structure")
     producer, torch_version = doc.get("producer", ""), doc.get("torch", "")
+    metadata, chain = doc.get("metadata"), doc.get("chain", 0)
+    _expect(metadata is None or isinstance(metadata, dict), "metadata is not an object")
+    _expect(_is_int(chain), "chain is not a count")
     return Manifest(save_id, doc["created_ns"], tuple(shards), tuple(tensors), tuple(storages), tuple(objects),
                     doc["tree"], producer if isinstance(producer, str) else "",
-                    torch_version if isinstance(torch_version, str) else "")
+                    torch_version if isinstance(torch_version, str) else "", metadata, chain)

@@ -80,6 +80,10 @@ class Storage(abc.ABC):
     def join(self, *parts: str) -> str:
         return posixpath.join(*parts)
 
+    def split(self, path: str) -> tuple[str, str]:
+        """``(parent, name)`` of ``path``: the directory holding it and its last component."""
+        return posixpath.split(path.rstrip("/"))
+
     # ------------------------------------------------------------ bulk bytes
 
     @abc.abstractmethod

@@ -107,6 +107,9 @@ class LocalStorage(Storage):
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
 
+    def split(self, path: str) -> tuple[str, str]:
+        return os.path.split(path.rstrip(os.sep) or path)
+
     # ------------------------------------------------------------ bulk bytes
 
     async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> Sink:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import CheckpointError
-from ..format.manifest import MANIFEST_NAME, Manifest, parse
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse
 from ..io.contract import Storage
-from .manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger("asyncckpt")
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError, IncompleteCheckpointError
-from ..format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, parse
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_RE, Manifest, parse
 from ..io.contract import Storage
-
-MAX_MANIFEST_BYTES = 1 << 30  # far beyond any real manifest (a million tensors): a larger file is not ours
 
 
 async def read_manifest(storage: Storage, path: str, display: str) -> Manifest:

@@ -17,6 +17,13 @@ Record = TensorRecord | StorageRecord | ObjectRecord
 Span = Callable[[Record], torch.Tensor]  # manifest record -> its bytes (uint8, host)
 
 
+def shard_path(storage: Storage, path: str, shard: ShardRecord) -> str:
+    """Where a shard of the checkpoint at ``path`` lives: its own directory, or the sibling it references."""
+    if shard.base is None:
+        return storage.join(path, shard.file)
+    return storage.join(storage.split(path)[0], shard.base, shard.file)
+
+
 def first_error(group: BaseExceptionGroup) -> BaseException:
     """The first meaningful error inside (possibly nested) exception groups."""
     exc: BaseException = group
@@ -27,7 +34,7 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
 
 async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...]) -> None:
     for s in shards:
-        size = await storage.size(storage.join(path, s.file))
+        size = await storage.size(shard_path(storage, path, s))
         if size is None:
             raise CorruptCheckpointError(f"{display}: shard {s.file} is missing")
         if size != s.nbytes:
@@ -45,7 +52,7 @@ async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[S
     returns the chunk's digest; a digest that differs from the manifest's is a CorruptCheckpointError."""
     async def read_shard(i: int) -> None:
         s = shards[i]
-        reader = await storage.open_reader(storage.join(path, s.file))
+        reader = await storage.open_reader(shard_path(storage, path, s))
         try:
             async with anyio.create_task_group() as tg:
                 for k, offset, nbytes in s.chunks():

@@ -13,7 +13,7 @@ from ..format.manifest import Manifest, ShardRecord
 from ..format.safetensors import HeaderError, header_length, parse_header
 from ..io.contract import Reader, Storage
 from ..memory.buffers import as_memoryview
-from .reads import first_error
+from .reads import first_error, shard_path
 
 
 async def _header_problem(reader: Reader, manifest: Manifest, i: int, display: str) -> str | None:
@@ -31,6 +31,11 @@ async def _header_problem(reader: Reader, manifest: Manifest, i: int, display: s
         return f"{display}: shard {s.file} does not start with a valid safetensors header ({exc})"
     expected = sorted((r.span.offset, r.span.nbytes) for r in manifest.byte_records()
                       if r.span is not None and r.span.shard == i)
+    if s.base is not None:  # another checkpoint's shard: this one uses some of its entries
+        if not set(expected) <= set(found):
+            return (f"{display}: shard {s.file} of {s.base}: its safetensors header does not hold the entries this "
+                    "checkpoint references there")
+        return None
     if found != expected or max((o + n for o, n in found), default=s.nbytes) != s.nbytes:
         return f"{display}: shard {s.file}: its safetensors header and the manifest place the entries differently"
     return None
@@ -50,7 +55,7 @@ async def verify_shards(storage: Storage, path: str, display: str, manifest: Man
     report = on_chunk or (lambda n: None)
 
     async def size_of(i: int) -> None:
-        sizes[i] = await storage.size(storage.join(path, shards[i].file))
+        sizes[i] = await storage.size(shard_path(storage, path, shards[i]))
 
     async def worker(work: Iterator[tuple[int, int, int, int]], nbytes: int) -> None:
         buf, reader, current = torch.empty(nbytes, dtype=torch.uint8), None, -1
@@ -61,7 +66,7 @@ async def verify_shards(storage: Storage, path: str, display: str, manifest: Man
                     if reader is not None:
                         await reader.close()
                     reader = None
-                    reader, current = await storage.open_reader(storage.join(path, s.file)), i
+                    reader, current = await storage.open_reader(shard_path(storage, path, s)), i
                 try:
                     sig = await reader.read_into(offset, buf[:n])
                 except EOFError as exc:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import anyio
 
-from ..format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, is_temporary
+from ..errors import CheckpointError
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, Manifest, is_temporary, parse
 from ..io.contract import Storage
 
 
@@ -29,8 +30,13 @@ class Committer:
 
     async def commit(self, manifest: Manifest, running: Callable[[], set[str]]) -> int:
         """Write ``manifest`` atomically, then sweep; returns the manifest's size. ``running()`` names the save ids
-        of saves of this path still in flight, whose files the sweep must leave alone."""
+        of saves of this path still in flight, whose files the sweep must leave alone. A manifest that references
+        other checkpoints first marks each of them (so their own sweeps and removals keep those shards)."""
         data = manifest.seal()
+        parent, name = self.storage.split(self.directory)
+        for base in sorted(manifest.bases):
+            await self.storage.put_atomic(self.storage.join(parent, base, REF_PREFIX + name), name.encode(),
+                                          self.fsync)
         with anyio.CancelScope(shield=True):  # once the commit starts it completes: no manifest without shards
             self.publishing = True
             await self.storage.put_atomic(self.storage.join(self.directory, MANIFEST_NAME), data, self.fsync)
@@ -41,10 +47,36 @@ class Committer:
         return len(data)
 
     async def sweep(self, manifest: Manifest, running: set[str]) -> None:
-        """Delete shards of earlier saves of this path (now unreferenced) and leftovers of killed saves."""
-        mine = {s.file for s in manifest.shards}
-        for name in await self.storage.list(self.directory):
+        """Delete shards of earlier saves of this path (now unreferenced, also by incremental checkpoints that build
+        on this one) and leftovers of killed saves."""
+        names = await self.storage.list(self.directory)
+        keep = {s.file for s in manifest.shards if s.base is None}
+        for files in (await references(self.storage, self.directory, names)).values():
+            keep |= files
+        for name in names:
             save_id = save_id_of(name)
-            stale_shard = save_id is not None and name not in mine and save_id not in running
+            stale_shard = save_id is not None and name not in keep and save_id not in running
             if stale_shard or is_temporary(name):
                 await self.storage.remove(self.storage.join(self.directory, name))
+
+
+async def references(storage: Storage, directory: str, names: list[str]) -> dict[str, set[str]]:
+    """The committed incremental checkpoints (found through the ``.ref-<child>`` markers among ``names``, the
+    listing of ``directory``) and the files of ``directory`` each references."""
+    parent, me = storage.split(directory)
+    found: dict[str, set[str]] = {}
+    for marker in names:
+        if not marker.startswith(REF_PREFIX):
+            continue
+        child = storage.join(parent, marker[len(REF_PREFIX):])
+        try:
+            raw = await storage.read_bytes(storage.join(child, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+            files = {s.file for s in parse(raw, child).shards if s.base == me}
+        except FileNotFoundError:
+            continue  # that save never committed (or was removed): it holds nothing of ours
+        except CheckpointError:
+            raise CheckpointError(f"{directory} is marked as referenced by {child}, whose manifest cannot be read; "
+                                  "its shards are kept") from None
+        if files:
+            found[marker[len(REF_PREFIX):]] = files
+    return found

@@ -223,8 +223,9 @@ class Job:
 class SaveJob(Job):
     """Writes a native checkpoint: the shard writer writes the shards, then the committer publishes the manifest."""
 
-    def __init__(self, *args: Any, fsync: bool, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fsync: bool, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.metadata = metadata
         self.save_id = uuid.uuid4().hex[:16]
         self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
         files = [shard_name(self.save_id, i) for i in range(len(self.plan.shard_sizes))]
@@ -241,8 +242,8 @@ class SaveJob(Job):
         if self.previous is not None:  # commit after an earlier save of this path, never before
             await self.previous.handle.settled()
         tensors, storages, objects = self.plan.records()
-        manifest = Manifest(self.save_id, self.created_ns, tuple(self.writer.results()), tensors, storages, objects,
-                            self.plan.tree)
+        manifest = Manifest(self.save_id, self.created_ns, (*self.writer.results(), *self.plan.external), tensors,
+                            storages, objects, self.plan.tree, metadata=self.metadata, chain=self.plan.chain)
         size = await self.committer.commit(manifest, self.in_flight)
         return SaveResult(self.display, self.plan.total_bytes + size, self.snapshot_seconds, self.write_seconds(),
                           len(manifest.shards), len(tensors))

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
-from ..format.manifest import ObjectRecord, Span, StorageRecord, TensorRecord, View, finish_tensor, view_tensor
+from ..format.manifest import (ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord, View, finish_tensor,
+                               view_tensor)
 from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
 from ..format.tree import decode
 from ..memory.buffers import alias
 from . import devices, xla
+from .incremental import Base, VersionMemo, bytes_digest
 from .walk import Walker, walk_state
 
 
@@ -74,15 +76,21 @@ class TensorInfo:
     parameter: bool
     entry: Entry | None = None  # its own bytes
     view: tuple[int, int, tuple[int, ...]] | None = None  # (storage index, storage offset, stride)
+    digest: str | None = None
+    reused: Span | None = None  # its bytes stay in a base checkpoint: the span, shard index into Plan.external
 
-    def record(self) -> TensorRecord:
+    def record(self, own_shards: int) -> TensorRecord:
         if self.view is not None:
             base, offset, stride = self.view
             return TensorRecord(self.dtype, self.shape, self.device, view=View(base, offset, stride),
                                 requires_grad=self.requires_grad, parameter=self.parameter)
-        assert self.entry is not None
-        return TensorRecord(self.dtype, self.shape, self.device, span=self.entry.span,
-                            requires_grad=self.requires_grad, parameter=self.parameter)
+        if self.reused is not None:
+            span = Span(own_shards + self.reused.shard, self.reused.offset, self.reused.nbytes)
+        else:
+            assert self.entry is not None
+            span = self.entry.span
+        return TensorRecord(self.dtype, self.shape, self.device, span=span, requires_grad=self.requires_grad,
+                            parameter=self.parameter, digest=self.digest)
 
 
 @dataclass
@@ -97,6 +105,8 @@ class Plan:
     chunk_bytes: int = 0
     values: list[Any] = field(default_factory=list)  # copied non-tensor leaves (copy plans only)
     stream: Any = None  # CUDA side stream, when any source lives on CUDA
+    external: list[ShardRecord] = field(default_factory=list)  # base shards that reused tensors live in
+    chain: int = 0  # incremental saves since the last full one
 
     @property
     def total_bytes(self) -> int:
@@ -104,7 +114,8 @@ class Plan:
 
     def records(self) -> tuple[tuple[TensorRecord, ...], tuple[StorageRecord, ...], tuple[ObjectRecord, ...]]:
         """The manifest records of the laid-out plan."""
-        return (tuple(t.record() for t in self.tensors), tuple(StorageRecord(e.span) for e in self.storages),
+        own = len(self.shard_sizes)
+        return (tuple(t.record(own) for t in self.tensors), tuple(StorageRecord(e.span) for e in self.storages),
                 tuple(ObjectRecord(type_name, key, e.span) for type_name, key, e in self.objects))
 
     def fill(self, chunk: Chunk, buf: torch.Tensor) -> None:
@@ -140,7 +151,7 @@ class Plan:
         def tensor(i: int) -> torch.Tensor:
             if i not in built:
                 info = self.tensors[i]
-                r = info.record()
+                r = info.record(len(self.shard_sizes))
                 view = view_tensor(r, None if info.entry is None else own(info.entry),
                                    None if info.view is None else bases[info.view[0]])
                 built[i] = finish_tensor(r, view)
@@ -227,15 +238,51 @@ def _object_entries(walker: Walker) -> list[tuple[str, str, Entry]]:
 SHARD_METADATA = {"format": "pt", "producer": "asyncckpt"}
 
 
-def prepare(state: Any, shard_bytes: int, chunk_bytes: int) -> Plan:
-    """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks."""
+def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base: Base | None,
+           memo: VersionMemo | None) -> tuple[list[Entry], list[ShardRecord]]:
+    """Record every own-bytes tensor's digest; drop the entries whose bytes ``base`` already holds. Returns the
+    entries still to write and the base shards the others now live in."""
+    external: dict[tuple[str | None, str], int] = {}
+    shards: list[ShardRecord] = []
+    dropped: set[int] = set()
+    for (t, path), info in zip(walker.views, tensors):
+        entry = info.entry
+        if entry is None:
+            continue
+        value = memo.known(t) if memo is not None else None
+        if value is None:
+            value = bytes_digest(entry.src, entry.typed)
+            if memo is not None:
+                memo.remember(t, value)
+        info.digest = value
+        found = base.match(path, info.dtype, info.shape, value) if base is not None else None
+        if found is None:
+            continue
+        shard, span = found
+        index = external.setdefault((shard.base, shard.file), len(shards))
+        if index == len(shards):
+            shards.append(shard)
+        info.reused, info.entry = Span(index, span.offset, span.nbytes), None
+        dropped.add(id(entry))
+    return [e for e in entries if id(e) not in dropped], shards
+
+
+def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = False, base: Base | None = None,
+            memo: VersionMemo | None = None) -> Plan:
+    """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks. With ``digests`` every tensor's
+    digest is recorded (a later save may build on this one); with a ``base``, tensors whose bytes it already holds
+    are referenced instead of written (see :mod:`.incremental`)."""
     tree, walker = walk_state(state, pickle_objects=True)
     tensors, storages, entries, cuda = _tensor_entries(walker)
+    external: list[ShardRecord] = []
+    if digests or base is not None:
+        entries, external = _reuse(walker, tensors, entries, base, memo)
     objects = _object_entries(walker)
     entries += [e for _, _, e in objects]
     # Largest item size first keeps every tensor aligned inside the 64-byte aligned data section.
     entries.sort(key=lambda e: -e.itemsize)
-    plan = Plan(tree, tensors, storages, objects, entries, chunk_bytes=chunk_bytes)
+    plan = Plan(tree, tensors, storages, objects, entries, chunk_bytes=chunk_bytes, external=external,
+                chain=base.manifest.chain + 1 if external and base is not None else 0)
     shards: list[list[Entry]] = [[]]
     size = 0
     for e in entries:

@@ -48,11 +48,12 @@ def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None
             kind = "None" if leaf is None else "odict" if isinstance(leaf, OrderedDict) else type(leaf).__name__
             values.append({"key": key, "type": kind, "value": leaf})
     shards = [{"index": i, "file": s.file, "nbytes": s.nbytes, "tensors": shard_of.count(i),
-               "objects": sum(1 for o in manifest.objects if o.span.shard == i)}
+               "objects": sum(1 for o in manifest.objects if o.span.shard == i), "in": s.base}
               for i, s in enumerate(manifest.shards)]
     created = manifest.created_ns
     return {
-        "path": display, "format": "asyncckpt", "version": 1, "producer": manifest.producer or None,
+        "path": display, "format": "asyncckpt", "version": 2 if manifest.bases else 1,
+        "chain": manifest.chain, "metadata": manifest.metadata, "producer": manifest.producer or None,
         "torch": manifest.torch_version or None, "save_id": manifest.save_id or None, "created_ns": created,
         "created": datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensors": tensors, "objects": objects, "values": values, "shards": shards,

@@ -1,0 +1,391 @@
+"""CheckpointManager: retention, best-k, preemption, fallback on damage and incremental saves for custom loops.
+
+Checkpoints live at ``<directory>/step-<step, zero-padded>``; each manifest records the step and the metrics it was
+saved with, so a restarted process rebuilds the manager's view from storage alone. Retention runs after a commit,
+never before: the newest committed checkpoint, any checkpoint still being written (and what it builds on) and
+everything a kept incremental checkpoint references are never deleted; deletion is manifest-first, newest first, so
+an interrupted retention leaves only checkpoints that load or debris that loads as nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Literal, Mapping
+
+import anyio
+
+from .core import EngineCore
+from .errors import CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError
+from .format.manifest import Manifest
+from .io.paths import is_local, to_url
+from .pipeline.handles import SaveHandle
+
+log = logging.getLogger("asyncckpt")
+
+STEP_RE = re.compile(r"^step-([0-9]{6,})$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed checkpoint the manager knows: its step, metrics and the siblings it references."""
+
+    step: int
+    name: str
+    metrics: Mapping[str, float]
+    chain: int
+    bases: frozenset[str]
+
+
+def _entry(name: str, manifest: Manifest) -> Entry | None:
+    m = STEP_RE.match(name)
+    meta = manifest.metadata or {}
+    if m is None or meta.get("asyncckpt.step") != int(m.group(1)):
+        return None  # not one of ours (a foreign or hand-made directory next to them)
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    return Entry(int(m.group(1)), name, metrics, manifest.chain, frozenset(manifest.bases))
+
+
+class Policy:
+    """The manager's options (validated) and the retention rule."""
+
+    def __init__(self, keep_last: int | None, keep_best: int | None, best_metric: str | None, best_mode: str,
+                 keep_every_steps: int | None, incremental: bool, full_every: int, if_busy: str,
+                 trust_versions: bool) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_best", keep_best),
+                            ("keep_every_steps", keep_every_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidArgumentError(f"{name} must be a positive integer or None, not {value!r}")
+        if keep_best is not None and not best_metric:
+            raise InvalidArgumentError("keep_best needs best_metric (the metric's name in save(..., metrics=))")
+        if best_mode not in ("min", "max"):
+            raise InvalidArgumentError(f"best_mode must be 'min' or 'max', not {best_mode!r}")
+        if not isinstance(full_every, int) or full_every < 1:
+            raise InvalidArgumentError(f"full_every must be a positive integer, not {full_every!r}")
+        if if_busy not in ("wait", "skip"):
+            raise InvalidArgumentError(f"if_busy must be 'wait' or 'skip', not {if_busy!r}")
+        self.keep_last, self.keep_best, self.best_metric, self.best_mode = keep_last, keep_best, best_metric, best_mode
+        self.keep_every_steps, self.incremental, self.full_every = keep_every_steps, incremental, full_every
+        self.if_busy, self.trust_versions = if_busy, trust_versions
+
+    def best(self, entries: dict[int, Entry]) -> list[int]:
+        """Steps with the metric, best first (ties: the newer first)."""
+        scored = [(float(e.metrics[self.best_metric]), e.step) for e in entries.values()
+                  if self.best_metric and isinstance(e.metrics.get(self.best_metric), (int, float))]
+        sign = 1 if self.best_mode == "min" else -1
+        return [step for _, step in sorted(scored, key=lambda x: (sign * x[0], -x[1]))]
+
+    def retained(self, entries: dict[int, Entry], protected: set[str]) -> set[int]:
+        """Steps to keep: the policy's own choice, then everything those (and ``protected`` names: saves in
+        flight and their bases) reference, transitively."""
+        steps = sorted(entries)
+        keep: set[int] = set(steps[-1:])
+        keep |= set(steps if self.keep_last is None else steps[-self.keep_last:])
+        if self.keep_best:
+            keep |= set(self.best(entries)[:self.keep_best])
+        if self.keep_every_steps:
+            keep |= {s for s in steps if s % self.keep_every_steps == 0}
+        by_name = {e.name: e.step for e in entries.values()}
+        todo = [by_name[n] for n in protected if n in by_name] + list(keep)
+        while todo:
+            step = todo.pop()
+            keep.add(step)
+            todo += [by_name[b] for b in entries[step].bases if b in by_name and by_name[b] not in keep]
+        return keep
+
+
+class ManagerCore:
+    """State and work shared by both managers; the coroutines run on the engine's runtime."""
+
+    def __init__(self, directory: Any, policy: Policy) -> None:
+        self.url = to_url(directory).rstrip("/") or "/"
+        self.policy = policy
+        self.entries: dict[int, Entry] = {}
+        self.inflight: dict[int, tuple[SaveHandle, str | None]] = {}  # step -> handle, base name
+        self.failure: BaseException | None = None
+        self.lock = anyio.Lock()
+
+    def path(self, step: int) -> str:
+        name = f"step-{step:06d}"
+        return f"{self.url}/{name}" if not is_local(self.url) else f"{self.url.rstrip('/')}/{name}"
+
+    def base_for(self, step: int) -> str | None:
+        """The checkpoint an incremental save of ``step`` builds on: the newest committed one, unless its chain of
+        incremental saves is already ``full_every`` long (then this save is full)."""
+        if not self.policy.incremental:
+            return None
+        older = [s for s in self.entries if s < step]
+        if not older:
+            return None
+        newest = self.entries[max(older)]
+        return None if newest.chain >= self.policy.full_every else self.path(newest.step)
+
+    async def rebuild(self, core: EngineCore) -> None:
+        """*(loop)* Read the committed checkpoints under the directory (a restarted process sees the same view)."""
+        target = await core.open_target(self.url, None)
+        found = await core.committed(target)
+        self.entries = {}
+        for path, manifest in found:
+            entry = _entry(target.storage.split(path.rstrip("/"))[1], manifest)
+            if entry is not None:
+                self.entries[entry.step] = entry
+
+    async def after_commit(self, core: EngineCore, step: int, handle: SaveHandle) -> None:
+        """*(loop)* Once the save of ``step`` has finished: add it to the view and apply retention."""
+        await handle.settled()
+        async with self.lock:
+            self.inflight.pop(step, None)
+            if handle.error is not None:
+                return
+            try:
+                await self.retain(core)
+            except Exception as exc:  # kept for the next call on the manager; saving goes on
+                log.error("retention under %s failed: %s", self.url, exc)
+                self.failure = exc
+
+    async def retain(self, core: EngineCore) -> None:
+        await self.rebuild(core)
+        protected = {self.path(s).rsplit("/", 1)[1] for s in self.inflight}
+        protected |= {base.rsplit("/", 1)[1] for _, base in self.inflight.values() if base}
+        keep = self.policy.retained(self.entries, protected)
+        for step in sorted(set(self.entries) - keep, reverse=True):  # children before what they build on
+            await core.remove(await core.open_target(self.path(step), None))
+            del self.entries[step]
+            log.info("removed %s (retention)", self.path(step))
+
+    async def drain(self) -> None:
+        """*(loop)* Wait until every save in flight and its retention have finished."""
+        for handle, _ in list(self.inflight.values()):
+            await handle.settled()
+        async with self.lock:
+            pass
+
+    def raise_failure(self) -> None:
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+
+class Preemption:
+    """SIGTERM sets a flag instead of ending the process (main thread only; the previous handler is restored)."""
+
+    def __init__(self) -> None:
+        self.preempted = False
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+            self._installed = True
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        if not self.preempted:
+            log.warning("SIGTERM received: the manager is marked preempted; save and exit")
+        self.preempted = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+
+class ManagerBase:
+    """Options shared by :class:`CheckpointManager` and :class:`SyncCheckpointManager`.
+
+    Args:
+        directory: a directory or fsspec URL; checkpoints live at ``directory/step-<zero-padded step>``.
+        keep_last: keep the newest this many (None: keep all).
+        keep_best: also keep the best this many by ``best_metric`` (``best_mode`` ``"min"`` or ``"max"``).
+        keep_every_steps: also keep every checkpoint whose step is a multiple of this.
+        incremental: tensors unchanged since the previous checkpoint reference its bytes instead of being written.
+        full_every: at most this many incremental saves in a row; then a full one.
+        if_busy: ``save`` while the previous save is still being written: ``"wait"`` for it, or ``"skip"`` (return
+            None, logged once).
+        trust_versions: with ``incremental``, skip hashing tensors whose storage and ``_version`` did not change
+            (frozen weights); see :meth:`CheckpointEngine.save`.
+        engine: an engine to share (not closed by the manager); otherwise one is made from ``engine_options``.
+    """
+
+    def __init__(self, directory: Any, *, keep_last: int | None = 3, keep_best: int | None = None,
+                 best_metric: str | None = None, best_mode: Literal["min", "max"] = "min",
+                 keep_every_steps: int | None = None, incremental: bool = False, full_every: int = 10,
+                 if_busy: Literal["wait", "skip"] = "wait", trust_versions: bool = False, engine: Any = None,
+                 **engine_options: Any) -> None:
+        if engine is not None and engine_options:
+            raise InvalidArgumentError("pass either an engine or engine options, not both")
+        policy = Policy(keep_last, keep_best, best_metric, best_mode, keep_every_steps, incremental, full_every,
+                        if_busy, trust_versions)
+        self.state = ManagerCore(directory, policy)
+        self._engine, self._owns_engine, self._engine_options = engine, engine is None, engine_options
+        self._preemption = Preemption()
+        self._skipped_logged = False
+
+    @property
+    def preempted(self) -> bool:
+        """True once a SIGTERM arrived: save one last time and leave the loop (pending saves finish on exit)."""
+        return self._preemption.preempted
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return sorted(self.state.entries)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        best = self.state.policy.best(self.state.entries)
+        return best[0] if best else None
+
+    def _check_step(self, step: int) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative integer, not {step!r}")
+
+    def _busy(self) -> bool:
+        busy = any(not h.done() for h, _ in self.state.inflight.values())
+        if busy and self.state.policy.if_busy == "skip" and not self._skipped_logged:
+            log.warning("a save under %s is still being written: skipping saves until it is done (if_busy='skip')",
+                        self.state.url)
+            self._skipped_logged = True
+        return busy
+
+    @staticmethod
+    def _metadata(step: int, metrics: Mapping[str, float] | None) -> dict[str, Any]:
+        return {"asyncckpt.step": step, "metrics": dict(metrics or {})}
+
+    def _restore_order(self) -> list[int]:
+        return sorted(self.state.entries, reverse=True)
+
+    @staticmethod
+    def _put_back(state: Any, rest: Any) -> None:
+        """Plain values of a dict state (a step counter, a config) that cannot change in place are replaced."""
+        if isinstance(state, dict) and isinstance(rest, Mapping):
+            for key, value in rest.items():
+                if key in state:
+                    state[key] = value
+
+
+def _damaged(step: int, path: str, exc: BaseException) -> None:
+    log.warning("checkpoint of step %d (%s) cannot be restored, trying the next newest: %s", step, path, exc)
+
+
+RESTORE_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError)
+
+
+class CheckpointManager(ManagerBase):
+    """The asyncio (and trio) manager: ``async with CheckpointManager(dir) as manager`` (see :class:`ManagerBase`)."""
+
+    async def __aenter__(self) -> "CheckpointManager":
+        from .engine import CheckpointEngine
+
+        if self._engine is None:
+            self._engine = CheckpointEngine(**self._engine_options)
+            await self._engine.__aenter__()
+        core = self._engine.core
+        await core.runtime.call_async(self.state.rebuild, core)
+        self._preemption.install()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self.wait()
+        finally:
+            self._preemption.uninstall()
+            if self._owns_engine:
+                await self._engine.__aexit__(*exc)
+
+    async def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None) -> SaveHandle | None:
+        """Snapshot ``state`` as ``step``; returns after the snapshot (None when skipped, ``if_busy="skip"``)."""
+        self._check_step(step)
+        self.state.raise_failure()
+        core = self._engine.core
+        if self._busy() and self.state.policy.if_busy == "skip":
+            return None
+        await core.runtime.call_async(self.state.drain)  # the previous save is in the view: it may be our base
+        base = self.state.base_for(step)
+        policy = self.state.policy
+        handle = await self._engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
+                                         trust_versions=policy.trust_versions, metadata=self._metadata(step, metrics))
+        self.state.inflight[step] = (handle, base)
+        core.runtime.start(self.state.after_commit, core, step, handle)
+        return handle
+
+    async def wait(self) -> None:
+        """Wait until every save and its retention have finished; raise the first failure nobody has seen."""
+        await self._engine.core.runtime.call_async(self.state.drain)
+        await self._engine.wait()
+        self.state.raise_failure()
+
+    async def restore(self, state: Any) -> int | None:
+        """Restore the newest checkpoint that loads and verifies into ``state`` in place; its step, or None."""
+        await self.wait()
+        for step in self._restore_order():
+            try:
+                self._put_back(state, await self._engine.load(self.state.path(step), state=state, strict=False))
+                return step
+            except RESTORE_ERRORS as exc:
+                _damaged(step, self.state.path(step), exc)
+        return None
+
+
+class SyncCheckpointManager(ManagerBase):
+    """The threaded manager: ``with SyncCheckpointManager(dir) as manager`` (see :class:`ManagerBase`)."""
+
+    def __enter__(self) -> "SyncCheckpointManager":
+        from .sync_engine import SyncEngine
+
+        if self._engine is None:
+            self._engine = SyncEngine(**self._engine_options)
+        core = self._engine.core
+        core.runtime.call(self.state.rebuild, core)
+        self._preemption.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.wait()
+        finally:
+            self._preemption.uninstall()
+            if self._owns_engine:
+                self._engine.close()
+
+    def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None) -> SaveHandle | None:
+        """Snapshot ``state`` as ``step``; returns after the snapshot (None when skipped); ``.result()`` waits."""
+        self._check_step(step)
+        self.state.raise_failure()
+        core = self._engine.core
+        if self._busy() and self.state.policy.if_busy == "skip":
+            return None
+        core.runtime.call(self.state.drain)  # the previous save is in the view: it may be our base
+        base = self.state.base_for(step)
+        policy = self.state.policy
+        handle = self._engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
+                                   trust_versions=policy.trust_versions, metadata=self._metadata(step, metrics))
+        self.state.inflight[step] = (handle, base)
+        core.runtime.start(self.state.after_commit, core, step, handle)
+        return handle
+
+    def wait(self) -> None:
+        """Block until every save and its retention have finished; raise the first failure nobody has seen."""
+        self._engine.core.runtime.call(self.state.drain)
+        self._engine.wait()
+        self.state.raise_failure()
+
+    def restore(self, state: Any) -> int | None:
+        """Restore the newest checkpoint that loads and verifies into ``state`` in place; its step, or None."""
+        self.wait()
+        for step in self._restore_order():
+            try:
+                self._put_back(state, self._engine.load(self.state.path(step), state=state, strict=False))
+                return step
+            except RESTORE_ERRORS as exc:
+                _damaged(step, self.state.path(step), exc)
+        return None
+
+
+__all__ = ["CheckpointManager", "SyncCheckpointManager"]
