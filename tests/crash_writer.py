@@ -68,6 +68,16 @@ def make_state(step: int) -> dict[str, Any]:
     return mixed_state(step, scale=2)
 
 
+FROZEN_SEED = 7  # the frozen part of a manager trial's state: the same bytes at every step
+
+
+def manager_state(step: int) -> dict[str, Any]:
+    """A fine-tuning state: a frozen backbone (identical every step) and a head that changes every step."""
+    g = torch.Generator().manual_seed(FROZEN_SEED)
+    frozen = {f"layer{i}": torch.randn(64, 96, generator=g) for i in range(4)}
+    return {"backbone": frozen, "head": mixed_state(step)["model"], "step": step}
+
+
 def fingerprint(state: Any) -> str:
     h = xxhash.xxh3_64()
 
@@ -211,6 +221,26 @@ def install_hooks(mark: Marker) -> None:
 
 # ---------------------------------------------------------------- the writer
 
+def manage_forever(cfg: dict[str, Any]) -> None:
+    """Manager trials: an incremental CheckpointManager saving every step, logging each commit after it."""
+    rng = random.Random(cfg["seed"])
+    mark = Marker(cfg["phase"], cfg.get("pause"), cfg.get("jitter", 0.0), rng)
+    install_hooks(mark)
+    log = os.open(cfg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    with asyncckpt.SyncCheckpointManager(cfg["root"], keep_last=2, keep_every_steps=5, incremental=True,
+                                         full_every=3, chunk_bytes=cfg["chunk_bytes"], shard_bytes=cfg["shard_bytes"],
+                                         host_memory_budget=cfg["budget"]) as manager:
+        step = (manager.latest_step() or 0) + 1
+        while True:
+            state = manager_state(step)
+            manager.save(step, state, metrics={"loss": 1.0 / step}).result()
+            mark("C")
+            os.write(log, f"mstep {step} {fingerprint(state)}\n".encode())
+            os.fsync(log)
+            mark("G")
+            step += 1
+
+
 def write_forever(cfg: dict[str, Any]) -> None:
     rng = random.Random(cfg["seed"])
     mark = Marker(cfg["phase"], cfg.get("pause"), cfg.get("jitter", 0.0), rng)
@@ -267,7 +297,7 @@ def serve() -> None:
                 code = 0
                 try:
                     os.dup2(os.open(cmd["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), 2)
-                    write_forever(cmd)
+                    (manage_forever if cmd.get("mode") == "manager" else write_forever)(cmd)
                 except BaseException:
                     import traceback
 

@@ -310,6 +310,63 @@ def test_sigkill_soak(server: ForkServer, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- what a killed save leaves, deterministically
 
+def manager_trials(server: ForkServer, tmp: Path, trials: int, seed: int) -> Counter:
+    """SIGKILL an incremental CheckpointManager (keep_last=2, keep_every_steps=5, full_every=3) at random moments
+    and at chosen storage phases; after every kill each checkpoint with a manifest loads — its references resolve —
+    and holds exactly its step's state, and the newest logged step is still there."""
+    rng = random.Random(seed)
+    root, log = tmp / "managed", tmp / "mlog.txt"
+    stats: Counter = Counter()
+    newest = 0
+    for trial in range(trials):
+        phase = tmp / f"mphase-{trial}"
+        phase.write_bytes(bytes(crash_writer.PAGE))
+        cfg: dict[str, Any] = {
+            "cmd": "run", "mode": "manager", "root": str(root), "log": str(log), "phase": str(phase),
+            "stderr": str(tmp / "mwriter-stderr.txt"), "seed": rng.randrange(1 << 30),
+            "chunk_bytes": 4096 * rng.randint(1, 4), "shard_bytes": rng.choice([32 << 10, 160 << 10]),
+            "budget": rng.choice([256 << 10, 8 << 20]), "jitter": rng.choice([0.0, 0.002])}
+        if trial % 2:
+            cfg["pause"] = [rng.choice(["W", "P", "R", "r", "X", "U", "C"]), rng.randint(1, 6)]
+        pid = server.call(**cfg)["pid"]
+        deadline = time.monotonic() + (20 if "pause" in cfg else rng.uniform(0.05, 0.8))
+        while time.monotonic() < deadline and not ("pause" in cfg and read_page(str(phase))[1]):
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+        status = server.call(cmd="wait", pid=pid)["status"]
+        assert os.WIFSIGNALED(status), Path(cfg["stderr"]).read_text()[-3000:]
+        stats[f"killed in: {PHASES[read_page(str(phase))[0]]}"] += 1
+        logged = [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+        newest = max(logged, default=newest)
+        found = {}
+        with asyncckpt.SyncEngine() as engine:
+            for path in sorted(root.glob("step-*")):
+                if (path / MANIFEST_NAME).exists():
+                    got = engine.load(path)
+                    assert same(got, crash_writer.manager_state(int(path.name[5:]))), f"trial {trial}: {path}"
+                    found[int(path.name[5:])] = path
+                    stats["checkpoints verified"] += 1
+                    refs = [s for s in json.loads((path / MANIFEST_NAME).read_text())["shards"] if s.get("in")]
+                    stats["references followed"] += len(refs)
+        if newest:
+            assert newest in found or newest + 1 in found, f"trial {trial}: the newest logged step {newest} is gone"
+    stats["kills"] = trials
+    stats["steps committed"] = newest
+    return stats
+
+
+def test_sigkill_of_an_incremental_manager(server: ForkServer, tmp_path: Path) -> None:
+    stats = manager_trials(server, tmp_path, trials=40, seed=7)
+    report(stats)
+    assert stats["references followed"] > 0 and stats["steps committed"] > 5
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_sigkill_of_an_incremental_manager_soak(server: ForkServer, tmp_path: Path) -> None:
+    report(manager_trials(server, tmp_path, trials=200, seed=int(os.environ.get("ASYNCCKPT_SOAK_SEED", "11"))))
+
+
 def _leave_debris(path: Path) -> set[str]:
     """What saves killed at various points leave in ``path``: shards of two other saves and a temporary manifest."""
     debris = {"shard-00000000deadbeef-00000.safetensors", "shard-00000000deadbeef-00001.safetensors",
