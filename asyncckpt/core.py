@@ -7,14 +7,16 @@ takes the snapshot on its caller's thread through the one feed loop, and reaches
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
 import threading
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import anyio
+import torch
 
 from .concurrency import IoRunner, Runtime
 from .errors import CheckpointError, InvalidArgumentError
@@ -32,9 +34,12 @@ from .load.rebuild import MapLocation, build_state
 from .memory.pool import StagingPool
 from .options import EngineOptions
 from .pipeline.committer import references
+from .pipeline.feed import drive, feed, snapshot_error
+from .pipeline.handles import SaveHandle
 from .pipeline.jobs import Job, Target, describe
+from .snapshot import deferred
 from .snapshot.incremental import Base, VersionMemo
-from .snapshot.plan import Plan
+from .snapshot.plan import Plan, PlanCache
 
 log = logging.getLogger("asyncckpt")
 
@@ -57,6 +62,9 @@ class EngineCore:
         self._storages: dict[str, Storage] = {}
         self._closed = False
         self.memo = VersionMemo()  # digests by tensor location and version, for trust_versions
+        self.plans = PlanCache()  # the last plan, while the state keeps its structure
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # runs deferred snapshots
+        self.last_deferred: SaveHandle | None = None
         self.runtime.at_exit(self.close)
 
     # ------------------------------------------------------------ state
@@ -140,6 +148,56 @@ class EngineCore:
             self._jobs.append(job)
         self.runtime.start(self._run, job)
         return job
+
+    def wait_for_buffer(self, job: Job, nbytes: int, check: Callable[[], None] = lambda: None,
+                        poll: float | None = None) -> torch.Tensor | None:
+        """A staging buffer for ``job`` from a thread, waiting for budget; ``check()`` runs every ``poll`` seconds
+        while it waits (it may raise, to give up). A buffer the wait still gets afterwards goes back to the pool."""
+        future = self.runtime.spawn(job.acquire, nbytes)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=poll)
+                except concurrent.futures.TimeoutError:
+                    check()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def abandon(self, job: Job, exc: BaseException) -> None:
+        """``job``'s snapshot never started (``exc`` stopped it): fail it, so it concludes and frees its path."""
+        self.runtime.call_soon(job.fail, snapshot_error(exc))
+        self.runtime.call_soon(job.close_input, 0.0)
+        job.handle.observed = True  # the caller sees ``exc`` itself
+
+    def defer(self, job: Job, t0: float) -> None:
+        """Run ``job``'s snapshot on the engine's copy thread while the caller goes on (see snapshot/deferred.py)."""
+        done = threading.Event()
+        try:
+            job.plan.stamp()
+            deferred.copying(done)
+        except BaseException as exc:
+            deferred.copied(done)
+            self.abandon(job, exc)
+            raise
+
+        def copy() -> None:
+            try:
+                drive(feed(job, t0, deferred=True), lambda n: self.wait_for_buffer(job, n))
+            except BaseException:  # the feed recorded it on the job: the handle reports it
+                pass
+            finally:
+                deferred.copied(done)
+
+        if self._copier is None:
+            self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-snapshot")
+        try:
+            self._copier.submit(copy)
+        except BaseException as exc:
+            deferred.copied(done)
+            self.abandon(job, exc)
+            raise
+        self.last_deferred = job.handle
 
     def check_fits(self, plan: Plan) -> None:
         if plan.total_bytes > self.pool.budget:
@@ -278,6 +336,7 @@ class EngineCore:
         with anyio.CancelScope(shield=abort):
             await self.wait_all()
         self.pool.clear()
+        self.plans.clear()
         for storage in self._storages.values():
             with anyio.CancelScope(shield=True):
                 await storage.close()
@@ -292,6 +351,8 @@ class EngineCore:
             self._closed = True
         if self.runtime.forked:
             return  # a forked child: the runtime is the parent's
+        if self._copier is not None:  # deferred copies end before the saves they feed can finish
+            self._copier.shutdown(wait=True)
         try:
             try:
                 self.runtime.call(self.shutdown, abort)

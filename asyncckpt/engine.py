@@ -18,7 +18,7 @@ from .core import EngineCore
 from .errors import CheckpointError, InvalidArgumentError
 from .load.rebuild import check_map_location
 from .memory.pool import StagingPool
-from .options import EngineOptions
+from .options import SNAPSHOT_MODES, EngineOptions
 from .pipeline.feed import drive_async, feed
 from .pipeline.handles import SaveHandle
 from .pipeline.jobs import CallJob, Job, SaveJob
@@ -41,6 +41,8 @@ class EngineBase:
         fsync: make files and directories durable before a save counts as committed.
         verify: check checksums when loading.
         storage_options: passed to fsspec for URL targets (``s3://…``).
+        snapshot: ``"eager"`` (``save`` returns once the state is copied) or ``"deferred"`` (it returns after
+            planning; the copy runs while the caller computes, and optimizer steps wait for it).
         overlap_writes: write a save's chunks while its snapshot still copies (durable sooner, blocks longer).
 
     Raises:
@@ -49,10 +51,12 @@ class EngineBase:
 
     def __init__(self, *, write_concurrency: int = 8, host_memory_budget: int | None = None,
                  shard_bytes: int = 512 * MiB, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
-                 storage_options: Mapping[str, Any] | None = None, overlap_writes: bool = False) -> None:
+                 storage_options: Mapping[str, Any] | None = None, snapshot: str = "eager",
+                 overlap_writes: bool = False) -> None:
         self.options = EngineOptions(write_concurrency=write_concurrency, host_memory_budget=host_memory_budget,
                                      shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, fsync=fsync, verify=verify,
-                                     storage_options=storage_options, overlap_writes=overlap_writes)
+                                     storage_options=storage_options, snapshot=snapshot,
+                                     overlap_writes=overlap_writes)
         self._core: EngineCore | None = None
         self._ready()
 
@@ -83,8 +87,10 @@ class EngineBase:
 
     def _plan(self, state: Any, base: Base | None = None, digests: bool = False, trust_versions: bool = False
               ) -> Plan:
-        return prepare(state, self.options.shard_bytes, self.options.chunk_bytes, digests=digests or base is not None,
-                       base=base, memo=self.core.memo if trust_versions else None)
+        if not digests and base is None:
+            return self.core.plans.prepare(state, self.options.shard_bytes, self.options.chunk_bytes)
+        return prepare(state, self.options.shard_bytes, self.options.chunk_bytes, digests=True, base=base,
+                       memo=self.core.memo if trust_versions else None)
 
     @staticmethod
     def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -108,6 +114,20 @@ class EngineBase:
     def check(self) -> None:
         """Raise the first failure of a finished save that nobody has seen yet (without waiting)."""
         self.core.raise_unobserved()
+
+    def _warm(self, state: Any) -> int:
+        """Plan ``state`` (the plan is then reused by the next save of the same structure) and allocate and touch
+        its staging buffers; returns the bytes reserved."""
+        core = self.core
+        plan = core.plans.prepare(state, self.options.shard_bytes, self.options.chunk_bytes)
+        core.pool.reserve([chunk.nbytes for chunk in plan.chunks])
+        return core.pool.allocated_bytes
+
+    def _deferred(self, snapshot: str | None) -> bool:
+        mode = self.options.snapshot if snapshot is None else snapshot
+        if mode not in SNAPSHOT_MODES:
+            raise InvalidArgumentError(f"snapshot must be one of {', '.join(SNAPSHOT_MODES)}, not {mode!r}")
+        return mode == "deferred"
 
 
 class CheckpointEngine(EngineBase):
@@ -143,13 +163,21 @@ class CheckpointEngine(EngineBase):
         if exc_type is None:
             core.raise_unobserved()
 
-    async def _feed(self, job: Job, t0: float) -> SaveHandle:
-        await drive_async(feed(job, t0), lambda n: self.core.runtime.call_async(job.acquire, n))
+    async def _feed(self, job: Job, t0: float, deferred: bool) -> SaveHandle:
+        if deferred:
+            self.core.defer(job, t0)
+        else:
+            await drive_async(feed(job, t0), lambda n: self.core.runtime.call_async(job.acquire, n))
         return job.handle
+
+    async def _after_previous_copy(self) -> None:
+        previous = self.core.last_deferred
+        if previous is not None:  # its plan may be the one this save reuses
+            await previous.snapshotted()
 
     async def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None,
                    base: Any = None, metadata: Mapping[str, Any] | None = None, digests: bool = False,
-                   trust_versions: bool = False) -> SaveHandle:
+                   trust_versions: bool = False, snapshot: str | None = None) -> SaveHandle:
         """Snapshot ``state`` now and write it to ``path`` in the background.
 
         Returns once every byte is copied into staging memory: the caller may then change any tensor. Await the
@@ -164,6 +192,9 @@ class CheckpointEngine(EngineBase):
             trust_versions: skip hashing (and copying) a tensor whose storage and ``_version`` are those this engine
                 saw when it last hashed it; writes through ``.data`` are invisible to this, so trust frozen tensors
                 only.
+            snapshot: ``"eager"`` or ``"deferred"`` for this save (default: the engine's option). A deferred save
+                returns after planning; ``await handle.snapshotted()`` is the fence for changes outside an
+                optimizer step.
 
         Raises:
             CheckpointError: the state cannot be saved (an unpicklable value, a meta tensor, a cycle), or an
@@ -172,12 +203,21 @@ class CheckpointEngine(EngineBase):
         core = self.core
         core.raise_unobserved()
         info = self._metadata(metadata)
+        deferred = self._deferred(snapshot)
         async with self._snapshot_lock:
+            await self._after_previous_copy()
             t0 = time.perf_counter()
             target = await core.target_async(path, storage_options)
             found = None if base is None else await core.runtime.call_async(core.open_base, target, base)
             plan = self._plan(state, found, digests, trust_versions)
-            return await self._feed(core.begin(SaveJob, target, plan, fsync=self.options.fsync, metadata=info), t0)
+            job = core.begin(SaveJob, target, plan, fsync=self.options.fsync, metadata=info)
+            return await self._feed(job, t0, deferred)
+
+    async def prepare(self, state: Any) -> None:
+        """Plan ``state`` and allocate its staging buffers ahead of the first save (at set-up), so that save costs
+        what a steady one does; a state of the same structure saved later reuses both."""
+        async with self._snapshot_lock:
+            self._warm(state)
 
     async def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` now, then call ``fn(copy)`` in a worker thread, ordered as a save of ``path``.
@@ -188,10 +228,11 @@ class CheckpointEngine(EngineBase):
         core = self.core
         core.raise_unobserved()
         async with self._snapshot_lock:
+            await self._after_previous_copy()
             t0 = time.perf_counter()
             plan = self._plan_copy(state)
             target = await core.target_async(path, None)
-            return await self._feed(core.begin(CallJob, target, plan, fn=fn), t0)
+            return await self._feed(core.begin(CallJob, target, plan, fn=fn), t0, self._deferred(None))
 
     async def wait_for(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Wait until no save of ``path`` is pending (whatever their outcome): for work that a foreign serializer

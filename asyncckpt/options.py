@@ -13,6 +13,7 @@ from .errors import InvalidArgumentError
 
 MiB = 1 << 20
 PAGE = 4096
+SNAPSHOT_MODES = ("eager", "deferred")
 
 
 def default_budget() -> int:
@@ -43,6 +44,9 @@ class EngineOptions:
         fsync: make files and directories durable before a save counts as committed.
         verify: check checksums when loading.
         storage_options: passed to fsspec for URL targets (``s3://…``); ignored for local paths.
+        snapshot: ``"eager"``: ``save`` returns once every byte is copied. ``"deferred"``: it returns after planning
+            and the copy runs on a thread of the engine's while the caller computes; optimizer steps wait for it,
+            and tensors changed in place before their bytes were copied fail the save (see docs/concepts.md).
         overlap_writes: start writing a save's chunks while its snapshot is still copying. The checkpoint is durable
             sooner, but the copy then shares cores and memory bandwidth with the writes and blocks the caller longer.
             Off by default: writes wait for the copy, unless the copy itself waits for memory that only writes free.
@@ -55,6 +59,7 @@ class EngineOptions:
     fsync: bool = True
     verify: bool = True
     storage_options: Mapping[str, Any] | None = field(default=None, hash=False)
+    snapshot: str = "eager"
     overlap_writes: bool = False
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class EngineOptions:
         for name in ("fsync", "verify", "overlap_writes"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.snapshot not in SNAPSHOT_MODES:
+            raise InvalidArgumentError(f"snapshot must be one of {', '.join(SNAPSHOT_MODES)}, not {self.snapshot!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
             raise InvalidArgumentError(f"storage_options must be a dict or None, not {self.storage_options!r}")
 

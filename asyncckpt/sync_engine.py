@@ -7,12 +7,10 @@ runtime. Ctrl-C during a save aborts that save cleanly and leaves the engine usa
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
-import torch
 
 from .concurrency.interrupts import DeferredInterrupt
 from .engine import EngineBase
@@ -55,31 +53,27 @@ class SyncEngine(EngineBase):
     # ------------------------------------------------------------ saves
 
     def _save(self, plan: Callable[[Target], Plan], path: Any, storage_options: Mapping[str, Any] | None,
-              job_type: type[Job], **extra: Any) -> SaveHandle:
+              job_type: type[Job], deferred: bool, **extra: Any) -> SaveHandle:
         core = self.core
         core.raise_unobserved()
         with self._lock, DeferredInterrupt() as interrupts:
+            previous = core.last_deferred
+            if previous is not None:  # its plan may be the one this save reuses
+                previous.wait_snapshotted()
             t0 = time.perf_counter()
             target = core.target(path, storage_options)
             job = core.begin(job_type, target, plan(target), **extra)
-            drive(feed(job, t0, interrupts.check), lambda n: self._wait_for_buffer(job, n, interrupts))
+            if deferred:
+                core.defer(job, t0)
+            else:
+                poll = 0.05 if interrupts.active else None
+                drive(feed(job, t0, interrupts.check),
+                      lambda n: core.wait_for_buffer(job, n, interrupts.check, poll))
         return job.handle
 
-    def _wait_for_buffer(self, job: Job, nbytes: int, interrupts: DeferredInterrupt) -> torch.Tensor | None:
-        future = self.core.runtime.spawn(job.acquire, nbytes)
-        try:
-            while True:
-                try:
-                    return future.result(timeout=0.05 if interrupts.active else None)
-                except concurrent.futures.TimeoutError:
-                    interrupts.check()
-        except BaseException:
-            future.cancel()  # a buffer it still gets goes back to the pool (the job owns it)
-            raise
-
     def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None, base: Any = None,
-             metadata: Mapping[str, Any] | None = None, digests: bool = False,
-             trust_versions: bool = False) -> SaveHandle:
+             metadata: Mapping[str, Any] | None = None, digests: bool = False, trust_versions: bool = False,
+             snapshot: str | None = None) -> SaveHandle:
         """Snapshot ``state`` on this thread and write it to ``path`` in the background; returns after the
         snapshot. ``handle.result()`` waits for the commit. The options are :meth:`CheckpointEngine.save`'s."""
         info = self._metadata(metadata)
@@ -88,12 +82,19 @@ class SyncEngine(EngineBase):
             found = None if base is None else self.core.runtime.call(self.core.open_base, target, base)
             return self._plan(state, found, digests, trust_versions)
 
-        return self._save(plan, path, storage_options, SaveJob, fsync=self.options.fsync, metadata=info)
+        return self._save(plan, path, storage_options, SaveJob, self._deferred(snapshot), fsync=self.options.fsync,
+                          metadata=info)
+
+    def prepare(self, state: Any) -> None:
+        """Plan ``state`` and allocate its staging buffers ahead of the first save (see
+        :meth:`CheckpointEngine.prepare`)."""
+        with self._lock:
+            self._warm(state)
 
     def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` on this thread, then run ``fn(copy)`` in the pipeline, ordered as a save of ``path``
         (see :meth:`CheckpointEngine.save_with`)."""
-        return self._save(lambda target: self._plan_copy(state), path, None, CallJob, fn=fn)
+        return self._save(lambda target: self._plan_copy(state), path, None, CallJob, self._deferred(None), fn=fn)
 
     # ------------------------------------------------------------ everything else
 

@@ -204,9 +204,9 @@ def install_hooks(mark: Marker) -> None:
 
     fill = Plan.fill
 
-    def marked_fill(self: Any, chunk: Any, buf: Any) -> None:
+    def marked_fill(self: Any, chunk: Any, buf: Any) -> Any:
         mark("S", sleep=True)
-        fill(self, chunk, buf)
+        return fill(self, chunk, buf)
 
     Plan.fill = marked_fill  # type: ignore[method-assign]
 

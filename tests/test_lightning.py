@@ -42,7 +42,7 @@ PACKAGES = {
     "lightning": ("lightning.pytorch", "lightning.fabric"),
     "pytorch_lightning": ("pytorch_lightning", "lightning_fabric"),
 }
-KINDS = ["torch", "native"]
+KINDS = ["torch", "native", "torch-deferred", "native-deferred"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,9 +119,10 @@ def make_trainer(p, root, max_epochs, plugin=None, callbacks=()):
 
 
 def make_plugin(kind: str, p):
-    if kind == "torch":
-        return al.AsyncCheckpointIO(p.SlowTorchIO())
-    return al.NativeCheckpointIO()
+    options = {"snapshot": "deferred"} if kind.endswith("-deferred") else {}  # the next optimizer step is the fence
+    if kind.startswith("torch"):
+        return al.AsyncCheckpointIO(p.SlowTorchIO(), **options)
+    return al.NativeCheckpointIO(**options)
 
 
 def train_and_resume(package: str, kind: str | None, root) -> dict:
@@ -187,7 +188,7 @@ def test_fit_topk_last_and_resume_bit_exact(package, kind, tmp_path, baseline):
 
     p = pkg(package)
     best = run["best_path"]
-    if kind == "torch":
+    if kind.startswith("torch"):
         # plain Lightning tooling opens these files
         assert os.path.isfile(best)
         model = p.TinyModel.load_from_checkpoint(best)

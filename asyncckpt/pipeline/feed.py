@@ -26,8 +26,10 @@ def snapshot_error(exc: BaseException) -> Exception:
     return CheckpointError("the save was interrupted during its snapshot; nothing of it was committed")
 
 
-def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None) -> Steps:
-    """Fill and submit each chunk of ``job``'s plan; ``check()`` runs between chunks (raising aborts the save)."""
+def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred: bool = False) -> Steps:
+    """Fill and submit each chunk of ``job``'s plan; ``check()`` runs between chunks (raising aborts the save).
+    A ``deferred`` feed runs while the caller computes: after each chunk it proves that no tensor it copied was
+    modified since ``save`` (``Plan.check_unchanged``)."""
     runtime, plan = job.runtime, job.plan
     try:
         job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
@@ -40,8 +42,12 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None) -> Steps
                 buf = yield chunk.nbytes
                 if buf is None:
                     break
-            plan.fill(chunk, buf)  # a buffer not submitted stays the job's: it returns it when it concludes
-            runtime.call_soon(job.submit, chunk, buf)
+            ready = plan.fill(chunk, buf)  # a buffer not submitted stays the job's: it returns it when it concludes
+            if deferred:
+                if ready is not None:  # a device copy: prove what was copied, not what was queued
+                    ready.synchronize()
+                plan.check_unchanged(chunk)
+            runtime.call_soon(job.submit, chunk, buf, ready)
         plan.finish()
     except BaseException as exc:
         runtime.call_soon(job.fail, snapshot_error(exc))

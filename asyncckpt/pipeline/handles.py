@@ -52,6 +52,8 @@ class SaveHandle:
         self._runtime = runtime
         self._settled = threading.Event()
         self._settled_on_loop = anyio.Event()
+        self._copied = threading.Event()
+        self._copied_on_loop = anyio.Event()
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
         self.observed = False  # the error reached a caller (through this handle, wait(), save() or close)
@@ -94,8 +96,30 @@ class SaveHandle:
         """Wait on the engine's loop (for work ordered after this save)."""
         await self._settled_on_loop.wait()
 
+    def snapshot_done(self) -> bool:
+        """Whether the snapshot is over: the state's bytes are copied (or the save failed), so the caller may change
+        any tensor. Always true once an eager ``save`` has returned."""
+        return self._copied.is_set()
+
+    async def snapshotted(self) -> None:
+        """Wait (from any event loop) until the snapshot is over: the fence before changing tensors outside an
+        optimizer step when the save is deferred (an optimizer step waits for it by itself)."""
+        if not self._copied.is_set():
+            await self._runtime.call_async(self._copied_on_loop.wait)
+
+    def wait_snapshotted(self, timeout: float | None = None) -> None:
+        """:meth:`snapshotted` for threads (``TimeoutError`` after ``timeout`` seconds)."""
+        if not self._copied.wait(timeout):
+            raise TimeoutError(f"the snapshot of {self.path} is still copying after {timeout} s")
+
+    def mark_snapshotted(self) -> None:
+        """The snapshot is over (on the engine's loop)."""
+        self._copied.set()
+        self._copied_on_loop.set()
+
     def settle(self, result: SaveResult | None = None, error: BaseException | None = None) -> None:
         """Record the outcome (on the engine's loop, exactly once) and wake every waiter."""
         self._result, self._error = result, error
+        self.mark_snapshotted()
         self._settled.set()
         self._settled_on_loop.set()

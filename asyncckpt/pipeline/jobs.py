@@ -67,7 +67,7 @@ class Job:
         self.snapshot_seconds = 0.0
         self.in_hand: dict[int, torch.Tensor] = {}
         self.input_closed = False
-        self._backlog: list[tuple[Chunk, torch.Tensor]] = []
+        self._backlog: list[tuple[Chunk, torch.Tensor, Any]] = []
         self._input_done = anyio.Event()
         self._ready = anyio.Event()  # start() finished: chunks may be written
         self._may_write = anyio.Event()  # the snapshot no longer needs the machine to itself (see ``yield_to_copy``)
@@ -118,19 +118,21 @@ class Job:
         self.input_closed = True
         self._input_done.set()
         self._may_write.set()
+        self.handle.mark_snapshotted()
 
-    def submit(self, chunk: Chunk, buf: torch.Tensor) -> None:
-        """Take a filled buffer (ownership passes to the job, which returns it to the pool)."""
+    def submit(self, chunk: Chunk, buf: torch.Tensor, ready: Any = None) -> None:
+        """Take a filled buffer (ownership passes to the job, which returns it to the pool); ``ready`` is the CUDA
+        event its bytes are complete after, if they come from a device."""
         self.in_hand.pop(id(buf), None)
         if self.error is not None:
             self.pool.release(buf)
             return
         self.keep(chunk, buf)
         if self._tg is None:
-            self._backlog.append((chunk, buf))
+            self._backlog.append((chunk, buf, ready))
             return
         try:
-            self._tg.start_soon(self._guarded, chunk, buf)
+            self._tg.start_soon(self._guarded, chunk, buf, ready)
         except Exception as exc:  # never lose a chunk silently: the save fails instead
             if not self.owns_buffers_until_finish:
                 self.pool.release(buf)
@@ -148,8 +150,8 @@ class Job:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                for chunk, buf in self._backlog:
-                    tg.start_soon(self._guarded, chunk, buf)
+                for chunk, buf, ready in self._backlog:
+                    tg.start_soon(self._guarded, chunk, buf, ready)
                 self._backlog.clear()
                 try:
                     await self.start()
@@ -190,12 +192,12 @@ class Job:
                 error = self.error or CheckpointError("the save ended without a result")
                 self.handle.settle(error=restate(error, f"save to {self.display} failed: {describe(error)}"))
 
-    async def _guarded(self, chunk: Chunk, buf: torch.Tensor) -> None:
+    async def _guarded(self, chunk: Chunk, buf: torch.Tensor, ready: Any) -> None:
         try:
             await self._ready.wait()
             await self._may_write.wait()
-            if chunk.ready is not None:  # CUDA copies of this chunk were queued on the side stream
-                await self.runtime.run_sync(chunk.ready.synchronize)
+            if ready is not None:  # CUDA copies of this chunk were queued on the side stream
+                await self.runtime.run_sync(ready.synchronize)
             if self.error is None:
                 await self.take(chunk, buf)
         except anyio.get_cancelled_exc_class():

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
 from ..format.manifest import (ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord, View, finish_tensor,
                                view_tensor)
@@ -36,11 +37,21 @@ class Entry:
     st_shape: tuple[int, ...] = ()
     shard: int = 0
     offset: int = 0  # file offset (shard layout) or buffer offset (bin layout)
+    source: torch.Tensor | None = None  # the caller's tensor, whose version counter a deferred copy checks
+    version: int = 0  # its ``_version`` when the save was called
     _contig: torch.Tensor | None = None
 
     @property
     def span(self) -> Span:
         return Span(self.shard, self.offset, self.nbytes)
+
+    def reset(self) -> None:
+        """Forget the temporary contiguous copy of the last save (the tensor's values have changed since)."""
+        self._contig = None
+
+    def changed(self) -> bool:
+        """Whether the caller's tensor was modified in place since :meth:`Plan.stamp`."""
+        return self.source is not None and self.source._version != self.version
 
     def copy_into(self, dest: torch.Tensor, start: int, end: int, non_blocking: bool) -> None:
         """Copy bytes ``[start, end)`` of this entry's contiguous image into ``dest`` (a uint8 view)."""
@@ -62,7 +73,6 @@ class Chunk:
     offset: int
     nbytes: int
     pieces: list[tuple[Entry, int, int, int]] = field(default_factory=list)  # entry, start, end, offset in chunk
-    ready: Any = None  # CUDA event recorded after the chunk's device copies
 
 
 @dataclass
@@ -118,18 +128,36 @@ class Plan:
         return (tuple(t.record(own) for t in self.tensors), tuple(StorageRecord(e.span) for e in self.storages),
                 tuple(ObjectRecord(type_name, key, e.span) for type_name, key, e in self.objects))
 
-    def fill(self, chunk: Chunk, buf: torch.Tensor) -> None:
-        """Copy ``chunk``'s bytes into ``buf``; runs on the caller's thread."""
+    def fill(self, chunk: Chunk, buf: torch.Tensor) -> Any:
+        """Copy ``chunk``'s bytes into ``buf``; runs on the caller's thread. Returns the CUDA event the bytes are
+        ready after (copies from a device are queued on a side stream), or None when they are there already."""
         if self.stream is None:
             for entry, start, end, at in chunk.pieces:
                 entry.copy_into(buf[at:at + end - start], start, end, False)
-            return
+            return None
         with torch.cuda.stream(self.stream):
             for entry, start, end, at in chunk.pieces:
                 if entry.src.is_cuda:  # keep the caching allocator from reusing the source before we copied it
                     entry.src.record_stream(self.stream)
                 entry.copy_into(buf[at:at + end - start], start, end, True)
-            chunk.ready = devices.record(self.stream)
+            return devices.record(self.stream)
+
+    def stamp(self) -> None:
+        """Record every source tensor's version counter: a deferred copy proves against it that what it copied is
+        what the state held when ``save`` was called."""
+        for entry in self.entries:
+            if entry.source is not None:
+                entry.version = entry.source._version
+
+    def check_unchanged(self, chunk: Chunk) -> None:
+        """Raise if a tensor whose bytes ``chunk`` holds was modified since :meth:`stamp` (checked after the copy:
+        an in-place update bumps the counter when it starts, so a copy that raced it is caught)."""
+        for entry, _, _, _ in chunk.pieces:
+            if entry.changed():
+                raise CheckpointError(
+                    f"the tensor at {entry.name} was modified while the deferred snapshot was copying it; nothing of "
+                    "this save was committed. Let an optimizer step do the update (it waits for the copy), or await "
+                    "handle.snapshotted() before changing tensors outside one")
 
     def finish(self) -> None:
         """Order the caller's later CUDA work after our copies, so in-place updates cannot race them."""
@@ -197,7 +225,8 @@ def _tensor_entries(walker: Walker) -> tuple[list[TensorInfo], list[Entry], list
             base = views[members[0]][0]
             st = base.untyped_storage()
             blob = torch.empty(0, dtype=torch.uint8, device=base.device).set_(st)
-            storages.append(Entry(f"__storage__.{len(storages)}", st.nbytes(), 1, blob, st_shape=(st.nbytes(),)))
+            storages.append(Entry(f"__storage__.{len(storages)}", st.nbytes(), 1, blob, st_shape=(st.nbytes(),),
+                                  source=base))
             entries.append(storages[-1])
             for i in members:
                 shared[i] = len(storages) - 1
@@ -220,7 +249,8 @@ def _tensor_entries(walker: Walker) -> tuple[list[TensorInfo], list[Entry], list
         st_dtype = SAFETENSORS_DTYPES.get(t.dtype, "U8")
         info.entry = Entry(path or "<root>", nbytes, t.element_size(), _byte_view(t) if t.is_contiguous() else t,
                            typed=None if t.is_contiguous() else t, st_dtype=st_dtype,
-                           st_shape=tuple(t.shape) if st_dtype != "U8" or t.dtype == torch.uint8 else (nbytes,))
+                           st_shape=tuple(t.shape) if st_dtype != "U8" or t.dtype == torch.uint8 else (nbytes,),
+                           source=None if i in host else original)
         entries.append(info.entry)
     return infos, storages, entries, cuda
 
@@ -273,6 +303,12 @@ def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = F
     digest is recorded (a later save may build on this one); with a ``base``, tensors whose bytes it already holds
     are referenced instead of written (see :mod:`.incremental`)."""
     tree, walker = walk_state(state, pickle_objects=True)
+    return layout(tree, walker, shard_bytes, chunk_bytes, digests=digests, base=base, memo=memo)
+
+
+def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, digests: bool = False,
+           base: Base | None = None, memo: VersionMemo | None = None) -> Plan:
+    """The plan of a walked state (see :func:`prepare`)."""
     tensors, storages, entries, cuda = _tensor_entries(walker)
     external: list[ShardRecord] = []
     if digests or base is not None:
@@ -304,6 +340,56 @@ def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = F
     if cuda:
         plan.stream = devices.side_stream()
     return plan
+
+
+def _structure(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int) -> Any:
+    """What a plan's layout depends on: the structure and plain values, every tensor's dtype, shape, strides and
+    memory, the pickled values' sizes. None when the plan cannot be reused (XLA tensors move through fresh host
+    copies every time)."""
+    views = []
+    for t, _ in walker.views:
+        if xla.is_xla(t):
+            return None
+        st = t.untyped_storage() if t.numel() else None
+        views.append((t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), str(t.device), type(t),
+                      t.requires_grad, t.is_conj(), t.is_neg(),
+                      (st.data_ptr(), st.nbytes()) if st is not None else id(t)))
+    return (shard_bytes, chunk_bytes, tree, views, [len(obj) for obj, _, _ in walker.objects])
+
+
+class PlanCache:
+    """The last native plan, reused while the state keeps its structure.
+
+    A training loop saves the same structure every N steps: the same dicts, the same tensors in the same memory
+    (updated in place), the same plain values. Then the layout, shard headers and manifest records of the last
+    save are still right, and only the pickled values are new. The check compares everything the layout depends on
+    (see ``_structure``); holding the plan keeps those tensors' storages alive until the next save or close.
+    """
+
+    def __init__(self) -> None:
+        self._plan: Plan | None = None
+        self._key: Any = None
+        self.reused = 0  # how many saves reused the plan (tests and benchmarks read it)
+
+    def prepare(self, state: Any, shard_bytes: int, chunk_bytes: int) -> Plan:
+        tree, walker = walk_state(state, pickle_objects=True)
+        key = _structure(tree, walker, shard_bytes, chunk_bytes)
+        plan = self._plan
+        if plan is not None and key is not None and key == self._key:
+            for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
+                entry.src = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else entry.src
+            for entry in plan.entries:
+                entry.reset()
+            if plan.stream is not None:
+                plan.stream.wait_stream(torch.cuda.current_stream())
+            self.reused += 1
+            return plan
+        plan = layout(tree, walker, shard_bytes, chunk_bytes)
+        self._plan, self._key = (plan, key) if key is not None else (None, None)
+        return plan
+
+    def clear(self) -> None:
+        self._plan = self._key = None
 
 
 def _cut(plan: Plan, shard: int, ordered: list[Entry], size: int, chunk_bytes: int) -> None:

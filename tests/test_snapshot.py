@@ -1,0 +1,88 @@
+"""The snapshot stage: plan reuse across saves of one structure, warm-up, and deferred snapshots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import asyncckpt
+from faultfs import FaultPlan, faulty_os
+
+from .helpers import assert_same
+
+
+def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_each_saves_values(tmp_path):
+    model = torch.nn.Linear(32, 8)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 32)).sum().backward()
+    opt.step()
+    saved = []
+    with asyncckpt.SyncEngine(chunk_bytes=4096, shard_bytes=8192) as engine:
+        plans = engine.core.plans
+        for step in range(4):
+            with torch.no_grad():
+                model.weight.add_(1.0)  # in place: the same memory, new values
+            state = {"model": model, "opt": opt, "note": {"tags": {f"s{step % 2}"}}, "epoch": 3}
+            engine.save(state, tmp_path / f"s{step}").result()
+            saved.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert plans.reused == 3
+        # a different plain value, a new key, a tensor in new memory: each makes a new plan
+        for change in ({"epoch": 4}, {"extra": torch.ones(3)}, {"model": torch.nn.Linear(32, 8)}):
+            engine.save({"model": model, "opt": opt, "note": {"tags": {"s0"}}, "epoch": 3, **change},
+                        tmp_path / "changed").result()
+            assert plans.reused == 3
+            got = engine.load(tmp_path / "changed")
+            for key, value in change.items():
+                assert_same(got[key], value.state_dict() if isinstance(value, torch.nn.Module) else value)
+        for step in range(4):
+            got = engine.load(tmp_path / f"s{step}")
+            assert_same(got["model"], type(got["model"])(saved[step]))
+            assert got["note"] == {"tags": {f"s{step % 2}"}}  # pickled values are new every save
+
+
+def test_prepare_makes_the_first_save_reuse_plan_and_buffers(tmp_path):
+    state = {"w": torch.randn(1 << 20), "b": torch.randn(1000), "step": 1}
+    with asyncckpt.SyncEngine(chunk_bytes=1 << 20) as engine:
+        engine.prepare(state)
+        allocations = engine.staging.allocations
+        assert allocations >= 4 and engine.core.plans.reused == 0
+        engine.save(state, tmp_path / "a").result()
+        assert engine.core.plans.reused == 1 and engine.staging.allocations == allocations
+    with asyncckpt.SyncEngine() as engine:
+        assert_same(engine.load(tmp_path / "a"), state)
+
+
+def test_deferred_save_returns_before_the_copy_and_optimizer_steps_wait_for_it(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with asyncckpt.SyncEngine(chunk_bytes=1 << 20, host_memory_budget=2 << 20, snapshot="deferred") as engine:
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.01)):  # the copy waits for slow writes
+            expected = {k: v.clone() for k, v in model.state_dict().items()}
+            handle = engine.save({"model": model}, tmp_path / "ck")
+            assert not handle.snapshot_done()  # 8 MiB through a 2 MiB budget: still copying
+            model(torch.randn(4, 512)).sum().backward()  # forward and backward run meanwhile
+            opt.step()  # waits for the copy, then changes the parameters
+            assert handle.snapshot_done()
+        handle.result()
+        got = engine.load(tmp_path / "ck")
+    assert_same(got["model"], type(got["model"])(expected), grad=False)
+
+
+async def test_a_tensor_changed_during_a_deferred_copy_fails_the_save_and_names_it(tmp_path):
+    w, other = torch.zeros(1 << 20), torch.zeros(1 << 20)
+    async with asyncckpt.CheckpointEngine(chunk_bytes=1 << 20, host_memory_budget=1 << 20) as engine:
+        await (await engine.save({"w": w, "other": other}, tmp_path / "ck")).wait()  # the previous checkpoint
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.05)):
+            handle = await engine.save({"w": w, "other": other}, tmp_path / "ck", snapshot="deferred")
+            w.add_(1)  # outside an optimizer, without the fence: a deliberate race
+            other.add_(1)
+            with pytest.raises(asyncckpt.CheckpointError, match="was modified while the deferred snapshot"):
+                await handle
+        got = await engine.load(tmp_path / "ck")
+        assert torch.equal(got["w"], torch.zeros(1 << 20))  # the previous checkpoint stands, nothing torn
+        handle = await engine.save({"w": w}, tmp_path / "fenced", snapshot="deferred")
+        await handle.snapshotted()
+        w.add_(1)
+        await handle
+        assert torch.equal((await engine.load(tmp_path / "fenced"))["w"], torch.ones(1 << 20))
