@@ -346,15 +346,12 @@ def _structure(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int) ->
     """What a plan's layout depends on: the structure and plain values, every tensor's dtype, shape, strides and
     memory, the pickled values' sizes. None when the plan cannot be reused (XLA tensors move through fresh host
     copies every time)."""
-    views = []
+    extra = []
     for t, _ in walker.views:
-        if xla.is_xla(t):
+        if t.is_xla:
             return None
-        st = t.untyped_storage() if t.numel() else None
-        views.append((t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), str(t.device), type(t),
-                      t.requires_grad, t.is_conj(), t.is_neg(),
-                      (st.data_ptr(), st.nbytes()) if st is not None else id(t)))
-    return (shard_bytes, chunk_bytes, tree, views, [len(obj) for obj, _, _ in walker.objects])
+        extra.append((type(t), t.requires_grad))
+    return (shard_bytes, chunk_bytes, tree, walker.keys, extra, [len(obj) for obj, _, _ in walker.objects])
 
 
 class PlanCache:

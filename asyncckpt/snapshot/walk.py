@@ -17,9 +17,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CheckpointError
-from ..format.manifest import shape_problem
+from ..format.manifest import MAX_DIMS, MAX_INDEX, shape_problem
 from ..format.tree import MAX_DEPTH, encode_float, key_path
-from . import xla
 
 Preparer = Callable[["Walker", Any, str, int], Any]
 
@@ -30,6 +29,7 @@ class Walker:
     def __init__(self, pickle_objects: bool) -> None:
         self.pickle_objects = pickle_objects
         self.views: list[tuple[torch.Tensor, str]] = []  # unique tensor views, with the first path naming each
+        self.keys: list[tuple[Any, ...]] = []  # where each view's bytes are and how it sees them
         self.view_index: dict[tuple[Any, ...], int] = {}
         self.objects: list[tuple[Any, str, str]] = []  # payload, path, type name
         self._active: set[int] = set()
@@ -44,21 +44,24 @@ class Walker:
         return prepare(self, value, path, depth)
 
     def add_tensor(self, t: torch.Tensor, path: str) -> int:
-        if t.device.type == "meta":
+        if t.is_meta:
             raise CheckpointError(f"tensor at {path or '<root>'} is on the meta device and has no data to save; "
                                   "materialise it (e.g. module.to_empty + init) before saving")
-        problem = shape_problem(tuple(t.shape), t.element_size())
-        if problem is not None:
-            raise CheckpointError(f"cannot save the tensor at {path or '<root>'}: {problem}")
+        shape, numel = tuple(t.shape), t.numel()
+        if len(shape) > MAX_DIMS or numel * t.element_size() >= MAX_INDEX or (not numel and shape and
+                                                                               max(shape) >= MAX_INDEX):
+            raise CheckpointError(f"cannot save the tensor at {path or '<root>'}: "
+                                  f"{shape_problem(shape, t.element_size())}")
         key: tuple[Any, ...] = (id(t),)
-        if t.numel() and not xla.is_xla(t):  # XLA storages expose no data pointer: such views stay distinct
+        if numel and not t.is_xla:  # XLA storages expose no data pointer: such views stay distinct
             st = t.untyped_storage()
-            key = (str(t.device), st.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+            key = (t.device, st.data_ptr(), st.nbytes(), t.storage_offset(), shape, t.stride(), t.dtype,
                    t.is_conj(), t.is_neg())  # z and z.conj() share every byte but not their values
         index = self.view_index.get(key)
         if index is None:
             index = self.view_index[key] = len(self.views)
             self.views.append((t, path))
+            self.keys.append(key)
         return index
 
     def add_object(self, obj: Any, path: str) -> int:
@@ -124,8 +127,10 @@ def mapping(w: Walker, value: dict[Any, Any], path: str, depth: int) -> Any:
     w.enter(value, path)
     try:
         pairs = []
+        walk = w.walk
         for k, v in value.items():
-            pairs.append([w.walk(k, f"{path}.<key>", depth + 1), w.walk(v, key_path(path, k), depth + 1)])
+            key = k if type(k) is str else walk(k, f"{path}.<key>", depth + 1)
+            pairs.append([key, walk(v, f"{path}.{k}" if path and type(k) is str else key_path(path, k), depth + 1)])
         if type(value) is dict:
             return {"dict": pairs}
         node: dict[str, Any] = {"odict": pairs}
