@@ -7,6 +7,7 @@ from .errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidArgumentError,
+    NewerFormatError,
     S3Error,
     StorageError,
     UnsafeCheckpointError,
@@ -22,8 +23,8 @@ from .version import __version__
 
 __all__ = [
     "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
-    "EngineOptions", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest", "RetryPolicy", "S3Error",
-    "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager", "SyncEngine", "SyncHandle",
-    "UnsafeCheckpointError", "Verification", "__version__", "committed", "from_torch_file", "latest",
+    "EngineOptions", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest", "NewerFormatError",
+    "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager", "SyncEngine",
+    "SyncHandle", "UnsafeCheckpointError", "Verification", "__version__", "committed", "from_torch_file", "latest",
     "to_safetensors", "to_torch_file", "verify",
 ]

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from .version import __version__
 
-EPILOG = "Paths may be local or fsspec URLs (s3://..., gs://..., memory://...). Exit status: 0 ok, 1 failure, 2 usage."
+EPILOG = ("Paths may be local or fsspec URLs (s3://..., gs://..., ...). Exit status: 0 ok, 1 a check failed or the "
+          "operation could not be done, 2 usage error.")
 
 
 class UsageError(Exception):
@@ -128,6 +129,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .tools.progress import human_bytes, terminal_progress
 
     found = verify(args.path, args.storage_options, args.concurrency, terminal_progress(args.progress))
+    if args.json:
+        print(json.dumps({"path": found.path, "ok": found.ok, "shards": found.shards, "bytes": found.nbytes,
+                          "checksums": found.checksums, "problems": found.problems, "warnings": found.warnings,
+                          "seconds": found.seconds}, indent=2))
+        return 0 if found.ok else 1
     for w in found.warnings:
         print(f"asyncckpt: warning: {found.path}: {w}", file=sys.stderr)
     for p in found.problems[:50]:
@@ -175,6 +181,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if "--unsafe" in str(exc):
             raise
         raise UnsafeCheckpointError(f"{_one_line(str(exc))} [pass --unsafe if you trust it]") from None
+    if args.json:
+        print(json.dumps({"src": result.src, "dst": result.dst, "to": result.to, "files": result.files,
+                          "bytes": result.bytes_written, "tensors": result.tensors, "notes": result.notes}, indent=2))
+        return 0
     for note in result.notes:
         print(f"asyncckpt: note: {note}", file=sys.stderr)
     files = f" in {len(result.files)} files" if len(result.files) > 1 else ""
@@ -191,6 +201,9 @@ def cmd_latest(args: argparse.Namespace) -> int:
     from .tools.convert import path_kind
 
     found = latest(args.directory, args.storage_options)
+    if args.json:
+        print(json.dumps({"directory": args.directory, "latest": found}))
+        return 0 if found is not None else 1
     if found is None:
         missing = path_kind(args.directory, args.storage_options) is None
         raise CheckpointError(f"no committed checkpoint under {args.directory}"
@@ -241,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncckpt", description="Inspect, verify, convert and find asyncckpt checkpoints.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"asyncckpt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback when a command fails")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what the engine does (-v: each save, retries and fallbacks; -vv: details)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only (no warnings or notes)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--json", action="store_true", help="print one JSON document (exit status as without it)")
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("-o", "--storage-option", dest="storage_option", action="append", metavar="KEY=VALUE",
                          help="fsspec storage option for URL paths, repeatable (e.g. -o anon=true, "
@@ -261,17 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("inspect", cmd_inspect, [storage], "list a checkpoint's entries, shards and totals",
+    p = command("inspect", cmd_inspect, [storage, machine], "list a checkpoint's entries, shards and totals",
                 "List the tensors (key, dtype, shape, size, shard), other entries, shards and totals of a committed "
                 "checkpoint. Reads the manifest only.")
     p.add_argument("path", metavar="PATH", help="checkpoint directory or URL")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    p = command("verify", cmd_verify, [storage, io], "check every checksum and the manifest",
+    p = command("verify", cmd_verify, [storage, io, machine], "check every checksum and the manifest",
                 "Read every shard, check each chunk against the manifest's xxh3-64 checksums, and check that the "
                 "manifest, the shards' safetensors headers and the files agree. Exit status 0 when the checkpoint "
                 "is intact, 1 otherwise.")
     p.add_argument("path", metavar="PATH", help="checkpoint directory or URL")
-    p = command("convert", cmd_convert, [storage, io], "convert between native, torch.save and safetensors",
+    p = command("convert", cmd_convert, [storage, io, machine], "convert between native, torch.save and safetensors",
                 "Convert a checkpoint. The direction follows SRC unless --to says otherwise:\n"
                 "  native checkpoint -> torch.save file      (--to torch, the default for a directory)\n"
                 "  torch.save file   -> native checkpoint    (--to native, the default for a file)\n"
@@ -286,11 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--unsafe", action="store_true",
                    help="unpickle with weights_only=False (can run arbitrary code; only for files you trust)")
-    p = command("latest", cmd_latest, [storage], "print the newest committed checkpoint under a directory",
+    p = command("latest", cmd_latest, [storage, machine], "print the newest committed checkpoint under a directory",
                 "Print the newest committed checkpoint directly under DIR (by snapshot time). Uncommitted or "
                 "foreign directories are ignored. Exit status 1 if there is none.")
     p.add_argument("directory", metavar="DIR", help="directory or URL prefix holding checkpoints")
-    p = command("bench", cmd_bench, [storage], "measure a storage target and the engine on it",
+    p = command("bench", cmd_bench, [storage, machine], "measure a storage target and the engine on it",
                 "Measure how fast TARGET (a directory or URL) writes and reads without the engine, and how fast "
                 "the engine saves and loads a synthetic state there, in the same run; says whether the storage or "
                 "the engine is the bottleneck. Peer comparisons: `python -m benchmarks` in a checkout.")
@@ -300,8 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive, default=3, help="measured saves and loads (default 3)")
     p.add_argument("-j", "--concurrency", type=_positive, default=8, metavar="N",
                    help="I/O operations in flight at once (default: 8)")
-    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return parser
+
+
+def _logging(verbose: int, quiet: bool) -> None:
+    """The ``asyncckpt`` logger on stderr: warnings by default, -v info, -vv debug, -q errors only."""
+    import logging
+
+    class Lowercase(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"asyncckpt: {record.levelname.lower()}: {record.getMessage()}"
+
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("asyncckpt")
+    for old in [h for h in logger.handlers if getattr(h, "asyncckpt_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Lowercase())
+    handler.asyncckpt_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    _logging(args.verbose, args.quiet)
     try:
         args.storage_options = storage_options(getattr(args, "storage_option", None))
         if args.command == "bench" and args.target is None:

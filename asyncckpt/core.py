@@ -222,6 +222,10 @@ class EngineCore:
                     self._pending.pop(job.target.key, None)
             if job.handle.error is not None:
                 log.debug("save to %s failed: %s", job.display, job.handle.error)
+            elif log.isEnabledFor(logging.INFO):
+                r = job.handle.result()
+                log.info("saved %s: %d bytes in %d shards, blocked %.3f s, durable after %.3f s", r.path,
+                         r.bytes_written, r.shards, r.snapshot_seconds, r.snapshot_seconds + r.write_seconds)
 
     async def after_pending(self, target: Target) -> None:
         """*(loop)* Wait until no save of ``target`` is pending (whatever their outcome)."""

@@ -21,6 +21,11 @@ class CorruptCheckpointError(CheckpointError):
     or a manifest that contradicts itself. Restore from another checkpoint (see :func:`asyncckpt.latest`)."""
 
 
+class NewerFormatError(CheckpointError):
+    """The checkpoint was written in a format version this release does not read (a newer asyncckpt wrote it):
+    upgrade asyncckpt to load it. Nothing is wrong with the checkpoint."""
+
+
 class IncompleteCheckpointError(CheckpointError):
     """No committed checkpoint exists at the path: its save never finished (crash, failure, still running)."""
 

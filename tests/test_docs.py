@@ -8,6 +8,10 @@ comment on the line just before its opening fence::
     ```python
     trainer.fit(model)
     ```
+
+A block marked ``<!-- run: s3 -->`` runs against the suite's moto S3 server: ``AWS_ENDPOINT_URL`` and dummy
+credentials point every S3 client at it, and the bucket ``my-bucket`` exists, so the block reads as it would for a
+user with real credentials.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [p for p in [ROOT / "README.md"] if p.exists()]
 NO_RUN = "<!-- no-run -->"
+S3 = "<!-- run: s3 -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 
 
@@ -35,6 +40,7 @@ class Block:
     lang: str
     code: str
     run: bool
+    s3: bool = False
 
 
 def blocks(page: Path) -> list[Block]:
@@ -54,7 +60,7 @@ def blocks(page: Path) -> list[Block]:
         while i < len(lines) and not lines[i].strip().startswith(fence):
             body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
             i += 1
-        out.append(Block(page, start + 1, lang.lower(), "\n".join(body) + "\n", previous != NO_RUN))
+        out.append(Block(page, start + 1, lang.lower(), "\n".join(body) + "\n", previous != NO_RUN, previous == S3))
         previous = ""
         i += 1
     return out
@@ -80,10 +86,20 @@ def test_block_parser_honours_the_marker(tmp_path):
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: p.name)
-def test_examples_run(page, tmp_path, monkeypatch):
+def test_examples_run(page, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for block in runnable(page):
+        if block.s3:
+            moto = request.getfixturevalue("moto")
+            options = moto.options()
+            monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", options["key"])
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
+            monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            client = moto.client()
+            if "my-bucket" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                client.create_bucket(Bucket="my-bucket")
         try:
             exec(compile(block.code, f"{page.relative_to(ROOT)}:{block.line}", "exec"), namespace)
         except Exception as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -120,3 +122,58 @@ def test_public_names_live_at_the_package_root():
     assert issubclass(asyncckpt.S3Error, asyncckpt.StorageError) and issubclass(asyncckpt.StorageError,
                                                                              CheckpointError)
     assert asyncckpt.RetryPolicy(attempts=3).attempts == 3
+
+
+def test_bad_arguments_raise_invalid_argument_error_before_anything_is_read(tmp_path):
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(2)}, tmp_path / "ck").result()
+        for bad in ("bogus", 123, {"cpu": "nowhere"}, {1: "cpu"}):
+            with pytest.raises(asyncckpt.InvalidArgumentError, match="map_location"):
+                engine.load(tmp_path / "ck", map_location=bad)
+        with pytest.raises(asyncckpt.InvalidArgumentError, match="str or os.PathLike"):
+            engine.save({"w": torch.ones(2)}, 42)
+        with pytest.raises(asyncckpt.InvalidArgumentError, match="text"):
+            engine.load(b"/tmp/ck")
+        with pytest.raises(asyncckpt.InvalidArgumentError, match="metadata must be JSON"):
+            engine.save({"w": torch.ones(2)}, tmp_path / "x", metadata={"f": object()})
+    for options, match in (({"chunk_bytes": 4095}, "multiple of 4096"), ({"write_concurrency": 0}, "positive"),
+                           ({"fsync": "yes"}, "True or False"), ({"snapshot": "lazy"}, "snapshot must be")):
+        with pytest.raises(asyncckpt.InvalidArgumentError, match=match):
+            asyncckpt.SyncEngine(**options)
+    with pytest.raises(asyncckpt.InvalidArgumentError, match="did you mean 'chunk_bytes'"):
+        asyncckpt.EngineOptions.from_kwargs({"chunk_byte": 4096})
+
+
+def test_strict_false_restores_what_matches_and_says_what_did_not(tmp_path, caplog):
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"model": {"a": torch.ones(2), "b": torch.ones(2)}}, tmp_path / "ck").result()
+        target = {"model": {"a": torch.zeros(2), "c": torch.zeros(2)}}
+        with caplog.at_level("WARNING", logger="asyncckpt"):
+            engine.load(tmp_path / "ck", state=target, strict=False)
+    assert torch.equal(target["model"]["a"], torch.ones(2))
+    message = " ".join(r.message for r in caplog.records)
+    assert "missing from the checkpoint: model.c" in message and "not in the target: model.b" in message
+
+
+def test_a_manifest_of_a_newer_format_says_so_and_what_to_upgrade(tmp_path):
+    from asyncckpt.format.manifest import seal
+
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(2)}, tmp_path / "ck").result()
+        doc = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+        doc["version"] = 7
+        (tmp_path / "ck" / "manifest.json").write_bytes(seal(doc))
+        with pytest.raises(asyncckpt.NewerFormatError, match="newer asyncckpt.*format version 7.*upgrade") as info:
+            engine.load(tmp_path / "ck")
+    assert not isinstance(info.value, asyncckpt.CorruptCheckpointError)
+
+
+def test_a_damaged_chunk_is_reported_with_its_real_byte_range(tmp_path):
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(4)}, tmp_path / "ck").result()
+        shard = next((tmp_path / "ck").glob("shard-*"))
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+        with pytest.raises(asyncckpt.CorruptCheckpointError, match=f"at bytes 0..{len(data)};"):
+            engine.load(tmp_path / "ck")

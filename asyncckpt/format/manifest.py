@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 import xxhash
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, NewerFormatError
 from ..version import __version__
 from .dtypes import DTYPES
 
@@ -281,6 +281,12 @@ def parse(raw: bytes, where: str) -> Manifest:
         doc = json.loads(raw, object_pairs_hook=_unique_members)
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if isinstance(doc, dict) and doc.get("format") == FORMAT and _is_int(doc.get("version")) \
+            and doc["version"] > max(READABLE_VERSIONS):
+        raise NewerFormatError(
+            f"{where} was written by a newer asyncckpt ({doc.get('producer') or 'unknown producer'}, format version "
+            f"{doc['version']}); this release ({__version__}) reads format versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade asyncckpt (pip install -U asyncckpt) to load it")
     try:
         _expect(isinstance(doc, dict), "not an asyncckpt manifest")
         _check_digest(doc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import stat
 import uuid
@@ -30,6 +31,7 @@ from ..format.checksum import digest
 from .paths import local_path
 
 T = TypeVar("T")
+log = logging.getLogger("asyncckpt")
 
 
 class OsOps:
@@ -374,6 +376,7 @@ class LocalSink:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # a filesystem that opens O_DIRECT but refuses to write that way
                     raise
+                log.warning("%s: the filesystem refuses O_DIRECT writes (EINVAL); writing it buffered", self.path)
                 self.direct_fd = -1
                 self.ops.close(direct)
         _pwrite_all(self.ops, self.fd, view[:nbytes], offset)
@@ -425,6 +428,7 @@ class LocalReader:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # a filesystem that opens O_DIRECT but refuses to read that way
                     raise
+                log.warning("the filesystem refuses O_DIRECT reads (EINVAL); reading buffered")
                 self.direct_fd, fd = -1, self.direct_fd
                 self.ops.close(fd)
         _pread_all(self.ops, self.fd, view, offset)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+
+log = logging.getLogger("asyncckpt")
 
 
 class Problems:
@@ -45,6 +48,10 @@ def apply_in_place(target: Any, loaded: Any, strict: bool, display: str) -> Any:
     if messages:
         hint = "" if problems.mismatched else " (pass strict=False to load what matches)"
         raise CheckpointError(f"cannot restore {display} in place: " + "; ".join(messages) + hint)
+    if problems.missing or problems.unexpected:  # strict=False: loaded what matches, and says what did not
+        log.warning("restored %s in place without %s", display, "; ".join(filter(None, [
+            problems.missing and "missing from the checkpoint: " + ", ".join(problems.missing[:20]),
+            problems.unexpected and "not in the target: " + ", ".join(problems.unexpected[:20])])))
     return result
 
 
