@@ -7,6 +7,7 @@ allocates or opens anything. docs/format.md is the specification.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -250,6 +251,7 @@ def _is_int(x: Any, lo: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= lo
 
 
+@functools.lru_cache(maxsize=256)
 def _is_device(name: str) -> bool:
     try:
         torch.device(name)
@@ -258,27 +260,20 @@ def _is_device(name: str) -> bool:
     return True
 
 
-def _check_digest(doc: dict[str, Any]) -> None:
-    """Shard bytes carry checksums; this covers the manifest itself (offsets, keys, dtypes, numbers)."""
-    claimed = doc.pop(DIGEST, None)
+def _sealed(doc: dict[str, Any], raw: bytes) -> bool:
+    """Whether ``raw`` is exactly the sealed form of the ``doc`` parsed from it. Shard bytes carry checksums; this
+    covers the manifest itself (offsets, keys, dtypes, numbers) and its form: a member repeated anywhere (JSON
+    readers disagree on which copy wins), a changed byte or a re-formatted file all fail it."""
     try:
-        actual = xxhash.xxh3_64_hexdigest(_body(doc).encode())
-    except (ValueError, RecursionError):
-        actual = None
-    _expect(claimed == actual, "its checksum does not match: the manifest is damaged")
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise ValueError("an object has duplicate members")
-    return doc
+        return seal(doc) == bytes(raw)
+    except (ValueError, TypeError, RecursionError):  # NaN, or nesting beyond what can be re-serialised
+        return False
 
 
 def parse(raw: bytes, where: str) -> Manifest:
     """Parse and validate manifest bytes read from ``where``; raise CorruptCheckpointError on any lie."""
     try:
-        doc = json.loads(raw, object_pairs_hook=_unique_members)
+        doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
     if isinstance(doc, dict) and doc.get("format") == FORMAT and _is_int(doc.get("version")) \
@@ -289,7 +284,8 @@ def parse(raw: bytes, where: str) -> Manifest:
             f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade asyncckpt (pip install -U asyncckpt) to load it")
     try:
         _expect(isinstance(doc, dict), "not an asyncckpt manifest")
-        _check_digest(doc)
+        _expect(_sealed(doc, raw), "its checksum does not match: the manifest is damaged")
+        doc.pop(DIGEST, None)
         return _validate(doc)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
