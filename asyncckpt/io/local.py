@@ -12,11 +12,15 @@ crash trials) by passing their own instead of patching modules.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import io
 import logging
+import mmap
 import os
 import stat
+import sys
 import uuid
 from typing import IO, Any, Callable, Mapping, TypeVar
 
@@ -87,6 +91,45 @@ class OsOps:
 
     def rmdir(self, path: str) -> None:
         os.rmdir(path)
+
+    def cached(self, fd: int, size: int) -> bool:
+        """Whether (nearly) all ``size`` bytes of the file sit in the page cache: ``mincore`` over a mapping that
+        touches no page (a probe read would start readahead). False where the probe is unavailable."""
+        libc = _libc()
+        if libc is None or size <= 0:
+            return False
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return False
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return False
+            resident = bytes(vec).translate(_LOW_BIT).count(1)  # bit 0: resident; the others are unspecified
+            return resident * 8 >= pages * 7  # the kernel keeps a few pages of a just-read file out
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+
+
+_LOW_BIT = bytes(b & 1 for b in range(256))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    """The C library's mmap/mincore/munmap with their real signatures (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 class LocalStorage(Storage):
@@ -169,10 +212,13 @@ class LocalStorage(Storage):
         return fd, st
 
     def _open_for_reading(self, path: str) -> tuple[int, int]:
-        """A descriptor for reading and, where the filesystem allows it, an O_DIRECT one for whole aligned chunks."""
-        fd, _ = self._open_regular(path)
+        """A descriptor for reading and, where the filesystem allows it, an O_DIRECT one for whole aligned chunks.
+
+        A file already in the page cache (just downloaded or copied, or read before) is read buffered: there a
+        read is a memory copy, several times faster than going back to the device."""
+        fd, st = self._open_regular(path)
         direct_fd = -1
-        if self.ops.O_DIRECT:
+        if self.ops.O_DIRECT and not self.ops.cached(fd, st.st_size):
             try:
                 direct_fd = self.ops.open(path, os.O_RDONLY | self.ops.O_DIRECT | os.O_NOFOLLOW)
             except OSError:
