@@ -320,9 +320,11 @@ class EngineCore:
         for base in bases:  # the checkpoints it built on no longer need to keep shards for it
             await storage.remove(storage.join(parent, base, REF_PREFIX + me))
 
-    async def committed(self, target: Target) -> list[tuple[str, Manifest]]:
-        """*(loop)* ``(path, manifest)`` of the committed checkpoints directly under ``target``, oldest first."""
-        found = await catalog.committed(target.storage, target.path)
+    async def committed(self, target: Target, known: Mapping[str, Manifest] | None = None
+                        ) -> list[tuple[str, Manifest]]:
+        """*(loop)* ``(path, manifest)`` of the committed checkpoints directly under ``target``, oldest first
+        (``known``: manifests by name that need no second read)."""
+        found = await catalog.committed(target.storage, target.path, known)
         base = target.display
         if is_local(base):
             return [(os.path.join(base, name), manifest) for name, manifest in found]

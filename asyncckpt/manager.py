@@ -105,6 +105,7 @@ class ManagerCore:
         self.url = to_url(directory).rstrip("/") or "/"
         self.policy = policy
         self.entries: dict[int, Entry] = {}
+        self.manifests: dict[str, Manifest] = {}  # by name, as last read: retention re-reads only new entries
         self.inflight: dict[int, tuple[SaveHandle, str | None]] = {}  # step -> handle, base name
         self.failure: BaseException | None = None
         self.lock = anyio.Lock()
@@ -124,13 +125,19 @@ class ManagerCore:
         newest = self.entries[max(older)]
         return None if newest.chain >= self.policy.full_every else self.path(newest.step)
 
-    async def rebuild(self, core: EngineCore) -> None:
-        """*(loop)* Read the committed checkpoints under the directory (a restarted process sees the same view)."""
+    async def rebuild(self, core: EngineCore, fresh: str | None = None) -> None:
+        """*(loop)* Read the committed checkpoints under the directory (a restarted process sees the same view).
+
+        After the first call only entries not seen before, and ``fresh`` (the name just saved), are read again: one
+        manager owns its directory, so what it read stays true until it saves or removes."""
         target = await core.open_target(self.url, None)
-        found = await core.committed(target)
-        self.entries = {}
+        known = {name: m for name, m in self.manifests.items() if name != fresh}
+        found = await core.committed(target, known)
+        self.entries, self.manifests = {}, {}
         for path, manifest in found:
-            entry = _entry(target.storage.split(path.rstrip("/"))[1], manifest)
+            name = target.storage.split(path.rstrip("/"))[1]
+            self.manifests[name] = manifest
+            entry = _entry(name, manifest)
             if entry is not None:
                 self.entries[entry.step] = entry
 
@@ -142,19 +149,19 @@ class ManagerCore:
             if handle.error is not None:
                 return
             try:
-                await self.retain(core)
+                await self.retain(core, self.path(step).rsplit("/", 1)[1])
             except Exception as exc:  # kept for the next call on the manager; saving goes on
                 log.error("retention under %s failed: %s", self.url, exc)
                 self.failure = exc
 
-    async def retain(self, core: EngineCore) -> None:
-        await self.rebuild(core)
+    async def retain(self, core: EngineCore, fresh: str) -> None:
+        await self.rebuild(core, fresh)
         protected = {self.path(s).rsplit("/", 1)[1] for s in self.inflight}
         protected |= {base.rsplit("/", 1)[1] for _, base in self.inflight.values() if base}
         keep = self.policy.retained(self.entries, protected)
         for step in sorted(set(self.entries) - keep, reverse=True):  # children before what they build on
+            self.manifests.pop(self.entries.pop(step).name, None)  # half-removed, it must be read again
             await core.remove(await core.open_target(self.path(step), None))
-            del self.entries[step]
             log.info("removed %s (retention)", self.path(step))
 
     async def drain(self) -> None:

@@ -50,6 +50,24 @@ def test_retention_keeps_last_best_and_every_kth_and_survives_a_restart(tmp_path
     assert steps_on_disk(tmp_path) == [3, 4, 10, 11]
 
 
+def test_retention_reads_only_the_new_manifest_and_sees_removed_directories(tmp_path):
+    import shutil
+
+    with SyncCheckpointManager(tmp_path, keep_last=None) as m:
+        for step in range(1, 13):
+            m.save(step, state(step))
+            m.wait()
+        with faulty_os(FaultPlan()) as plan:
+            m.save(13, state(13))
+            m.wait()
+        reads = sorted(p for op, p in plan.log if op == "open" and p.endswith("manifest.json"))
+        assert reads == [str(tmp_path / "step-000013" / "manifest.json")]  # not all 13, on every save
+        shutil.rmtree(tmp_path / "step-000005")  # gone behind the manager's back: the listing notices
+        m.save(14, state(14))
+        m.wait()
+        assert m.steps() == [s for s in range(1, 15) if s != 5] == steps_on_disk(tmp_path)
+
+
 def test_restore_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path, caplog):
     with SyncCheckpointManager(tmp_path, keep_last=3) as m:
         for step in (1, 2, 3):
