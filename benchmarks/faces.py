@@ -9,7 +9,6 @@ computes; the threaded face has always had a thread of its own. The figure is th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,6 +19,8 @@ import anyio
 import torch
 
 import asyncckpt
+
+from .report import write_json
 
 WIDTH, STEPS, EVERY = 1024, 30, 5  # the demo's model: a ~36 MiB checkpoint with Adam
 
@@ -101,8 +102,5 @@ def main(argv: list[str] | None = None) -> int:
                for k, v in medians.items()),
              f"  ratio CheckpointEngine / SyncEngine = {ratio:.2f}"]
     print("\n".join(lines))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "faces.json").write_text(json.dumps({"seconds": results, "medians": medians, "ratio": ratio},
-                                                        indent=2))
+    write_json(args.out, "faces.json", {"seconds": results, "medians": medians, "ratio": ratio})
     return 0

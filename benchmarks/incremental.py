@@ -9,7 +9,6 @@ the manifest, and time to durable of an incremental save against a full save of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 
 import asyncckpt
+
+from .report import write_json
 
 MiB = 1 << 20
 
@@ -107,7 +108,5 @@ def main(argv: list[str] | None = None) -> int:
     e = results["embedding"]
     print(f"embedding      : {e['rows_touched']} of {e['table_bytes'] // (256 * 4)} rows touched; the incremental "
           f"save writes {e['incremental_bytes'] / MiB:.1f} MiB of a {e['table_bytes'] / MiB:.1f} MiB table")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "incremental.json").write_text(json.dumps(results, indent=2))
+    write_json(args.out, "incremental.json", results)
     return 0

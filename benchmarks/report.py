@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from .contenders import CONTENDERS, OURS, PEERS
+
+
+def write_json(out: Path | None, name: str, data: Any) -> None:
+    """Keep a workload's raw figures as ``out/name`` (nothing without ``--out``)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(data, indent=2, default=str))
 
 MiB = 1 << 20
 GiB = 1 << 30

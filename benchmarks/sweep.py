@@ -60,5 +60,5 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda a, b: f"{a * 1e3:.1f} / {b * 1e3:.1f} ms = {a / b:.2f}x" if a and b else "n/a"  # noqa: E731
         print(f"| {text} | {fmt(o['steady_blocking_s'], best)} | {fmt(o['steady_durable_s'], ts['steady_durable_s'])}"
               f" | {fmt(o['load_s'], ts['load_s'])} |")
-    (args.out / "sweep.json").write_text(json.dumps(dict(rows), indent=2))
+    report.write_json(args.out, "sweep.json", dict(rows))
     return 0

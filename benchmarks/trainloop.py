@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .report import write_json
+
 CONTENDERS = ["none", "torch.save", "lightning-async", "dcp-async", "asyncckpt", "asyncckpt-deferred"]
 
 
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--every", type=int, default=4)
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS[1:]),
+                        help=f"comma list of: {', '.join(CONTENDERS[1:])} (the loop without checkpoints always runs)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -115,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(one(args.one, args.width, args.layers, args.steps, args.every, args.workdir)))
         return 0
-    names = args.contenders.split(",")
+    names = ["none", *(n for n in args.contenders.split(",") if n != "none")]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS[1:])}")
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
@@ -148,7 +154,5 @@ def main(argv: list[str] | None = None) -> int:
                                        "final_drain_s": drain}
         print(f"  {name:20s} {overhead * 1e3:7.1f} ms per checkpoint = {overhead / floor:5.2f}x floor "
               f"(last checkpoint durable {drain * 1e3:.0f} ms after the loop)")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "trainloop.json").write_text(json.dumps(summary, indent=2))
+    write_json(args.out, "trainloop.json", summary)
     return 0

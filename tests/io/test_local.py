@@ -11,17 +11,9 @@ import torch
 from asyncckpt.concurrency import IoRunner, Runtime
 from asyncckpt.io.local import LocalStorage, OsOps
 from asyncckpt.memory.buffers import mapped_buffer
+from asyncckpt.tools.fsutil import evict
 
 MiB = 1 << 20
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.skipif(not OsOps.O_DIRECT or not hasattr(os, "posix_fadvise"), reason="needs O_DIRECT and fadvise")
@@ -42,7 +34,7 @@ def test_a_file_in_the_page_cache_is_read_buffered_and_a_cold_one_directly(tmp_p
             finally:
                 await reader.close()
 
-        _evict(path)
+        evict(tmp_path)
         direct_fd, cold = runtime.call(read)
         if direct_fd < 0:
             pytest.skip("this filesystem refuses O_DIRECT")
