@@ -12,7 +12,7 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from .format.manifest import Manifest
+from .format.manifest import GlobalManifest, Manifest
 from .manager import CheckpointManager, SyncCheckpointManager
 from .options import EngineOptions, RetryPolicy
 from .pipeline.handles import SaveHandle, SaveResult
@@ -23,8 +23,8 @@ from .version import __version__
 
 __all__ = [
     "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
-    "EngineOptions", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest", "NewerFormatError",
-    "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager", "SyncEngine",
-    "SyncHandle", "UnsafeCheckpointError", "Verification", "__version__", "committed", "from_torch_file", "latest",
-    "to_safetensors", "to_torch_file", "verify",
+    "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",
+    "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager",
+    "SyncEngine", "SyncHandle", "UnsafeCheckpointError", "Verification", "__version__", "committed",
+    "from_torch_file", "latest", "to_safetensors", "to_torch_file", "verify",
 ]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .format.manifest import Manifest
+from .format.manifest import AnyManifest
 from .sync_engine import SyncEngine
 
 
-def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, Manifest]]:
+def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, AnyManifest]]:
     """``(path, manifest)`` of every committed checkpoint directly under ``directory``, oldest snapshot first.
 
     Directories without a valid manifest (saves that crashed or are still running, hidden directories, foreign

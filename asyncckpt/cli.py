@@ -87,7 +87,16 @@ def _print_description(info: dict[str, Any]) -> None:
         size += f" + {human_bytes(t['manifest_bytes'])} manifest"
     out = [info["path"], f"  taken     {when} by {info['producer'] or 'unknown'} (torch {info['torch'] or '?'}), "
                          f"save {info['save_id'] or '?'}", f"  size      {size}"]
-    if info["tensors"]:
+    if info.get("layout") == "dcp":
+        out[1:1] = [f"  written   by {_count(info['world_size'], 'rank')} through torch.distributed.checkpoint"]
+        per_rank = ", ".join(f"rank {r}: {human_bytes(n)}" for r, n in t["bytes_per_rank"].items())
+        out.append(f"  per rank  {per_rank or 'nothing'}")
+    if info["tensors"] and info.get("layout") == "dcp":
+        rows = [[_fit(e["key"]), e["dtype"], e["shape"], human_bytes(e["nbytes"]), e["chunks"],
+                 ",".join(map(str, e["ranks"])), "requires_grad" if e.get("requires_grad") else ""]
+                for e in info["tensors"]]
+        out += ["", *_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "CHUNKS", "RANKS", "NOTE"], rows, right=(3, 4))]
+    elif info["tensors"]:
         rows = []
         for e in info["tensors"]:
             note = [f"same tensor as {e['alias_of']}" if "alias_of" in e else
@@ -102,9 +111,10 @@ def _print_description(info: dict[str, Any]) -> None:
         rows += [[_fit(o["key"]), o["type"], f"pickled, {human_bytes(o['nbytes'])}", o["shard"]]
                  for o in info["objects"]]
         out += ["", *_table(["OTHER ENTRY", "TYPE", "VALUE", "SHARD"], rows, right=(3,))]
-    rows = [[s["index"], s["file"] if s["in"] is None else f"{s['in']}/{s['file']} (referenced)",
+    rows = [[s["index"], s["file"] if s.get("in") is None else f"{s['in']}/{s['file']} (referenced)",
              human_bytes(s["nbytes"]), s["tensors"], s["objects"]] for s in info["shards"]]
-    out += ["", *_table(["SHARD", "FILE", "SIZE", "TENSORS", "OBJECTS"], rows, right=(0, 2, 3, 4)), "",
+    heads = ["SHARD", "FILE", "SIZE", "CHUNKS" if info.get("layout") == "dcp" else "TENSORS", "OBJECTS"]
+    out += ["", *_table(heads, rows, right=(0, 2, 3, 4)), "",
             f"total: {_count(t['tensors'], 'tensor')} ({human_bytes(t['tensor_bytes'])}), "
             f"{_count(t['objects'], 'pickled object')} ({human_bytes(t['object_bytes'])}), "
             f"{_count(t['values'], 'plain value')}; {size}"]

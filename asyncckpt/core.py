@@ -20,12 +20,13 @@ import torch
 
 from .concurrency import IoRunner, Runtime
 from .errors import CheckpointError, InvalidArgumentError
-from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, Manifest, is_temporary,
-                              parse)
+from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, AnyManifest, GlobalManifest,
+                              Manifest, is_temporary, parse)
 from .io.contract import Storage
 from .io.paths import is_local, protocol_of, to_url
 from .io.registry import resolve
 from .load import catalog
+from .load.assemble import assemble
 from .load.apply import apply_in_place
 from .load.in_place import read_into_state
 from .load.manifest import read_manifest
@@ -128,6 +129,9 @@ class EngineCore:
         if found.key == target.key:
             raise InvalidArgumentError(f"{target.display} cannot be its own base; save to a new path")
         manifest = await read_manifest(storage, found.path, found.display)
+        if isinstance(manifest, GlobalManifest):
+            raise InvalidArgumentError(f"{found.display} was written by many ranks (asyncckpt.dcp): it cannot be the "
+                                       "base of an incremental save; save in full")
         if not any(t.digest for t in manifest.tensors):
             log.warning("%s records no tensor digests (it was not saved for incremental use): %s is written whole",
                         found.display, target.display)
@@ -265,10 +269,13 @@ class EngineCore:
         verify = self.options.verify if verify is None else verify
         storage, path, display = target.storage, target.path, target.display
         try:
-            manifest = await read_manifest(storage, path, display)
-            if state is not None and all(s.chunk_bytes <= self.pool.budget for s in manifest.shards):
-                return manifest, await read_into_state(storage, path, display, manifest, verify, self.pool, state)
-            return manifest, shard_span(await read_shards(storage, path, display, manifest, verify))
+            found = await read_manifest(storage, path, display)
+            if isinstance(found, GlobalManifest):  # written by many ranks: every tensor assembled whole
+                manifest, buffers = assemble(found, await read_shards(storage, path, display, found, verify))
+                return manifest, shard_span(buffers)
+            if state is not None and all(s.chunk_bytes <= self.pool.budget for s in found.shards):
+                return found, await read_into_state(storage, path, display, found, verify, self.pool, state)
+            return found, shard_span(await read_shards(storage, path, display, found, verify))
         except OSError as exc:
             raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
 
@@ -320,8 +327,8 @@ class EngineCore:
         for base in bases:  # the checkpoints it built on no longer need to keep shards for it
             await storage.remove(storage.join(parent, base, REF_PREFIX + me))
 
-    async def committed(self, target: Target, known: Mapping[str, Manifest] | None = None
-                        ) -> list[tuple[str, Manifest]]:
+    async def committed(self, target: Target, known: Mapping[str, AnyManifest] | None = None
+                        ) -> list[tuple[str, AnyManifest]]:
         """*(loop)* ``(path, manifest)`` of the committed checkpoints directly under ``target``, oldest first
         (``known``: manifests by name that need no second read)."""
         found = await catalog.committed(target.storage, target.path, known)

@@ -53,7 +53,7 @@ class SyncEngine(EngineBase):
     # ------------------------------------------------------------ saves
 
     def _save(self, plan: Callable[[Target], Plan], path: Any, storage_options: Mapping[str, Any] | None,
-              job_type: type[Job], deferred: bool, **extra: Any) -> SaveHandle:
+              job_type: type[Job], deferred: bool, **extra: Any) -> Job:
         core = self.core
         core.raise_unobserved()
         with self._lock, DeferredInterrupt() as interrupts:
@@ -69,7 +69,7 @@ class SyncEngine(EngineBase):
                 poll = 0.05 if interrupts.active else None
                 drive(feed(job, t0, interrupts.check),
                       lambda n: core.wait_for_buffer(job, n, interrupts.check, poll))
-        return job.handle
+        return job
 
     def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None, base: Any = None,
              metadata: Mapping[str, Any] | None = None, digests: bool = False, trust_versions: bool = False,
@@ -83,7 +83,7 @@ class SyncEngine(EngineBase):
             return self._plan(state, found, digests, trust_versions)
 
         return self._save(plan, path, storage_options, SaveJob, self._deferred(snapshot), fsync=self.options.fsync,
-                          metadata=info)
+                          metadata=info).handle
 
     def prepare(self, state: Any) -> None:
         """Plan ``state`` and allocate its staging buffers ahead of the first save (see
@@ -91,10 +91,19 @@ class SyncEngine(EngineBase):
         with self._lock:
             self._warm(state)
 
+    def submit(self, plan: Plan, path: Any, job_type: type[Job], *, storage_options: Mapping[str, Any] | None = None,
+               **extra: Any) -> Job:
+        """Copy a prepared ``plan`` into staging on this thread, chunk by chunk under the budget, for a job of
+        ``job_type`` on ``path`` (``extra`` goes to the job); returns the job (``job.handle`` waits for it). The
+        building block of :meth:`save`, for integrations that lay out their own shards (``asyncckpt.dcp`` writes
+        one rank's shards with a ``ShardJob``)."""
+        return self._save(lambda target: plan, path, storage_options, job_type, False, **extra)
+
     def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` on this thread, then run ``fn(copy)`` in the pipeline, ordered as a save of ``path``
         (see :meth:`CheckpointEngine.save_with`)."""
-        return self._save(lambda target: self._plan_copy(state), path, None, CallJob, self._deferred(None), fn=fn)
+        return self._save(lambda target: self._plan_copy(state), path, None, CallJob, self._deferred(None),
+                          fn=fn).handle
 
     # ------------------------------------------------------------ everything else
 

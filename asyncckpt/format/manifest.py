@@ -20,25 +20,39 @@ import xxhash
 from ..errors import CorruptCheckpointError, NewerFormatError
 from ..version import __version__
 from .dtypes import DTYPES
+from .tree import decode
 
 FORMAT = "asyncckpt"
 VERSION = 1  # written unless a feature of a later version is used
 REFERENCES_VERSION = 2  # shards held by another checkpoint (incremental saves)
-READABLE_VERSIONS = (1, 2)
+GLOBAL_VERSION = 3  # many ranks: DCP's items, each tensor in chunks written by any rank (docs/format.md)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 TEMP_INFIX = ".tmp-"  # a manifest being written is ``manifest.json.tmp-<random>``
-SHARD_RE = re.compile(r"^shard-[0-9a-f]{16}-[0-9]{5}\.safetensors$")
+#: shard files: ``shard-<save id>-<index>.safetensors`` (one writer) or ``shard-<save id>-r<rank>-<index>`` (ranks)
+SHARD_RE = re.compile(r"^shard-[0-9a-f]{16}(?:-r[0-9]{5,9})?-[0-9]{5}\.safetensors$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,254}$")  # a sibling checkpoint a shard may live in
 MAX_MANIFEST_BYTES = 1 << 30  # far beyond any real manifest (a million tensors): a larger file is not ours
 REF_PREFIX = ".ref-"  # ``.ref-<child>`` in a checkpoint: ``<child>`` holds references to its shards
+MAX_RANKS = 10 ** 9
 MAX_DIMS = 64
 MAX_INDEX = 1 << 62  # sizes, strides and offsets beyond this overflow torch's int64 arithmetic
 DIGEST = "manifest_xxh3_64"  # last member: xxh3-64 of the compact JSON of all the others, in their order
 
 
-def shard_name(save_id: str, index: int) -> str:
-    """The file name of shard ``index`` of save ``save_id`` (16 hex digits)."""
-    return f"shard-{save_id}-{index:05d}.safetensors"
+def shard_name(save_id: str, index: int, rank: int | None = None) -> str:
+    """The file name of shard ``index`` of save ``save_id`` (16 hex digits), written by ``rank`` if given."""
+    if rank is None:
+        return f"shard-{save_id}-{index:05d}.safetensors"
+    return f"shard-{save_id}-r{rank:05d}-{index:05d}.safetensors"
+
+
+def rank_of(name: str) -> int | None:
+    """The rank in a shard file name, or None for a one-writer shard (or a name that is not ours)."""
+    if not SHARD_RE.match(name):
+        return None
+    parts = name.split("-")
+    return int(parts[2][1:]) if len(parts) == 4 else None
 
 
 def is_temporary(name: str) -> bool:
@@ -74,6 +88,10 @@ class ShardRecord:
     xxh3_64: tuple[str, ...]
     base: str | None = None  # the sibling checkpoint directory holding the file (incremental saves); None: this one
 
+    def chunk_of(self, offset: int) -> int:
+        """The index of the checksummed chunk holding byte ``offset``."""
+        return offset // self.chunk_bytes
+
     def chunks(self) -> Iterator[tuple[int, int, int]]:
         """``(index, offset, nbytes)`` of every checksummed chunk."""
         for k, offset in enumerate(range(0, self.nbytes, self.chunk_bytes)):
@@ -84,6 +102,9 @@ class ShardRecord:
                                "xxh3_64": list(self.xxh3_64)}
         if self.base is not None:
             out["in"] = self.base
+        rank = rank_of(self.file)
+        if rank is not None:
+            out["rank"] = rank
         return out
 
 
@@ -202,6 +223,102 @@ class Manifest:
         return seal(doc)
 
 
+# ---------------------------------------------------------------- the global manifest of a multi-rank checkpoint
+
+@dataclass(frozen=True, slots=True)
+class TensorChunk:
+    """One piece of a tensor as some rank wrote it: the box ``offsets`` + ``sizes`` of the global tensor, its bytes
+    row-major and contiguous at ``span``."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    span: Span
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offsets": list(self.offsets), "sizes": list(self.sizes), **self.span.to_json()}
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkedTensor:
+    """A tensor of the global state (a DCP item): its global dtype and shape, and the chunks that tile it."""
+
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[TensorChunk, ...]
+    requires_grad: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def logical_bytes(self) -> int:
+        return math.prod(self.shape) * self.torch_dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fqn": self.fqn, "dtype": self.dtype, "shape": list(self.shape),
+                               "chunks": [c.to_json() for c in self.chunks]}
+        if self.requires_grad:
+            out["requires_grad"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class GlobalManifest:
+    """A validated manifest of a checkpoint written by many ranks through ``asyncckpt.dcp`` (format version 3).
+
+    It holds what torch's DCP keeps in its pickled ``.metadata`` — every item's global shape, dtype and chunks,
+    the planner's data, the storage meta — as JSON, plus where each chunk's bytes lie and every shard's checksums.
+    ``planner_data`` is kept in the structure encoding (:mod:`asyncckpt.format.tree`); objects are ``torch.save``
+    bytes keyed by their DCP name (``key``).
+    """
+
+    save_id: str
+    created_ns: int
+    world_size: int
+    shards: tuple[ShardRecord, ...]
+    tensors: tuple[ChunkedTensor, ...]
+    objects: tuple[ObjectRecord, ...]
+    planner_data: Any = None
+    storage_meta: dict[str, Any] | None = None
+    dcp_version: str | None = None
+    producer: str = f"asyncckpt {__version__}"
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+
+    #: what a one-writer :class:`Manifest` has and a multi-rank checkpoint never does (no caller metadata, no
+    #: incremental chain), so code that lists checkpoints reads both kinds alike
+    metadata = None
+    chain = 0
+
+    @property
+    def bases(self) -> set[str]:
+        """Always empty: a multi-rank checkpoint holds all its bytes."""
+        return set()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def byte_spans(self) -> set[Span]:
+        """Every run of shard bytes the manifest refers to (chunks of one tensor saved twice share one)."""
+        return {c.span for t in self.tensors for c in t.chunks} | {o.span for o in self.objects}
+
+    def seal(self) -> bytes:
+        """The manifest's bytes (see :func:`seal`)."""
+        return seal({
+            "format": FORMAT, "version": GLOBAL_VERSION, "layout": "dcp", "producer": self.producer,
+            "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,
+            "world_size": self.world_size, "shards": [s.to_json() for s in self.shards],
+            "tensors": [t.to_json() for t in self.tensors],
+            "objects": [{"fqn": o.key, **o.span.to_json()} for o in self.objects],
+            "planner_data": self.planner_data, "storage_meta": self.storage_meta, "dcp_version": self.dcp_version,
+        })
+
+
+AnyManifest = Manifest | GlobalManifest
+
+
 # ---------------------------------------------------------------- building tensors from records
 
 def view_tensor(record: TensorRecord, data: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
@@ -270,7 +387,7 @@ def _sealed(doc: dict[str, Any], raw: bytes) -> bool:
         return False
 
 
-def parse(raw: bytes, where: str) -> Manifest:
+def parse(raw: bytes, where: str) -> AnyManifest:
     """Parse and validate manifest bytes read from ``where``; raise CorruptCheckpointError on any lie."""
     try:
         doc = json.loads(raw)
@@ -365,17 +482,27 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
                         parameter=parameter, digest=digest)
 
 
-def _validate(doc: dict[str, Any]) -> Manifest:
-    _expect(doc.get("format") == FORMAT, "not an asyncckpt manifest")
-    version = doc.get("version")
-    _expect(version in READABLE_VERSIONS,
-            f"unsupported version {version!r} (this reader knows {', '.join(map(str, READABLE_VERSIONS))})")
+def _header(doc: dict[str, Any]) -> tuple[str, list[ShardRecord]]:
+    """The members every version shares: save id, timestamp, shards."""
     _expect(_is_int(doc.get("created_ns")), "created_ns is not a timestamp")
     save_id = doc.get("save_id", "")
     _expect(isinstance(save_id, str) and len(save_id) <= 64, "save_id is not a string")
     _expect(isinstance(doc.get("shards"), list), "shards is not a list")
     shards = [_shard(s) for s in doc["shards"]]
     _expect(len({(s.base, s.file) for s in shards}) == len(shards), "a shard is listed twice")
+    return save_id, shards
+
+
+def _validate(doc: dict[str, Any]) -> AnyManifest:
+    _expect(doc.get("format") == FORMAT, "not an asyncckpt manifest")
+    version = doc.get("version")
+    _expect(version in READABLE_VERSIONS,
+            f"unsupported version {str(version)[:20]!r} (this reader knows "
+            f"{', '.join(map(str, READABLE_VERSIONS))})")
+    if version == GLOBAL_VERSION:
+        return _validate_global(doc)
+    _expect(doc.get("layout") is None, "a layout member needs version 3")
+    save_id, shards = _header(doc)
     _expect(version >= REFERENCES_VERSION or not any(s.base for s in shards), "references need version 2")
     storages = [StorageRecord(_span(st, shards, f"storage {i}")) for i, st in enumerate(_table(doc, "storages"))]
     tensors = [_tensor(t, i, shards, storages) for i, t in enumerate(_table(doc, "tensors"))]
@@ -394,3 +521,103 @@ def _validate(doc: dict[str, Any]) -> Manifest:
     return Manifest(save_id, doc["created_ns"], tuple(shards), tuple(tensors), tuple(storages), tuple(objects),
                     doc["tree"], producer if isinstance(producer, str) else "",
                     torch_version if isinstance(torch_version, str) else "", metadata, chain)
+
+
+def _ints(x: Any, n: int) -> bool:
+    return isinstance(x, list) and len(x) == n and all(_is_int(v) and v < MAX_INDEX for v in x)
+
+
+def _overlap(a: TensorChunk, b: TensorChunk) -> bool:
+    return all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes))
+
+
+def _any_overlap(chunks: list[TensorChunk]) -> bool:
+    """Whether two boxes overlap: a sweep along the dimension the chunks are split on most, so a sharded tensor
+    of many ranks is checked in about n log n, not n²."""
+    if len(chunks) < 2 or not chunks[0].offsets:
+        return len(chunks) > 1  # two non-empty chunks of a scalar overlap
+    d = max(range(len(chunks[0].offsets)), key=lambda k: len({c.offsets[k] for c in chunks}))
+    active: list[TensorChunk] = []
+    for c in sorted(chunks, key=lambda c: c.offsets[d]):
+        active = [a for a in active if a.offsets[d] + a.sizes[d] > c.offsets[d]]
+        if any(_overlap(a, c) for a in active):
+            return True
+        active.append(c)
+    return False
+
+
+def _chunked(t: Any, i: int, shards: list[ShardRecord]) -> ChunkedTensor:
+    what = f"tensor {i}"
+    _expect(isinstance(t, dict) and isinstance(t.get("fqn"), str), f"{what} has no name")
+    what = f"tensor {t['fqn'][:80]!r}"
+    _expect(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES,
+            f"{what} has unknown dtype {str(t.get('dtype'))[:40]!r}")
+    itemsize = DTYPES[t["dtype"]].itemsize
+    shape = t.get("shape")
+    problem = shape_problem(shape, itemsize)
+    _expect(problem is None and isinstance(shape, list), f"{what}: {problem or 'bad shape'}")
+    requires_grad = t.get("requires_grad", False)
+    _expect(isinstance(requires_grad, bool), f"{what} has bad flags")
+    raw = t.get("chunks")
+    _expect(isinstance(raw, list) and raw and all(isinstance(c, dict) for c in raw), f"{what} has no chunks")
+    chunks = []
+    for k, c in enumerate(raw):
+        where = f"{what} chunk {k}"
+        _expect(_ints(c.get("offsets"), len(shape)) and _ints(c.get("sizes"), len(shape)),
+                f"{where} has bad offsets/sizes for shape {shape[:8]}")
+        _expect(all(o + n <= d for o, n, d in zip(c["offsets"], c["sizes"], shape)),
+                f"{where} lies outside the tensor's shape {shape[:8]}")
+        span = _span(c, shards, where)
+        _expect(math.prod(c["sizes"]) * itemsize == span.nbytes, f"{where}: its sizes and dtype disagree with nbytes")
+        _expect(span.offset % itemsize == 0, f"{where} is misaligned for {t['dtype']}")
+        chunks.append(TensorChunk(tuple(c["offsets"]), tuple(c["sizes"]), span))
+    # the chunks must tile the tensor exactly: no gap (a load would leave stale values), no overlap
+    filled = [c for c in chunks if math.prod(c.sizes)]
+    _expect(sum(math.prod(c.sizes) for c in filled) == math.prod(shape), f"{what}: its chunks do not cover it")
+    _expect(not _any_overlap(filled), f"{what}: two of its chunks overlap")
+    return ChunkedTensor(t["fqn"], t["dtype"], tuple(shape), tuple(chunks), requires_grad)
+
+
+def _planner_data(node: Any) -> Any:
+    """Planner data must be a plain structure (no tensors, no objects): it is checked by decoding it."""
+    def refuse(i: int) -> Any:
+        raise CorruptCheckpointError("planner_data refers to a tensor or an object")
+
+    try:
+        decode(node, refuse, refuse)
+    except CorruptCheckpointError as exc:
+        _expect(False, f"planner_data is not a plain structure ({exc})")
+    return node
+
+
+def _storage_meta(meta: Any) -> dict[str, Any] | None:
+    if meta is None:
+        return None
+    _expect(isinstance(meta, dict) and set(meta) <= {"checkpoint_id", "save_id", "modules"}
+            and all(meta.get(k) is None or isinstance(meta[k], str) for k in ("checkpoint_id", "save_id"))
+            and isinstance(meta.get("modules", []), list) and all(isinstance(m, str) for m in meta.get("modules", [])),
+            "storage_meta is malformed")
+    return meta
+
+
+def _validate_global(doc: dict[str, Any]) -> GlobalManifest:
+    _expect(doc.get("layout") == "dcp", f"unknown layout {str(doc.get('layout'))[:40]!r}")
+    save_id, shards = _header(doc)
+    world = doc.get("world_size")
+    _expect(_is_int(world, 1) and world <= MAX_RANKS, "world_size is not a positive integer")
+    for s in doc["shards"]:
+        _expect(s.get("rank", rank_of(s["file"])) == rank_of(s["file"]), f"shard {s['file']} names two ranks")
+    _expect(not any(s.base for s in shards), "a multi-rank checkpoint cannot reference another one's shards")
+    tensors = [_chunked(t, i, shards) for i, t in enumerate(_table(doc, "tensors"))]
+    objects = []
+    for i, o in enumerate(_table(doc, "objects")):
+        _expect(isinstance(o.get("fqn"), str), f"object {i} has no name")
+        objects.append(ObjectRecord("", o["fqn"], _span(o, shards, f"object {o['fqn'][:80]!r}")))
+    names = [t.fqn for t in tensors] + [o.key for o in objects]
+    _expect(len(set(names)) == len(names), "an item is listed twice")
+    version, producer, torch_version = doc.get("dcp_version"), doc.get("producer", ""), doc.get("torch", "")
+    _expect(version is None or isinstance(version, str), "dcp_version is not a string")
+    return GlobalManifest(save_id, doc["created_ns"], world, tuple(shards), tuple(tensors), tuple(objects),
+                          _planner_data(doc.get("planner_data")), _storage_meta(doc.get("storage_meta")), version,
+                          producer if isinstance(producer, str) else "",
+                          torch_version if isinstance(torch_version, str) else "")

@@ -23,6 +23,23 @@ def encode_float(x: float) -> Any:
     return x if math.isfinite(x) else {"float": repr(x)}
 
 
+def encode_plain(value: Any, depth: int = 0) -> Any:
+    """The encoding of a structure of plain values only (containers, numbers, strings, None), such as a DCP
+    planner's data; anything else raises ``TypeError`` naming its type."""
+    if depth > MAX_DEPTH:
+        raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        return encode_float(value)
+    if type(value) in (dict, OrderedDict):
+        pairs = [[encode_plain(k, depth + 1), encode_plain(v, depth + 1)] for k, v in value.items()]
+        return {"dict" if type(value) is dict else "odict": pairs}
+    if type(value) in (list, tuple):
+        return {"list" if type(value) is list else "tuple": [encode_plain(v, depth + 1) for v in value]}
+    raise TypeError(f"it holds a {type(value).__module__}.{type(value).__qualname__}")
+
+
 def key_path(path: str, key: Any) -> str:
     """The dotted name of ``key`` under ``path``: the names used in shard headers, errors and the CLI."""
     part = key if isinstance(key, str) else repr(key)

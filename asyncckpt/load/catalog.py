@@ -6,14 +6,14 @@ import logging
 from typing import Mapping
 
 from ..errors import CheckpointError
-from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, AnyManifest, parse
 from ..io.contract import Storage
 
 log = logging.getLogger("asyncckpt")
 
 
-async def committed(storage: Storage, directory: str, known: Mapping[str, Manifest] | None = None
-                    ) -> list[tuple[str, Manifest]]:
+async def committed(storage: Storage, directory: str, known: Mapping[str, AnyManifest] | None = None
+                    ) -> list[tuple[str, AnyManifest]]:
     """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest snapshot first.
 
     ``known`` gives manifests the caller read before (by name): those are not read again, so a caller that lists

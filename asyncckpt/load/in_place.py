@@ -8,8 +8,6 @@ device or layout) get memory of their own. Peak extra memory is the staging budg
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +17,8 @@ from ..format.manifest import Manifest, TensorRecord
 from ..format.tree import decode
 from ..io.contract import Storage
 from ..memory.pool import StagingPool
-from .reads import Record, Span, check_sizes, read_chunks
+from .ranged import Region, read_regions
+from .reads import Record, Span, check_sizes
 
 
 class _Slot:
@@ -112,22 +111,15 @@ def destinations(manifest: Manifest, target: Any) -> dict[int, torch.Tensor]:
     return {i: b for i, b in dests.items() if i not in clash}
 
 
-def _scatter(chunk: torch.Tensor, start: int, regions: list[tuple[int, torch.Tensor]]) -> None:
-    end = start + chunk.numel()
-    for offset, out in regions:
-        a, b = max(offset, start), min(offset + out.numel(), end)
-        out[a - offset:b - offset].copy_(chunk[a - start:b - start])
-
-
 async def read_into_state(storage: Storage, path: str, display: str, manifest: Manifest, verify: bool,
                           pool: StagingPool, target: Any) -> Span:
     """Stream the checkpoint's bytes into ``target``'s tensors where they fit; return the records' bytes for
     ``build_state`` (for those tensors: the target's own memory, which ``apply_in_place`` then leaves as it is)."""
     shards = manifest.shards
-    await check_sizes(storage, path, display, shards)
+    await check_sizes(storage, path, display, shards)  # every shard, even one no destination needs
     dests = destinations(manifest, target)
     by_record: dict[int, torch.Tensor] = {}
-    regions: list[list[tuple[int, torch.Tensor]]] = [[] for _ in shards]
+    regions: list[list[Region]] = [[] for _ in shards]
     for j, r in enumerate(manifest.tensors):
         if r.span is not None:
             by_record[id(r)] = dests[j] if j in dests else torch.empty(r.span.nbytes, dtype=torch.uint8)
@@ -137,28 +129,8 @@ async def read_into_state(storage: Storage, path: str, display: str, manifest: M
         assert rec.span is not None
         if rec.span.nbytes:
             regions[rec.span.shard].append((rec.span.offset, by_record[id(rec)]))
-    starts, reach = [], []  # per shard: region starts, and the furthest end up to each region (bisectable)
-    for rs in regions:
-        rs.sort(key=lambda x: x[0])
-        starts.append([offset for offset, _ in rs])
-        reach.append(list(itertools.accumulate((offset + out.numel() for offset, out in rs), max)))
-
-    async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
-        buf = await pool.acquire(shards[i].chunk_bytes)
-        try:
-            sig = await reader.read_into(offset, buf[:nbytes])
-            if verify and sig != shards[i].xxh3_64[offset // shards[i].chunk_bytes]:
-                return sig  # reported by the caller; nothing of this chunk reaches the target
-            lo, hi = bisect.bisect_right(reach[i], offset), bisect.bisect_left(starts[i], offset + nbytes)
-            covered = [(o, out) for o, out in regions[i][lo:hi] if o + out.numel() > offset]
-            if covered:
-                await storage.io(_scatter, buf[:nbytes], offset, covered)
-            return sig
-        finally:
-            pool.release(buf)
-
     damaged = " (the target may already hold part of this checkpoint)" if dests else ""
-    await read_chunks(storage, path, display, shards, verify, read_chunk, damaged)
+    await read_regions(storage, path, display, shards, verify, pool, regions, damaged)
 
     def span(r: Record) -> torch.Tensor:
         return by_record[id(r)]

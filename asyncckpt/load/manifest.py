@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError, IncompleteCheckpointError
-from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_RE, Manifest, parse
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_RE, AnyManifest, parse
 from ..io.contract import Storage
 
 
-async def read_manifest(storage: Storage, path: str, display: str) -> Manifest:
-    """The validated manifest at ``path``, or a CheckpointError saying why there is none."""
+async def read_manifest(storage: Storage, path: str, display: str) -> AnyManifest:
+    """The validated manifest at ``path`` (one writer's or a multi-rank global one), or a CheckpointError saying why
+    there is none."""
     kind = await storage.kind(path)
     if kind is None:
         raise CheckpointError(f"no checkpoint at {display}: the path does not exist")

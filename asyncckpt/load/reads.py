@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import anyio
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..format.manifest import Manifest, ObjectRecord, ShardRecord, StorageRecord, TensorRecord
+from ..format.manifest import AnyManifest, ObjectRecord, ShardRecord, StorageRecord, TensorRecord
 from ..io.contract import Reader, Storage
 from ..memory.buffers import alias, mapped_buffer
 
@@ -47,15 +47,20 @@ ReadChunk = Callable[[Reader, int, int, int], Awaitable[str]]
 
 
 async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...], verify: bool,
-                      read_chunk: ReadChunk, damaged: str = "") -> None:
-    """Read every chunk of every shard concurrently through ``read_chunk(reader, shard, offset, nbytes)``, which
-    returns the chunk's digest; a digest that differs from the manifest's is a CorruptCheckpointError."""
+                      read_chunk: ReadChunk, damaged: str = "", wanted: Sequence[Collection[int]] | None = None
+                      ) -> None:
+    """Read every chunk of every shard (or, with ``wanted``, the chunk indices it lists per shard) concurrently
+    through ``read_chunk(reader, shard, offset, nbytes)``, which returns the chunk's digest; a digest that differs
+    from the manifest's is a CorruptCheckpointError."""
     async def read_shard(i: int) -> None:
         s = shards[i]
+        chunks = [c for c in s.chunks() if wanted is None or c[0] in wanted[i]]
+        if not chunks:
+            return
         reader = await storage.open_reader(shard_path(storage, path, s))
         try:
             async with anyio.create_task_group() as tg:
-                for k, offset, nbytes in s.chunks():
+                for k, offset, nbytes in chunks:
                     tg.start_soon(one_chunk, reader, i, k, offset, nbytes)
         finally:
             await reader.close()
@@ -79,7 +84,7 @@ async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[S
         raise first_error(group) from None
 
 
-async def read_shards(storage: Storage, path: str, display: str, manifest: Manifest, verify: bool
+async def read_shards(storage: Storage, path: str, display: str, manifest: AnyManifest, verify: bool
                       ) -> list[torch.Tensor]:
     """Every shard's bytes in host memory, chunks read concurrently and checked against the manifest."""
     shards = manifest.shards

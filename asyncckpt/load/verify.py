@@ -9,14 +9,14 @@ from typing import Any
 import anyio
 import torch
 
-from ..format.manifest import Manifest, ShardRecord
+from ..format.manifest import AnyManifest, GlobalManifest, ShardRecord
 from ..format.safetensors import HeaderError, header_length, parse_header
 from ..io.contract import Reader, Storage
 from ..memory.buffers import as_memoryview
 from .reads import first_error, shard_path
 
 
-async def _header_problem(reader: Reader, manifest: Manifest, i: int, display: str) -> str | None:
+async def _header_problem(reader: Reader, manifest: AnyManifest, i: int, display: str) -> str | None:
     s = manifest.shards[i]
     try:
         prefix = torch.empty(8, dtype=torch.uint8)
@@ -29,19 +29,23 @@ async def _header_problem(reader: Reader, manifest: Manifest, i: int, display: s
         found = [(8 + n + start, length) for start, length in parse_header(as_memoryview(raw).tobytes())]
     except (EOFError, HeaderError) as exc:
         return f"{display}: shard {s.file} does not start with a valid safetensors header ({exc})"
-    expected = sorted((r.span.offset, r.span.nbytes) for r in manifest.byte_records()
-                      if r.span is not None and r.span.shard == i)
-    if s.base is not None:  # another checkpoint's shard: this one uses some of its entries
-        if not set(expected) <= set(found):
-            return (f"{display}: shard {s.file} of {s.base}: its safetensors header does not hold the entries this "
-                    "checkpoint references there")
-        return None
-    if found != expected or max((o + n for o, n in found), default=s.nbytes) != s.nbytes:
+    if isinstance(manifest, GlobalManifest):  # items written twice share bytes; empty ones may lie anywhere
+        agree = {(r.offset, r.nbytes) for r in manifest.byte_spans() if r.shard == i and r.nbytes} <= set(found)
+    else:
+        expected = sorted((r.span.offset, r.span.nbytes) for r in manifest.byte_records()
+                          if r.span is not None and r.span.shard == i)
+        if s.base is not None:  # another checkpoint's shard: this one uses some of its entries
+            if not set(expected) <= set(found):
+                return (f"{display}: shard {s.file} of {s.base}: its safetensors header does not hold the entries "
+                        "this checkpoint references there")
+            return None
+        agree = found == expected
+    if not agree or max((o + n for o, n in found), default=s.nbytes) != s.nbytes:
         return f"{display}: shard {s.file}: its safetensors header and the manifest place the entries differently"
     return None
 
 
-async def verify_shards(storage: Storage, path: str, display: str, manifest: Manifest,
+async def verify_shards(storage: Storage, path: str, display: str, manifest: AnyManifest,
                         on_chunk: Callable[[int], Any] | None = None) -> list[str]:
     """Every problem with the shards of a parsed manifest, one line each: a missing or resized shard, a chunk whose
     xxh3-64 differs, a header that disagrees with the manifest.

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import anyio
 
 from ..errors import CheckpointError
-from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, Manifest, is_temporary, parse
+from ..format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, AnyManifest, is_temporary,
+                               parse)
 from ..io.contract import Storage
 
 
@@ -28,7 +29,7 @@ class Committer:
         self.storage, self.directory, self.fsync = storage, directory, fsync
         self.publishing = False  # the manifest write has started: it may have taken effect even if it raised
 
-    async def commit(self, manifest: Manifest, running: Callable[[], set[str]]) -> int:
+    async def commit(self, manifest: AnyManifest, running: Callable[[], set[str]]) -> int:
         """Write ``manifest`` atomically, then sweep; returns the manifest's size. ``running()`` names the save ids
         of saves of this path still in flight, whose files the sweep must leave alone. A manifest that references
         other checkpoints first marks each of them (so their own sweeps and removals keep those shards)."""
@@ -46,7 +47,7 @@ class Committer:
                 pass
         return len(data)
 
-    async def sweep(self, manifest: Manifest, running: set[str]) -> None:
+    async def sweep(self, manifest: AnyManifest, running: set[str]) -> None:
         """Delete shards of earlier saves of this path (now unreferenced, also by incremental checkpoints that build
         on this one) and leftovers of killed saves."""
         names = await self.storage.list(self.directory)

@@ -20,7 +20,7 @@ import torch
 
 from ..concurrency import Runtime
 from ..errors import CheckpointError, restate
-from ..format.manifest import Manifest, shard_name
+from ..format.manifest import Manifest, ShardRecord, shard_name
 from ..io.contract import Storage
 from ..memory.pool import StagingPool
 from ..snapshot.plan import Chunk, Plan
@@ -54,6 +54,8 @@ class Job:
     """
 
     owns_buffers_until_finish = False
+    #: the buffers submitted are the caller's (slices of its own staging), never returned to the pool by the job
+    borrows_buffers = False
 
     def __init__(self, runtime: Runtime, pool: StagingPool, target: Target, plan: Plan, previous: "Job | None",
                  in_flight: Callable[[], set[str]], yield_to_copy: bool = False) -> None:
@@ -125,7 +127,8 @@ class Job:
         event its bytes are complete after, if they come from a device."""
         self.in_hand.pop(id(buf), None)
         if self.error is not None:
-            self.pool.release(buf)
+            if not self.borrows_buffers:
+                self.pool.release(buf)
             return
         self.keep(chunk, buf)
         if self._tg is None:
@@ -134,7 +137,7 @@ class Job:
         try:
             self._tg.start_soon(self._guarded, chunk, buf, ready)
         except Exception as exc:  # never lose a chunk silently: the save fails instead
-            if not self.owns_buffers_until_finish:
+            if not (self.owns_buffers_until_finish or self.borrows_buffers):
                 self.pool.release(buf)
             self.fail(exc)
 
@@ -205,7 +208,7 @@ class Job:
         except Exception as exc:
             self.fail(exc)
         finally:
-            if not self.owns_buffers_until_finish:
+            if not (self.owns_buffers_until_finish or self.borrows_buffers):
                 self.pool.release(buf)
 
     async def start(self) -> None:
@@ -222,17 +225,21 @@ class Job:
         """Undo what the job wrote (the job failed)."""
 
 
-class SaveJob(Job):
-    """Writes a native checkpoint: the shard writer writes the shards, then the committer publishes the manifest."""
+class ShardJob(Job):
+    """Writes a plan's shard files durably and publishes nothing: one rank's part of a multi-rank save.
 
-    def __init__(self, *args: Any, fsync: bool, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    ``files`` names the shards (``save_id`` is the one in those names). Once every file is durable the job's
+    :attr:`records` say what was written, for the coordinator that commits every rank's records together.
+    """
+
+    def __init__(self, *args: Any, fsync: bool, files: list[str] | None = None, save_id: str = "",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.metadata = metadata
-        self.save_id = uuid.uuid4().hex[:16]
-        self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
-        files = [shard_name(self.save_id, i) for i in range(len(self.plan.shard_sizes))]
+        self.save_id = save_id or uuid.uuid4().hex[:16]
+        if files is None:
+            files = [shard_name(self.save_id, i) for i in range(len(self.plan.shard_sizes))]
         self.writer = ShardWriter(self.storage, self.path, files, self.plan.shard_sizes, self.plan.chunk_bytes, fsync)
-        self.committer = Committer(self.storage, self.path, fsync)
+        self.records: list[ShardRecord] = []
 
     async def start(self) -> None:
         await self.writer.prepare()
@@ -241,10 +248,35 @@ class SaveJob(Job):
         await self.writer.write(chunk.shard, chunk.offset, buf, chunk.nbytes)
 
     async def finish(self) -> SaveResult:
+        self.records = self.writer.results()
+        return SaveResult(self.display, self.plan.total_bytes, self.snapshot_seconds, self.write_seconds(),
+                          len(self.records), len(self.plan.tensors))
+
+    async def abort(self) -> None:
+        await self.writer.abort(remove_directory=self.in_flight() <= {self.save_id})
+
+
+class BorrowedShardJob(ShardJob):
+    """A :class:`ShardJob` fed with slices of buffers its caller staged and still owns (``dcp.async_save``)."""
+
+    borrows_buffers = True
+
+
+class SaveJob(ShardJob):
+    """Writes a native checkpoint: the shard writer writes the shards, then the committer publishes the manifest."""
+
+    def __init__(self, *args: Any, fsync: bool, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, fsync=fsync, **kwargs)
+        self.metadata = metadata
+        self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
+        self.committer = Committer(self.storage, self.path, fsync)
+
+    async def finish(self) -> SaveResult:
+        await super().finish()  # every shard is durable
         if self.previous is not None:  # commit after an earlier save of this path, never before
             await self.previous.handle.settled()
         tensors, storages, objects = self.plan.records()
-        manifest = Manifest(self.save_id, self.created_ns, (*self.writer.results(), *self.plan.external), tensors,
+        manifest = Manifest(self.save_id, self.created_ns, (*self.records, *self.plan.external), tensors,
                             storages, objects, self.plan.tree, metadata=self.metadata, chain=self.plan.chain)
         size = await self.committer.commit(manifest, self.in_flight)
         return SaveResult(self.display, self.plan.total_bytes + size, self.snapshot_seconds, self.write_seconds(),
@@ -253,7 +285,7 @@ class SaveJob(Job):
     async def abort(self) -> None:
         if self.committer.publishing:  # the manifest may be out (storage errors can follow a write that took
             return  # effect): keep the shards it names; if it is not out, the next save of this path sweeps them
-        await self.writer.abort(remove_directory=self.in_flight() <= {self.save_id})
+        await super().abort()
 
 
 class CallJob(Job):

@@ -205,8 +205,10 @@ def _overlapping(ts: list[torch.Tensor]) -> bool:
     return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
 
-def _tensor_entries(walker: Walker) -> tuple[list[TensorInfo], list[Entry], list[Entry], bool]:
-    """Tensor descriptions and byte entries for the unique views; overlapping views of one storage share a blob."""
+def _tensor_entries(walker: Walker, share_overlaps: bool = True
+                    ) -> tuple[list[TensorInfo], list[Entry], list[Entry], bool]:
+    """Tensor descriptions and byte entries for the unique views; overlapping views of one storage share a blob
+    (with ``share_overlaps``; otherwise every view gets bytes of its own, as DCP items need)."""
     views = walker.views
     # XLA: materialise pending work and bring every XLA tensor to host in one batched transfer.
     xla_at = [i for i, (t, _) in enumerate(views) if xla.is_xla(t)]
@@ -220,7 +222,7 @@ def _tensor_entries(walker: Walker) -> tuple[list[TensorInfo], list[Entry], list
     shared: dict[int, int] = {}  # view index -> storage index
     storages: list[Entry] = []
     entries: list[Entry] = []
-    for members in groups.values():
+    for members in groups.values() if share_overlaps else ():
         if len(members) > 1 and _overlapping([views[i][0] for i in members]):
             base = views[members[0]][0]
             st = base.untyped_storage()
@@ -314,19 +316,55 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
     if digests or base is not None:
         entries, external = _reuse(walker, tensors, entries, base, memo)
     objects = _object_entries(walker)
-    entries += [e for _, _, e in objects]
-    # Largest item size first keeps every tensor aligned inside the 64-byte aligned data section.
-    entries.sort(key=lambda e: -e.itemsize)
-    plan = Plan(tree, tensors, storages, objects, entries, chunk_bytes=chunk_bytes, external=external,
-                chain=base.manifest.chain + 1 if external and base is not None else 0)
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
+    plan = Plan(tree, tensors, storages, objects, entries + [e for _, _, e in objects], chunk_bytes=chunk_bytes,
+                external=external, chain=base.manifest.chain + 1 if external and base is not None else 0)
+    _lay_out(plan, shard_bytes, chunk_bytes, cuda)
+    return plan
+
+
+def prepare_items(tensors: list[tuple[str, torch.Tensor]], objects: list[tuple[str, bytes]], shard_bytes: int,
+                  chunk_bytes: int, groups: list[tuple[list[int], int]] | None = None) -> tuple[Plan, list[int]]:
+    """Plan shards for named tensors and pickled objects (the items one rank writes for DCP).
+
+    Every tensor gets bytes of its own, row-major, except that one tensor named twice is stored once. ``groups``
+    (positions in ``tensors``, and a shard size for them) keeps sets of tensors in shards of their own, after the
+    rest; objects always go with the rest. Returns the plan and, for each of ``tensors``, the index of its
+    :class:`TensorInfo` in ``plan.tensors``; objects are ``plan.objects`` in order.
+    """
+    walker = Walker(pickle_objects=True)
+    index = [walker.add_tensor(t, name) for name, t in tensors]
+    walker.objects = [(bytearray(data), name, "") for name, data in objects]
+    infos, _, entries, cuda = _tensor_entries(walker, share_overlaps=False)
+    blobs = _object_entries(walker)
+    plan = Plan(None, infos, [], blobs, entries + [e for _, _, e in blobs], chunk_bytes=chunk_bytes)
+    placed: set[int] = set()
+    sets: list[tuple[list[Entry], int]] = []
+    for members, size in groups or []:
+        own = [infos[index[i]].entry for i in members if index[i] not in placed]
+        placed.update(index[i] for i in members)
+        sets.append(([e for e in own if e is not None], size))
+    rest = [info.entry for j, info in enumerate(infos) if j not in placed and info.entry is not None]
+    sets.insert(0, (rest + [e for _, _, e in blobs], shard_bytes))
+    _lay_out(plan, [(group, size) for group, size in sets if group or len(sets) == 1], chunk_bytes, cuda)
+    return plan, index
+
+
+def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_bytes: int, cuda: bool) -> None:
+    """Place the plan's entries (or each group of them, in shards of its own size) into shards, cut into chunks."""
+    if isinstance(groups, int):
+        groups = [(plan.entries, groups)]
+    shards: list[list[Entry]] = []
+    for entries, shard_bytes in groups:
+        # Largest item size first keeps every tensor aligned inside the 64-byte aligned data section.
+        entries = sorted(entries, key=lambda e: -e.itemsize)
+        shards.append([])
+        size = 0
+        for e in entries:
+            if shards[-1] and size + e.nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e.nbytes
     for index, members in enumerate(shards):
         header = build_header([HeaderEntry(e.name, e.st_dtype, e.st_shape, e.nbytes) for e in members],
                               SHARD_METADATA)
@@ -339,7 +377,6 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
         _cut(plan, index, [hdr, *members], pos, chunk_bytes)
     if cuda:
         plan.stream = devices.side_stream()
-    return plan
 
 
 def _structure(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int) -> Any:

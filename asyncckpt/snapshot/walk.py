@@ -150,6 +150,34 @@ def object_leaf(w: Walker, value: Any, path: str, depth: int) -> Any:
     return {"object": w.add_object(value, path)}
 
 
+#: tensor subclasses whose values live on many ranks, by the module that defines them (looked up only if loaded:
+#: such a value cannot exist unless its module was imported, so the single-process path never imports them)
+SHARDED = (("torch.distributed.tensor._api", "DTensor"), ("torch.distributed._shard.sharded_tensor.api",
+                                                          "ShardedTensor"))
+
+
+def sharded_kind(value: Any) -> str | None:
+    """``"DTensor"`` or ``"ShardedTensor"`` if ``value`` is one, else None."""
+    for module, name in SHARDED:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(value, cls):
+            return name
+    return None
+
+
+def tensor_subclass(w: Walker, value: torch.Tensor, path: str, depth: int) -> Any:
+    """A tensor subclass is an object (pickled), unless it is sharded across ranks: pickling a DTensor or a
+    ShardedTensor would store one rank's piece bound to its mesh, silently. Those are refused."""
+    kind = sharded_kind(value)
+    if kind is not None:
+        raise CheckpointError(
+            f"the {kind} at {path or '<root>'} is sharded across ranks, and this engine saves one process's state; "
+            "save distributed state with torch.distributed.checkpoint and asyncckpt.dcp.StorageWriter "
+            "(dcp.save(state, storage_writer=StorageWriter(path)), see docs/distributed.md), or save its full value "
+            f"({'dtensor.full_tensor()' if kind == 'DTensor' else 'gather it first'})")
+    return object_leaf(w, value, path, depth)
+
+
 #: preparers by exact type; subclasses (an ``Enum`` of ``str``, a tensor subclass) are not these types.
 EXACT: dict[type, Preparer] = {
     type(None): plain, bool: plain, str: plain, int: integer, float: floating,
@@ -158,7 +186,8 @@ EXACT: dict[type, Preparer] = {
 }
 
 #: preparers by kind, tried in order for types not in :data:`EXACT`.
-KINDS: list[tuple[type, Preparer]] = [(torch.nn.Module, stateful), (torch.optim.Optimizer, stateful)]
+KINDS: list[tuple[type, Preparer]] = [(torch.nn.Module, stateful), (torch.optim.Optimizer, stateful),
+                                      (torch.Tensor, tensor_subclass)]
 
 
 def walk_state(state: Any, pickle_objects: bool) -> tuple[Any, Walker]:

@@ -21,9 +21,10 @@ import torch
 from ..core import EngineCore
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..format.dtypes import SAFETENSORS_DTYPES
-from ..format.manifest import MANIFEST_NAME, Manifest, Span, TensorRecord, view_tensor
+from ..format.manifest import MANIFEST_NAME, GlobalManifest, Manifest, Span, TensorRecord, view_tensor
 from ..format.safetensors import unique_names
 from ..format.tree import Ref, leaves, structure
+from ..load.assemble import assemble
 from ..load.manifest import read_manifest
 from ..load.reads import read_shards, shard_span
 from ..load.rebuild import build_state, torch_load_reason
@@ -75,10 +76,14 @@ async def read_native(core: EngineCore, target: Target, progress: Progress | Non
 
     ``tensors_only`` returns the tensor entries by index and unpickles nothing: exporting weights needs no trust.
     """
-    manifest = await read_manifest(target.storage, target.path, target.display)
-    with contextlib.closing(progress_bar(progress, "read", manifest.total_bytes)) as bar:
-        buffers = await read_shards(target.storage, target.path, target.display, manifest, True)
-        bar.update(manifest.total_bytes)
+    found = await read_manifest(target.storage, target.path, target.display)
+    with contextlib.closing(progress_bar(progress, "read", found.total_bytes)) as bar:
+        buffers = await read_shards(target.storage, target.path, target.display, found, True)
+        bar.update(found.total_bytes)
+    if isinstance(found, GlobalManifest):  # written by many ranks: each tensor assembled whole, the state nested
+        manifest, buffers = await core.io.cpu(assemble, found, buffers)
+    else:
+        manifest = found
     if tensors_only:
         flat = dataclasses.replace(manifest, tree={"list": [{"tensor": i} for i in range(len(manifest.tensors))]})
         return manifest, await core.io.cpu(build_state, flat, shard_span(buffers), target.display, "cpu", True)

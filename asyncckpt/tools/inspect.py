@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 from ..core import EngineCore
 from ..errors import CheckpointError
-from ..format.manifest import MANIFEST_NAME, SHARD_RE, Manifest, is_temporary
+from ..format.manifest import MANIFEST_NAME, SHARD_RE, GlobalManifest, Manifest, is_temporary, rank_of
 from ..format.tree import Ref, leaves, structure
+from ..load.assemble import nested as assemble_structure
 from ..load.manifest import read_manifest
 from ..load.verify import verify_shards
 from .convert import run, tensor_shard
@@ -66,12 +67,48 @@ def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None
     }
 
 
+def describe_global(manifest: GlobalManifest, display: str, manifest_bytes: int | None = None) -> dict[str, Any]:
+    """:func:`describe` of a multi-rank checkpoint: its items by DCP name, each tensor's chunks and the ranks
+    that wrote them, every rank's shards."""
+    ranks = [rank_of(s.file) for s in manifest.shards]
+    tensors = []
+    for t in manifest.tensors:
+        by = sorted({ranks[c.span.shard] for c in t.chunks if c.span.nbytes} - {None})
+        entry: dict[str, Any] = {"key": t.fqn, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.logical_bytes,
+                                 "chunks": len(t.chunks), "ranks": by}
+        if t.requires_grad:
+            entry["requires_grad"] = True
+        tensors.append(entry)
+    objects = [{"key": o.key, "type": "pickled", "nbytes": o.span.nbytes, "shard": o.span.shard,
+                "rank": ranks[o.span.shard]} for o in manifest.objects]
+    shards = [{"index": i, "file": s.file, "rank": ranks[i], "nbytes": s.nbytes, "in": None,
+               "tensors": sum(1 for t in manifest.tensors for c in t.chunks if c.span.shard == i),
+               "objects": sum(1 for o in manifest.objects if o.span.shard == i)}
+              for i, s in enumerate(manifest.shards)]
+    created = manifest.created_ns
+    return {
+        "path": display, "format": "asyncckpt", "version": 3, "layout": "dcp", "world_size": manifest.world_size,
+        "chain": 0, "metadata": None,
+        "producer": manifest.producer or None, "torch": manifest.torch_version or None,
+        "save_id": manifest.save_id or None, "created_ns": created,
+        "created": datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tensors": tensors, "objects": objects, "values": [], "shards": shards,
+        "totals": {"tensors": len(tensors), "tensor_bytes": sum(t.logical_bytes for t in manifest.tensors),
+                   "objects": len(objects), "object_bytes": sum(o["nbytes"] for o in objects), "values": 0,
+                   "shards": len(shards), "shard_bytes": manifest.total_bytes, "manifest_bytes": manifest_bytes,
+                   "bytes_per_rank": {str(r): sum(s["nbytes"] for s in shards if s["rank"] == r)
+                                      for r in sorted({s["rank"] for s in shards if s["rank"] is not None})}},
+    }
+
+
 def inspect(path: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`describe` of the committed checkpoint at ``path`` (reads its manifest only)."""
     async def job(core: EngineCore) -> dict[str, Any]:
         target = await core.open_target(path, None)
         manifest = await read_manifest(target.storage, target.path, target.display)
         size = await target.storage.size(target.storage.join(target.path, MANIFEST_NAME))
+        if isinstance(manifest, GlobalManifest):
+            return describe_global(manifest, target.display, size)
         return describe(manifest, target.display, size)
 
     return run(storage_options, job)
@@ -106,7 +143,10 @@ def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurre
         found = Verification(target.display, len(manifest.shards), manifest.total_bytes,
                              sum(len(s.xxh3_64) for s in manifest.shards))
         try:
-            structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
+            if isinstance(manifest, GlobalManifest):
+                assemble_structure(manifest)
+            else:
+                structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
         except CheckpointError as exc:
             found.problems.append(f"{target.display}: {exc}")
         bar = progress_bar(progress, "verify", manifest.total_bytes)

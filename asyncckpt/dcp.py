@@ -1,0 +1,907 @@
+"""asyncckpt as the storage layer of ``torch.distributed.checkpoint`` (DCP): many ranks, one global commit.
+
+.. code-block:: python
+
+    import torch.distributed.checkpoint as dcp
+    from asyncckpt.dcp import StorageWriter, StorageReader
+
+    dcp.save(state_dict, storage_writer=StorageWriter("ckpts/step-100"))
+    fut = dcp.async_save(state_dict, storage_writer=StorageWriter("s3://b/run/step-100"))
+    dcp.load(state_dict, storage_reader=StorageReader("ckpts/step-100"))
+
+DCP does the distributed part — flattening, deduplicating replicated items, deciding which rank writes what and
+which saved chunks each rank needs on load — and asyncckpt stores it: every rank writes its own shard files
+(safetensors, xxh3-64 per chunk, the rank in the name) through the engine's pipeline and makes them durable
+without publishing anything; the coordinator then writes the one global manifest (DCP's metadata as JSON, no
+pickle) and only after that sweeps the files of the save it replaced. A crash at any moment leaves the old
+checkpoint or the new one. Loads read only the chunks that cover each rank's tensors and check every one.
+
+DCP reports a failure on any rank as ``torch.distributed.checkpoint.api.CheckpointException``, which derives from
+``BaseException`` (``except Exception`` does not catch it); :func:`unwrap` and :func:`unwrapped` give back the
+asyncckpt error (a :class:`~asyncckpt.CheckpointError`) that caused it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import itertools
+import math
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future as ConcurrentFuture
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import storage as dcp_storage
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from .errors import CheckpointError, InvalidArgumentError, restate
+from .format.dtypes import DTYPES, dtype_name
+from .format.manifest import (
+    parse,
+    ChunkedTensor,
+    GlobalManifest,
+    Manifest,
+    ObjectRecord,
+    ShardRecord,
+    Span,
+    TensorChunk,
+    shard_name,
+)
+from .format.tree import decode, encode_plain
+from .io.paths import to_url
+from .load.manifest import read_manifest
+from .load.ranged import ReadStats, Region, read_regions
+from .load.rebuild import unpickle
+from .options import EngineOptions
+from .pipeline.committer import Committer
+from .pipeline.handles import SaveHandle
+from .pipeline.jobs import BorrowedShardJob, Job, ShardJob, Target, describe
+from .memory.buffers import aligned_size
+from .snapshot.plan import Chunk, Entry, Plan, prepare_items
+from .snapshot.walk import sharded_kind
+from .sync_engine import SyncEngine
+
+__all__ = ["StorageWriter", "StorageReader", "RankPlan", "Stored", "unwrap", "unwrapped", "shared_engine"]
+
+# ---------------------------------------------------------------- engines
+
+_engines: dict[tuple[int, EngineOptions], SyncEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(options: EngineOptions | None = None) -> SyncEngine:
+    """The engine this process uses for writers and readers built with ``options`` (created on first use, kept
+    for the process's lifetime so staging buffers are reused from one save to the next, flushed at exit)."""
+    options = options or EngineOptions()
+    key = (os.getpid(), options)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is not None:
+            try:
+                engine.core
+            except CheckpointError:  # closed by its owner: start another
+                engine = None
+        if engine is None:
+            engine = _engines[key] = SyncEngine(**{f.name: getattr(options, f.name)
+                                                   for f in dataclasses.fields(options)})
+        return engine
+
+
+class _Endpoint:
+    """What the writer and the reader share: the checkpoint's path, its storage options, the engine."""
+
+    def __init__(self, path: Any, storage_options: Mapping[str, Any] | None, engine: SyncEngine | None,
+                 engine_options: Mapping[str, Any]) -> None:
+        if engine is not None and engine_options:
+            raise InvalidArgumentError("pass either engine= or engine options, not both")
+        self.path = None if path is None else to_url(path)
+        self.storage_options = storage_options
+        self._engine = engine
+        self.options = engine.options if engine is not None else EngineOptions.from_kwargs(engine_options)
+
+    @property
+    def engine(self) -> SyncEngine:
+        return self._engine if self._engine is not None else shared_engine(self.options)
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The checkpoint's path or URL (DCP's name for it)."""
+        return self.path
+
+    def target(self) -> Target:
+        if self.path is None:
+            raise InvalidArgumentError(f"{type(self).__name__} has no path: give one, or pass checkpoint_id= to DCP")
+        return self.engine.core.target(self.path, self.storage_options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into DCP's checkpoint process: the engine stays here; the other side uses its own."""
+        state = self.__dict__.copy()
+        state["_engine"] = None
+        return state
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            to_url(checkpoint_id)
+        except CheckpointError:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------- errors
+
+
+class _Carrier(BaseException):
+    """Carries an asyncckpt error through DCP code that would swallow an ``Exception`` (its metadata read)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The error to show for a failed ``dcp.save`` / ``dcp.load``.
+
+    For DCP's ``CheckpointException`` (a ``BaseException``): the asyncckpt :class:`~asyncckpt.CheckpointError` of
+    the lowest failing rank (type and attributes kept, the rank in its message), else a ``CheckpointError`` that
+    restates the lowest rank's failure. Anything else is returned as it is.
+    """
+    if isinstance(exc, _Carrier):
+        return exc.error
+    if not isinstance(exc, CheckpointException):
+        return exc
+    failures = sorted((rank, err[0] if isinstance(err, tuple) else err) for rank, err in exc.failures.items())
+    failures = [(rank, err.error if isinstance(err, _Carrier) else err) for rank, err in failures]
+    if not failures:
+        return CheckpointError(str(exc))
+    ours = [(rank, err) for rank, err in failures if isinstance(err, CheckpointError)]
+    rank, err = (ours or failures)[0]
+    text = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {err}"
+    return restate(err, f"rank {rank}: {text}")
+
+
+@contextlib.contextmanager
+def unwrapped() -> Iterator[None]:
+    """``with unwrapped(): dcp.save(...)`` raises :func:`unwrap`'s error instead of DCP's ``CheckpointException``."""
+    try:
+        yield
+    except (CheckpointException, _Carrier) as exc:
+        raise unwrap(exc) from exc
+
+
+# ---------------------------------------------------------------- what travels between ranks
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The ``storage_data`` the coordinator gives each rank's save plan: the save's id and the rank's number."""
+
+    save_id: str
+    rank: int
+    world_size: int
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The ``storage_data`` of a ``WriteResult``: where the item's bytes lie. The first result naming a file
+    carries that file's :class:`~asyncckpt.format.manifest.ShardRecord` (size and checksums)."""
+
+    file: str
+    offset: int
+    nbytes: int
+    shard: ShardRecord | None = None
+
+
+# ---------------------------------------------------------------- staging (dcp.async_save)
+
+
+_serials = itertools.count()
+
+
+class _Staged:
+    """One ``stage()``'s copy: whole-shard buffers from the engine's pool, laid out as this rank's shard files.
+
+    The buffers go back to the pool once the save has written them, or once nothing refers to the staged tensors
+    any more (a save that failed before writing): never while a save may still read them.
+    """
+
+    def __init__(self, engine: SyncEngine, plan: Plan, buffers: list[torch.Tensor]) -> None:
+        self.engine, self.plan, self.buffers = engine, plan, buffers
+        self.by_pointer: dict[int, tuple[int, Entry]] = {}  # data_ptr of a staged view -> (shard, entry)
+        self.by_path: dict[tuple[str | int, ...], int] = {}  # DCP key path of a staged tensor -> its shard
+        self.claimed = False  # a save's planning has taken it
+        self._lock = threading.Lock()
+        self._alive = 0
+        self.released = False
+        self.serial = next(_serials)
+
+    def view(self, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        raw = self.buffers[entry.shard][entry.offset:entry.offset + entry.nbytes]
+        if not entry.nbytes:
+            return torch.empty(shape, dtype=dtype)
+        self.by_pointer[raw.data_ptr()] = (entry.shard, entry)
+        view = raw.view(dtype).view(shape)
+        with self._lock:
+            self._alive += 1
+        weakref.finalize(view, self._dropped)
+        return view
+
+    def _dropped(self) -> None:
+        with self._lock:
+            self._alive -= 1
+            last = self._alive == 0
+        if last:
+            self.release()
+
+    def release(self) -> None:
+        """Give the buffers back to the pool (once; from any thread)."""
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+        try:
+            core = self.engine.core
+        except CheckpointError:  # the engine is gone, and its pool with it
+            return
+        for buf in self.buffers:
+            core.runtime.call_soon(core.pool.release, buf)
+
+
+def _terminal(value: Any) -> bool:
+    """Whether DCP's flattening keeps ``value`` as one item: anything but a mapping or a list, and a list that
+    holds no tensor and no container that is not itself one item."""
+    if isinstance(value, Mapping):
+        return False
+    if not isinstance(value, list):
+        return True
+    return not any(isinstance(v, torch.Tensor) or (isinstance(v, (Mapping, list)) and not _terminal(v))
+                   for v in value)
+
+
+def _tensor_leaves(value: Any, path: tuple[str | int, ...], out: list[tuple[tuple[str | int, ...], Any]]) -> None:
+    """The tensors (plain and DTensor) that DCP's flattening makes items of, in order, with their key paths as
+    DCP's planner records them (``planner_data``: a string per mapping key, an integer per list index)."""
+    if isinstance(value, torch.Tensor):
+        out.append((path, value))
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _tensor_leaves(v, path + (str(k),), out)
+    elif isinstance(value, list) and not _terminal(value) and path:
+        for i, v in enumerate(value):
+            _tensor_leaves(v, path + (i,), out)
+
+
+def _replicated(t: torch.Tensor) -> bool:
+    """Whether other ranks may hold the same item (DCP then keeps one copy): plain tensors, and DTensors
+    replicated along some mesh dimension. Only those can be written by another rank."""
+    if sharded_kind(t) != "DTensor":
+        return True
+    return not all(p.is_shard() for p in t.placements)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class LocalStaging:
+    """The ``storage_data`` of a rank's local plan under ``dcp.async_save``: which staged shard holds each item,
+    and each shard's size, so the coordinator can give whole shards to one rank each (written without a copy)."""
+
+    shard_of: dict[MetadataIndex, int]
+    nbytes: dict[int, int]
+
+
+def balance(plans: list[SavePlan]) -> list[SavePlan]:
+    """Move items between ranks (only to ranks that hold and staged them) so that each staged shard is written
+    whole by one rank, shards held by several ranks going to the one with the fewest bytes so far. What no shard
+    covers stays where DCP put it."""
+    stagings = [p.storage_data for p in plans]
+    if not all(isinstance(s, LocalStaging) for s in stagings):
+        return plans
+    owner: dict[MetadataIndex, int] = {}
+    items: dict[MetadataIndex, WriteItem] = {}
+    for r, p in enumerate(plans):
+        for it in p.items:
+            owner[it.index], items[it.index] = r, it
+    signatures: dict[frozenset[MetadataIndex], list[tuple[int, int]]] = {}
+    for r, staging in enumerate(stagings):
+        members: dict[int, set[MetadataIndex]] = {}
+        for index, k in staging.shard_of.items():
+            members.setdefault(k, set()).add(index)
+        for k, indices in members.items():
+            signatures.setdefault(frozenset(indices), []).append((r, staging.nbytes[k]))
+    load = [0] * len(plans)
+    chosen: dict[MetadataIndex, int] = {}
+    for signature, holders in sorted(signatures.items(), key=lambda kv: (len(kv[1]) > 1, -kv[1][0][1])):
+        if any(i in chosen or i not in owner for i in signature):
+            continue
+        rank, nbytes = min(holders, key=lambda h: (load[h[0]], h[0]))
+        load[rank] += nbytes
+        for i in signature:
+            chosen[i] = rank
+    moved: list[list[WriteItem]] = [[] for _ in plans]
+    for index, it in items.items():
+        moved[chosen.get(index, owner[index])].append(it)
+    return [dataclasses.replace(p, items=m) for p, m in zip(plans, moved)]
+
+
+def _local(t: torch.Tensor, path: str) -> torch.Tensor:
+    kind = sharded_kind(t)
+    if kind == "DTensor":
+        return t.to_local().detach()  # type: ignore[attr-defined]
+    if kind is not None:
+        raise CheckpointError(f"the {kind} at {path} cannot be staged by dcp.async_save through asyncckpt (plain "
+                              "tensors and DTensors can); save it with dcp.save, or convert it to a DTensor")
+    return t.detach()
+
+
+def _rebuild(value: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """The staged state: the input's structure, tensors replaced by their staged copies, other items deep-copied
+    (DCP pickles them later, so they too must hold the values of the moment)."""
+    if isinstance(value, torch.Tensor):
+        local = copies[id(value)]
+        if sharded_kind(value) == "DTensor":
+            from torch.distributed.tensor import DTensor
+
+            staged = DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,  # type: ignore
+                                        shape=value.shape, stride=value.stride())
+            staged._asyncckpt_local = local  # type: ignore[attr-defined]  # keeps the staging alive with it
+            return staged
+        return local
+    if isinstance(value, Mapping):
+        out = {k: _rebuild(v, copies) for k, v in value.items()}
+        return OrderedDict(out) if isinstance(value, OrderedDict) else out
+    if isinstance(value, list) and not _terminal(value):
+        return [_rebuild(v, copies) for v in value]
+    return copy.deepcopy(value)
+
+
+def _sub_plan(plan: Plan, shards: list[int]) -> Plan:
+    """The chunks of some of ``plan``'s shards, renumbered in the order given."""
+    renumber = {k: i for i, k in enumerate(shards)}
+    chunks = [Chunk(renumber[c.shard], c.offset, c.nbytes, ready=c.ready) for c in plan.chunks if c.shard in renumber]
+    return Plan(None, [], [], [], [], shard_sizes=[plan.shard_sizes[k] for k in shards], chunks=chunks,
+                chunk_bytes=plan.chunk_bytes)
+
+
+# ---------------------------------------------------------------- the global manifest
+
+
+def global_manifest(info: RankPlan, metadata: Metadata, results: list[list[WriteResult]]) -> GlobalManifest:
+    """The manifest of one save: DCP's metadata (every item's global shape, dtype and chunks) joined with where
+    each rank put each chunk's bytes and the checksums of every rank's files."""
+    where: dict[MetadataIndex, Stored] = {}
+    records: dict[str, ShardRecord] = {}
+    for rank in results:
+        for r in rank:
+            s = r.storage_data
+            if not isinstance(s, Stored):
+                raise CheckpointError(f"a rank reported item {r.index.fqn!r} without asyncckpt storage data")
+            where[r.index] = s
+            if s.shard is not None:
+                records[s.file] = s.shard
+    shards = sorted(records.values(), key=lambda rec: rec.file)  # one save id: rank-major, then index
+    number = {rec.file: i for i, rec in enumerate(shards)}
+
+    def span(fqn: str, s: Stored | None) -> Span:
+        if s is None or s.file not in number:
+            raise CheckpointError(f"no rank reported where the bytes of item {fqn!r} were written")
+        return Span(number[s.file], s.offset, s.nbytes)
+
+    tensors, objects = [], []
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            dtype = dtype_name(md.properties.dtype)
+            if dtype not in DTYPES or md.properties.layout != torch.strided:
+                raise CheckpointError(f"item {fqn!r} is a {md.properties.layout} tensor of dtype {dtype}, which "
+                                      "the format cannot store as raw bytes")
+            chunks = tuple(TensorChunk(tuple(c.offsets), tuple(c.sizes),
+                                       span(fqn, where.get(MetadataIndex(fqn, c.offsets)))) for c in md.chunks)
+            tensors.append(ChunkedTensor(fqn, dtype, tuple(md.size), chunks, bool(md.properties.requires_grad)))
+        else:
+            objects.append(ObjectRecord("", fqn, span(fqn, where.get(MetadataIndex(fqn)))))
+    try:
+        planner_data = encode_plain(metadata.planner_data)
+    except TypeError as exc:
+        raise CheckpointError(f"the save planner's data cannot be stored as JSON ({exc}); asyncckpt.dcp keeps DCP "
+                              "metadata free of pickle, so a custom planner's planner_data must be plain values")
+    meta = metadata.storage_meta
+    storage_meta = None if meta is None else {
+        "checkpoint_id": None if meta.checkpoint_id is None else str(meta.checkpoint_id),
+        "save_id": meta.save_id, "modules": [str(m) for m in meta.modules]}
+    return GlobalManifest(info.save_id, info.created_ns, len(results), tuple(shards), tuple(tensors),
+                          tuple(objects), planner_data, storage_meta, metadata.version)
+
+
+def to_metadata(manifest: GlobalManifest) -> Metadata:
+    """DCP's ``Metadata`` of a global manifest; ``storage_data`` maps each item (and chunk) to its record."""
+    items: dict[str, Any] = {}
+    storage_data: dict[MetadataIndex, Any] = {}
+    for t in manifest.tensors:
+        chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in t.chunks]
+        items[t.fqn] = TensorStorageMetadata(TensorProperties(dtype=t.torch_dtype, requires_grad=t.requires_grad),
+                                             torch.Size(t.shape), chunks)
+        for c in t.chunks:
+            storage_data[MetadataIndex(t.fqn, c.offsets)] = (t, c)
+    for o in manifest.objects:
+        items[o.key] = BytesStorageMetadata()
+        storage_data[MetadataIndex(o.key)] = o
+
+    def refuse(i: int) -> Any:
+        raise CheckpointError("planner_data refers to a tensor")
+
+    planner_data = None if manifest.planner_data is None else decode(manifest.planner_data, refuse, refuse)
+    meta = manifest.storage_meta or {}
+    storage_meta = StorageMeta(checkpoint_id=meta.get("checkpoint_id"), save_id=meta.get("save_id"),
+                               modules=list(meta.get("modules", [])))
+    return Metadata(items, planner_data, _Layout(manifest, storage_data), storage_meta, manifest.dcp_version)
+
+
+@dataclass
+class _Layout:
+    """A loaded manifest and where each of DCP's storage indices is in it (``Metadata.storage_data``)."""
+
+    manifest: GlobalManifest
+    index: dict[MetadataIndex, Any]
+
+
+# ---------------------------------------------------------------- the writer
+
+
+class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
+    """DCP's ``StorageWriter`` (and ``AsyncStager``) on asyncckpt.
+
+    Args:
+        path: the checkpoint directory: a local path or any fsspec URL (``s3://bucket/run/step-100``). DCP's
+            ``checkpoint_id=`` replaces it.
+        storage_options: for URL targets (credentials, endpoint), as fsspec takes them.
+        engine: a :class:`~asyncckpt.SyncEngine` to use; by default the process shares one engine per set of
+            engine options (:func:`shared_engine`), so staging buffers are reused by every save.
+        **engine_options: :class:`~asyncckpt.EngineOptions` (``host_memory_budget``, ``chunk_bytes``,
+            ``shard_bytes``, ``fsync``, ``write_concurrency``…).
+
+    ``dcp.save`` streams each rank's items through the budgeted staging buffers into its shard files.
+    ``dcp.async_save`` calls :meth:`stage`, which copies the rank's tensors once into staging buffers laid out as
+    its shard files and returns; the background save then writes those very buffers. As with any DCP storage,
+    wait for one ``async_save`` to finish before starting the next on the same process group.
+    """
+
+    _synchronize_after_execute = False  # stage() has finished its copy when it returns
+
+    def __init__(self, path: Any = None, *, storage_options: Mapping[str, Any] | None = None,
+                 engine: SyncEngine | None = None, **engine_options: Any) -> None:
+        super().__init__(path, storage_options, engine, engine_options)
+        self.rank = 0
+        self.is_coordinator = True
+        self._staged: "weakref.WeakSet[_Staged]" = weakref.WeakSet()
+        self._saves: dict[int, RankPlan] = {}  # coordinator: the save being planned, by the thread running it
+        self.bytes_written = 0  # this rank's shard bytes in its last save (per-rank reports)
+        self.bytes_from_staging = 0  # of those, the bytes written straight from stage()'s buffers (no second copy)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_staged")
+        state["_saves"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._staged = weakref.WeakSet()
+
+    # ------------------------------------------------------------ DCP's protocol
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id:
+            self.path = to_url(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("use_collectives", True) is False:
+            raise CheckpointError("asyncckpt.dcp writes one global manifest, which needs DCP's collectives; "
+                                  "call dcp.save without use_collectives=False")
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank") or 0
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Under ``async_save``: say which staged shard holds each item (by DCP's key paths), for :func:`balance`."""
+        staged = next((s for s in sorted(self._staged, key=lambda s: s.serial) if not s.claimed), None)
+        mapping = plan.planner_data
+        if staged is None or not isinstance(mapping, Mapping):
+            return plan
+        staged.claimed = True
+        shard_of = {}
+        for item in plan.items:
+            path = mapping.get(item.index.fqn)
+            k = staged.by_path.get(tuple(path)) if isinstance(path, (tuple, list)) else None
+            if k is not None and item.type != WriteItemType.BYTE_IO:
+                shard_of[item.index] = k
+        nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())}
+        return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes))
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """The coordinator names the save (one id for every rank's files, and each rank's number) and, under
+        ``async_save``, hands whole staged shards to ranks (:func:`balance`)."""
+        info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns())
+        self._saves[threading.get_ident()] = info
+        plans = balance(plans)
+        return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Write this rank's items durably (publishing nothing) and say where each one's bytes lie."""
+        info = plan.storage_data
+        if not isinstance(info, RankPlan):
+            raise CheckpointError("the save plan carries no asyncckpt storage data: its global planning did not go "
+                                  "through this StorageWriter")
+        tensors: list[tuple[WriteItem, torch.Tensor]] = []
+        objects: list[tuple[WriteItem, bytes]] = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                objects.append((item, data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
+            else:
+                tensors.append((item, data.detach()))
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(self._write(info, tensors, objects))
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """The coordinator commits: one global manifest naming every rank's files, written atomically once all of
+        them are durable (DCP gathers results after every rank's ``write_data`` returned), then older files of
+        this path are swept."""
+        info = self._saves.pop(threading.get_ident(), None)
+        if info is None:
+            raise CheckpointError("finish() before prepare_global_plan(): this StorageWriter did not plan the save")
+        manifest = global_manifest(info, metadata, results)
+        parse(manifest.seal(), str(self.path))  # never publish what a reader would refuse
+        metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
+        target = self.target()
+        fsync = self.options.fsync
+
+        async def commit() -> None:
+            await target.storage.makedirs(target.path, fsync)
+            await Committer(target.storage, target.path, fsync).commit(manifest, lambda: {info.save_id})
+
+        try:
+            self.engine.run(commit)
+        except OSError as exc:
+            raise CheckpointError(f"cannot commit {target.display}: {describe(exc)}") from exc
+
+    # ------------------------------------------------------------ staging
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Copy this rank's tensors once into staging buffers laid out as its shard files; return the state with
+        those copies in place of the tensors (other values deep-copied). Training may change the originals as
+        soon as this returns. Waits for memory while earlier saves still hold the budget."""
+        engine = self.engine
+        core = engine.core
+        leaves: list[tuple[tuple[str | int, ...], Any]] = []
+        _tensor_leaves(state_dict, (), leaves)
+        locals_ = [(".".join(map(str, path)), _local(t, ".".join(map(str, path)))) for path, t in leaves]
+        # Items other ranks also hold get shards of their own, a few per rank, laid out alike on every holder:
+        # the coordinator can then give each such shard whole to one of them (balance), and no rank copies twice.
+        shared = [i for i, (_, t) in enumerate(leaves) if _replicated(t)]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        total = sum(locals_[i][1].nbytes for i in shared)
+        size = min(self.options.shard_bytes, max(self.options.chunk_bytes, -(-total // (4 * world))))
+        plan, index = prepare_items(locals_, [], self.options.shard_bytes, self.options.chunk_bytes,
+                                    [(shared, size)] if shared else None)
+        if plan.total_bytes > core.pool.budget:
+            raise CheckpointError(
+                f"dcp.async_save copies this rank's {plan.total_bytes} bytes at once, more than host_memory_budget "
+                f"({core.pool.budget}); raise the budget or use dcp.save, which streams through any budget")
+        buffers: list[torch.Tensor] = []
+        try:
+            for size in plan.shard_sizes:
+                buffers.append(core.runtime.call(core.pool.acquire, size))
+            for chunk in plan.chunks:
+                plan.fill(chunk, buffers[chunk.shard][chunk.offset:chunk.offset + chunk.nbytes])
+            plan.finish()
+        except BaseException:
+            for buf in buffers:
+                core.runtime.call_soon(core.pool.release, buf)
+            raise
+        staged = _Staged(engine, plan, buffers)
+        copies: dict[int, torch.Tensor] = {}
+        for (path, t), (_, local), i in zip(leaves, locals_, index):
+            e = plan.tensors[i].entry
+            assert e is not None
+            copies[id(t)] = staged.view(e, local.dtype, tuple(local.shape))
+            if e.nbytes:
+                staged.by_path[path] = e.shard
+        result = _rebuild(state_dict, copies)
+        del copies
+        if staged.by_pointer:
+            self._staged.add(staged)
+        else:
+            staged.release()  # nothing staged but empty tensors
+        return result
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: :meth:`stage` returns once its copy is complete."""
+
+    def close(self) -> None:
+        """Nothing to release: the shared engine lives as long as the process."""
+
+    # ------------------------------------------------------------ writing
+
+    def _zero_copy(self, tensors: list[tuple[WriteItem, torch.Tensor]]
+                   ) -> tuple[_Staged | None, list[int], dict[int, tuple[int, Entry]]]:
+        """The staged copy these tensors are views of, its shards that hold only items of this plan (written as
+        they are), and each such item's (shard, entry)."""
+        hits: dict[int, tuple[_Staged, int, Entry]] = {}
+        for item, t in tensors:
+            if t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
+                continue
+            for staged in list(self._staged):
+                hit = staged.by_pointer.get(t.data_ptr())
+                if hit is not None and hit[1].nbytes == t.nbytes and not staged.released:
+                    hits[id(item)] = (staged, *hit)
+                    break
+        if not hits:
+            return None, [], {}
+        counts: dict[int, int] = {}
+        for staged, _, _ in hits.values():
+            counts[id(staged)] = counts.get(id(staged), 0) + 1
+        chosen = next(s for s, _, _ in hits.values() if counts[id(s)] == max(counts.values()))
+        plan = chosen.plan
+        covered: dict[int, set[int]] = {}
+        for staged, shard, entry in hits.values():
+            if staged is chosen:
+                covered.setdefault(shard, set()).add(id(entry))
+        needed: dict[int, set[int]] = {}
+        for info in plan.tensors:
+            if info.entry is not None and info.entry.nbytes:
+                needed.setdefault(info.entry.shard, set()).add(id(info.entry))
+        whole = sorted(k for k, ids in needed.items() if covered.get(k) == ids)
+        located = {key: (shard, entry) for key, (staged, shard, entry) in hits.items()
+                   if staged is chosen and shard in whole}
+        return chosen, whole, located
+
+    def _write(self, info: RankPlan, tensors: list[tuple[WriteItem, torch.Tensor]],
+               objects: list[tuple[WriteItem, bytes]]) -> list[WriteResult]:
+        engine = self.engine
+        core = engine.core
+        target = self.target()
+        fsync = self.options.fsync
+        staged, whole, located = self._zero_copy(tensors)
+        files: list[str] = []
+        jobs: list[Job] = []
+        results: list[WriteResult] = []
+        error: BaseException | None = None
+        try:
+            if staged is not None and whole:
+                borrowed = _sub_plan(staged.plan, whole)
+                names = [shard_name(info.save_id, k, info.rank) for k in range(len(whole))]
+                files += names
+                job = core.begin(BorrowedShardJob, target, borrowed, fsync=fsync, files=names, save_id=info.save_id)
+                jobs.append(job)
+                for chunk in borrowed.chunks:  # the staged buffers themselves, chunk by chunk: no second copy
+                    buf = staged.buffers[whole[chunk.shard]]
+                    piece = buf[chunk.offset:min(buf.numel(), chunk.offset + aligned_size(chunk.nbytes))]
+                    core.runtime.call_soon(job.submit, chunk, piece)
+                core.runtime.call_soon(job.close_input, 0.0)
+                renumber = {k: i for i, k in enumerate(whole)}
+                for item, _ in tensors:
+                    if id(item) in located:
+                        shard, e = located[id(item)]
+                        results.append(WriteResult(item.index, e.nbytes, Stored(names[renumber[shard]], e.offset,
+                                                                                 e.nbytes)))
+            rest = [(item, t) for item, t in tensors if id(item) not in located]
+            if rest or objects:
+                # whole tensors (DDP's replicated ones) go in shards apart from the pieces of sharded ones, so a
+                # rank that loads its own pieces back does not read other ranks' items with them
+                whole_items = [i for i, (item, _) in enumerate(rest) if item.type == WriteItemType.TENSOR]
+                plan, index = prepare_items([(item.index.fqn, t) for item, t in rest],
+                                            [(item.index.fqn, data) for item, data in objects],
+                                            self.options.shard_bytes, self.options.chunk_bytes,
+                                            [(whole_items, self.options.shard_bytes)] if whole_items else None)
+                names = [shard_name(info.save_id, len(files) + k, info.rank) for k in range(len(plan.shard_sizes))]
+                files += names
+                jobs.append(engine.submit(plan, target.display, ShardJob, storage_options=self.storage_options,
+                                          fsync=fsync, files=names, save_id=info.save_id))
+                for (item, _), i in zip(rest, index):
+                    e = plan.tensors[i].entry
+                    assert e is not None
+                    results.append(WriteResult(item.index, e.nbytes, Stored(names[e.shard], e.offset, e.nbytes)))
+                for (item, _), (_, _, e) in zip(objects, plan.objects):
+                    results.append(WriteResult(item.index, e.nbytes, Stored(names[e.shard], e.offset, e.nbytes)))
+        except BaseException as exc:  # noqa: B036 — raised below, once every job has settled
+            error = exc
+        for job in jobs:  # wait for every job, whatever happened: they may still read the staged memory
+            try:
+                job.handle.result()
+            except BaseException as exc:  # noqa: B036
+                error = error or exc
+        if staged is not None:
+            staged.release()
+        if error is not None:
+            raise error
+        records = {rec.file: rec for job in jobs for rec in job.records}  # type: ignore[attr-defined]
+        self.bytes_written = sum(rec.nbytes for rec in records.values())
+        self.bytes_from_staging = sum(staged.plan.shard_sizes[k] for k in whole) if staged is not None else 0
+        out, seen = [], set()
+        for r in results:
+            s = r.storage_data
+            if s.file not in seen:  # the first result naming a file carries the file's record
+                seen.add(s.file)
+                s = dataclasses.replace(s, shard=records[s.file])
+            out.append(WriteResult(r.index, r.size_in_bytes, s))
+        return out
+
+
+# ---------------------------------------------------------------- the reader
+
+
+def _byte_range(chunk: TensorChunk, offsets: tuple[int, ...], lengths: tuple[int, ...], itemsize: int
+                ) -> tuple[int, int]:
+    """The bytes of a saved chunk (relative to its start) that hold the box ``offsets`` + ``lengths`` of it:
+    whole rows of its first dimension, which are contiguous."""
+    if not chunk.sizes:
+        return 0, itemsize
+    row = math.prod(chunk.sizes[1:]) * itemsize
+    return offsets[0] * row, (offsets[0] + lengths[0]) * row
+
+
+def _direct(target: torch.Tensor, chunk: TensorChunk, lengths: tuple[int, ...], dtype: torch.dtype
+            ) -> torch.Tensor | None:
+    """``target`` as flat bytes if the saved rows can land in it unchanged (whole rows, same dtype, dense CPU)."""
+    if (type(target) is not torch.Tensor or target.device.type != "cpu" or target.dtype != dtype
+            or not target.is_contiguous() or target.is_conj() or target.is_neg() or not target.numel()
+            or tuple(lengths[1:]) != tuple(chunk.sizes[1:])):
+        return None
+    return target.reshape(-1).view(torch.uint8)
+
+
+class StorageReader(_Endpoint, dcp_storage.StorageReader):
+    """DCP's ``StorageReader`` on asyncckpt: reads the checkpoints :class:`StorageWriter` commits.
+
+    Args:
+        path: the checkpoint directory or URL (DCP's ``checkpoint_id=`` replaces it).
+        storage_options: for URL targets.
+        engine: a :class:`~asyncckpt.SyncEngine` to use (default: the process's shared one).
+        weights_only: load non-tensor values with torch's weights-only rules (the default); ``False`` allows any
+            pickle — only for checkpoints you trust.
+        verify: check each chunk's checksum (default: the engine's ``verify`` option, on).
+        **engine_options: :class:`~asyncckpt.EngineOptions`.
+
+    Each rank reads only the chunks of the shard files that cover its tensors, into staging buffers, checks them
+    and copies their bytes straight into its tensors. :attr:`stats` says how much was read for how much needed.
+    """
+
+    def __init__(self, path: Any = None, *, storage_options: Mapping[str, Any] | None = None,
+                 engine: SyncEngine | None = None, weights_only: bool = True, verify: bool | None = None,
+                 **engine_options: Any) -> None:
+        super().__init__(path, storage_options, engine, engine_options)
+        self.weights_only = weights_only
+        self.verify = self.options.verify if verify is None else verify
+        self.stats = ReadStats()  # the last load on this rank: bytes wanted, bytes read, chunks read
+        self._layout: _Layout | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id:
+            self.path = to_url(checkpoint_id)
+        self._layout = None
+
+    def read_metadata(self) -> Metadata:
+        """The checkpoint's metadata, from its global manifest (validated before anything is allocated)."""
+        try:
+            target = self.target()
+            try:
+                found = self.engine.run(read_manifest, target.storage, target.path, target.display)
+            except OSError as exc:
+                raise CheckpointError(f"cannot load {target.display}: {describe(exc)}") from exc
+            if isinstance(found, Manifest):
+                raise CheckpointError(
+                    f"{target.display} was saved by one process (engine.save), not through torch.distributed."
+                    "checkpoint; load it with asyncckpt's engine.load (or asyncckpt.SyncEngine().load)")
+            return to_metadata(found)
+        except CheckpointError as exc:  # DCP would swallow an Exception here and report "metadata is None"
+            raise _Carrier(exc) from exc
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(metadata.storage_data, _Layout):
+            raise CheckpointError("the metadata was not read by an asyncckpt StorageReader")
+        self._layout = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        assert self._layout is not None
+        return dataclasses.replace(plan, storage_data=self._layout.manifest.save_id)
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """Every rank must have read the same manifest: a save that committed between their reads would mix."""
+        ids = {p.storage_data for p in plans}
+        if len(ids) > 1:
+            raise CheckpointError(f"{self.path} was overwritten while the ranks read its manifest (they found saves "
+                                  f"{', '.join(sorted(map(str, ids)))}); load again")
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read the chunks covering this rank's items, check them, and copy them into its tensors."""
+        layout = self._layout
+        if layout is None:
+            raise CheckpointError("read_data() before set_up_storage_reader()")
+        manifest = layout.manifest
+        target = self.target()
+        regions: list[list[Region]] = [[] for _ in manifest.shards]
+        later: list[tuple[ReadItem, torch.Tensor, Any]] = []  # (request, destination, how to finish it)
+        for req in plan.items:
+            found = layout.index.get(req.storage_index)
+            if found is None:
+                raise CheckpointError(f"{target.display} has no item {req.storage_index.fqn!r} at offsets "
+                                      f"{list(req.storage_index.offset or ())}")
+            if req.type == LoadItemType.BYTE_IO:
+                buf = torch.empty(found.span.nbytes, dtype=torch.uint8)
+                regions[found.span.shard].append((found.span.offset, buf))
+                later.append((req, buf, found))
+                continue
+            record, chunk = found
+            dest = planner.resolve_tensor(req).detach()
+            lengths, offsets = tuple(req.lengths), tuple(req.storage_offsets)
+            lo, hi = _byte_range(chunk, offsets, lengths, record.torch_dtype.itemsize)
+            if hi > lo:
+                direct = _direct(dest, chunk, lengths, record.torch_dtype)
+                out = direct if direct is not None else torch.empty(hi - lo, dtype=torch.uint8)
+                regions[chunk.span.shard].append((chunk.span.offset + lo, out))
+                later.append((req, dest, None if direct is not None else (record, chunk, out)))
+            else:
+                later.append((req, dest, None))
+
+        async def read() -> ReadStats:
+            core = self.engine.core
+            try:
+                return await read_regions(target.storage, target.path, target.display, manifest.shards, self.verify,
+                                          core.pool, regions, " (this rank's tensors may already hold part of it)")
+            except OSError as exc:
+                raise CheckpointError(f"cannot load {target.display}: {describe(exc)}") from exc
+
+        self.stats = self.engine.run(read)
+        for req, dest, how in later:
+            if req.type == LoadItemType.BYTE_IO:
+                if self.weights_only:  # refused here, before the planner unpickles it without restrictions
+                    unpickle(dest, how, target.display, "cpu", True)
+                planner.load_bytes(req, io.BytesIO(dest.numpy().tobytes()))
+                continue
+            if how is not None:
+                record, chunk, out = how
+                rows = (req.lengths[0],) + tuple(chunk.sizes[1:]) if chunk.sizes else ()
+                saved = out.view(record.torch_dtype).view(rows)
+                for d in range(1, len(rows)):
+                    saved = saved.narrow(d, req.storage_offsets[d], req.lengths[d])
+                dest.copy_(saved)
+            planner.commit_tensor(req, dest)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future

@@ -1,0 +1,322 @@
+"""What the ranks of tests/dist_worker.py run: one function per scenario, ``fn(rank, world, **args)``, returning
+something JSON can carry. States are deterministic (seeded), and values are compared as digests of their bytes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import xxhash
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from asyncckpt.dcp import StorageReader, StorageWriter, unwrapped
+
+ENGINE = {"chunk_bytes": 64 << 10, "host_memory_budget": 64 << 20}  # small chunks: many checksummed pieces
+
+
+def digest(t: torch.Tensor) -> str:
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    t = t.detach().contiguous()
+    return f"{t.dtype}{list(t.shape)}:" + xxhash.xxh3_64_hexdigest(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def digests(value: Any, path: str = "") -> dict[str, str]:
+    """Every leaf of a state, by key path: tensors (whole, even sharded) as digests of their bytes, others as repr."""
+    out: dict[str, str] = {}
+    if isinstance(value, torch.Tensor):
+        out[path] = digest(value)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            out.update(digests(value[k], f"{path}.{k}"))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            out.update(digests(v, f"{path}.{i}"))
+    else:
+        out[path] = repr(value)
+    return out
+
+
+def model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def train(m: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int = 2) -> None:
+    for i in range(steps):
+        torch.manual_seed(100 + 10 * rank + i)
+        m(torch.randn(4, 16)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def save(state: dict[str, Any], path: str, mode: str, mutate: Any = None, **options: Any) -> StorageWriter:
+    """Save through asyncckpt.dcp; with mode "async", ``mutate()`` runs as soon as async_save returns."""
+    writer = StorageWriter(path, **{**ENGINE, **options})
+    with unwrapped():
+        if mode == "sync":
+            dcp.save(state, storage_writer=writer)
+        else:
+            kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
+            future = dcp.async_save(state, storage_writer=writer, async_checkpointer_type=kind)
+            if mutate is not None:
+                mutate()
+            future.result()
+    return writer
+
+
+def load(state: dict[str, Any], path: str, **options: Any) -> StorageReader:
+    reader = StorageReader(path, **{**ENGINE, **options})
+    with unwrapped():
+        dcp.load(state, storage_reader=reader)
+    return reader
+
+
+def stats(reader: StorageReader) -> dict[str, Any]:
+    s = reader.stats
+    return {"wanted": s.wanted, "read": s.read, "chunks": s.chunks}
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def ddp_adam(rank: int, world: int, path: str, mode: str = "sync", reference: str | None = None) -> dict[str, Any]:
+    """DDP model + Adam: save (deduplicated: each replicated item written by one rank), load into a fresh one."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = DDP(model(0))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    train(net, opt, rank)
+    msd, osd = get_state_dict(net, opt)
+    state = {"model": msd, "optim": osd, "step": 2, "note": {"run": "ddp", "lr": [0.1]}}
+    expected = digests(state)
+    if reference and rank == 0:
+        torch.save({k: v.clone() for k, v in net.module.state_dict().items()}, reference)
+
+    def mutate() -> None:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1000.0)
+        state["note"]["lr"].append(99)
+
+    writer = save(state, path, mode, mutate)
+    fresh = DDP(model(1))
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    msd2, osd2 = get_state_dict(fresh, fresh_opt)
+    target = {"model": msd2, "optim": osd2, "step": 0, "note": {"run": "", "lr": []}}
+    reader = load(target, path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    msd3, osd3 = get_state_dict(fresh, fresh_opt)
+    loaded = digests({"model": msd3, "optim": osd3, "step": target["step"], "note": target["note"]})
+    return {"expected": expected, "loaded": loaded, "bytes_written": writer.bytes_written,
+            "from_staging": writer.bytes_from_staging, "read": stats(reader)}
+
+
+def fsdp2(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any]:
+    """FSDP2 (fully_shard on a CPU mesh) + Adam, through get_state_dict / set_state_dict."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        m = model(seed)
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        return m, torch.optim.Adam(m.parameters(), lr=0.05)
+
+    m, opt = build(0)
+    train(m, opt, rank)
+    msd, osd = get_state_dict(m, opt)
+    state = {"model": msd, "optim": osd}
+    expected = digests(state)
+    sharded = isinstance(msd["0.weight"], DTensor)
+    local = sum(v.to_local().nbytes for part in (msd, *osd["state"].values()) for v in part.values()
+                if isinstance(v, DTensor))
+
+    def mutate() -> None:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(-3.0)
+
+    writer = save(state, path, mode, mutate)
+    m2, opt2 = build(1)
+    msd2, osd2 = get_state_dict(m2, opt2)
+    target = {"model": msd2, "optim": osd2}
+    reader = load(target, path)
+    set_state_dict(m2, opt2, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    msd3, osd3 = get_state_dict(m2, opt2)
+    return {"expected": expected, "loaded": digests({"model": msd3, "optim": osd3}), "sharded": sharded,
+            "local_bytes": local, "bytes_written": writer.bytes_written, "from_staging": writer.bytes_from_staging, "read": stats(reader)}
+
+
+def dtensors(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any]:
+    """DTensors Shard(0), Shard(1) (uneven) and Replicate; then reload with other placements (resharding)."""
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(7)
+    full = {"rows": torch.randn(512, 256), "cols": torch.randn(9, 7, dtype=torch.float64),
+            "rep": torch.arange(30, dtype=torch.int32).view(5, 6), "half": torch.randn(16, 16).half()}
+    placements = {"rows": Shard(0), "cols": Shard(1), "rep": Replicate(), "half": Shard(0)}
+    state = {k: distribute_tensor(v, mesh, [placements[k]]) for k, v in full.items()}
+    state["plain"] = torch.linspace(0, 1, 11)
+    expected = digests(state)
+
+    def mutate() -> None:
+        with torch.no_grad():
+            for v in state.values():
+                (v.to_local() if isinstance(v, DTensor) else v).zero_()
+
+    writer = save(state, path, mode, mutate)
+    others = {"rows": Shard(1), "cols": Shard(0), "rep": Shard(0), "half": Replicate()}
+    target = {k: distribute_tensor(torch.zeros_like(v), mesh, [others[k]]) for k, v in full.items()}
+    target["plain"] = torch.zeros(11)
+    reader = load(target, path)
+    same = {k: distribute_tensor(torch.zeros_like(v), mesh, [placements[k]]) for k, v in full.items()}
+    same["plain"] = torch.zeros(11)
+    aligned = load(same, path)
+    share = sum(v.to_local().nbytes for k, v in same.items() if k != "plain") + same["plain"].nbytes
+    return {"expected": expected, "loaded": digests(target), "aligned": digests(same),
+            "bytes_written": writer.bytes_written, "from_staging": writer.bytes_from_staging, "read": stats(reader),
+            "aligned_read": stats(aligned), "share": share}
+
+
+def s3_save(rank: int, world: int, path: str, options: dict[str, Any], mode: str = "sync") -> dict[str, Any]:
+    """DTensor + plain state saved to and loaded from the moto S3 server."""
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(3)
+    state = {"w": distribute_tensor(torch.randn(40, 40), mesh, [Shard(0)]), "b": torch.randn(40), "step": 5}
+    expected = digests(state)
+    save(state, path, mode, storage_options=options)
+    target = {"w": distribute_tensor(torch.zeros(40, 40), mesh, [Shard(1)]), "b": torch.zeros(40), "step": 0}
+    load(target, path, storage_options=options)
+    return {"expected": expected, "loaded": digests(target)}
+
+
+# ---------------------------------------------------------------- kill trials
+
+
+def trial_state(step: int, world: int, rank: int) -> dict[str, Any]:
+    """The state of ``step``: every value depends on the step, so old and new are told apart byte by byte."""
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(step)
+    full = torch.randn(96, 256, generator=g)  # 96 KiB, sharded: a chunk per rank and then some
+    return {"w": distribute_tensor(full, mesh, [Shard(0)]), "b": torch.full((300,), float(step)),
+            "meta": {"step": step, "tag": f"step-{step}"}}
+
+
+def trial_digests(step: int) -> dict[str, str]:
+    """What a checkpoint of ``step`` loads as, on one process (used by the test to compare)."""
+    g = torch.Generator().manual_seed(step)
+    return digests({"w": torch.randn(96, 256, generator=g), "b": torch.full((300,), float(step)),
+                    "meta": {"step": step, "tag": f"step-{step}"}})
+
+
+def overwrite(rank: int, world: int, path: str, step: int, marks: str, mode: str = "sync", slow: float = 0.0,
+              pause: bool = False) -> dict[str, Any]:
+    """Save ``trial_state(step)`` over ``path``, marking each phase in the file ``marks`` (one line per event, with
+    the rank) so the test can kill a rank there. ``slow`` sleeps in each chunk write (a slow disk); with ``pause``,
+    rank 1 stops before its first write and rank 0 marks ``written`` once its own files are durable."""
+    import asyncckpt.io.local as local
+    import asyncckpt.pipeline.committer as committer
+
+    def mark(what: str) -> None:
+        with open(marks, "a") as f:
+            f.write(f"{rank} {what} {time.monotonic()}\n")
+
+    sink_write, put, sweep = local.LocalSink._write, local.LocalStorage.put_atomic, committer.Committer.sweep
+    write_data = StorageWriter.write_data
+
+    def slow_write(self: Any, *a: Any) -> Any:
+        if pause and rank == 1:
+            mark("paused")
+            time.sleep(60)
+        mark("write")
+        time.sleep(slow)
+        return sink_write(self, *a)
+
+    async def marked_put(self: Any, *a: Any) -> Any:
+        mark("commit")
+        await put(self, *a)
+        mark("committed")
+
+    async def marked_sweep(self: Any, *a: Any) -> Any:
+        mark("sweep")
+        await sweep(self, *a)
+        mark("swept")
+
+    def marked_write_data(self: Any, *a: Any) -> Any:
+        out = write_data(self, *a)
+        mark("written")
+        return out
+
+    local.LocalSink._write, local.LocalStorage.put_atomic = slow_write, marked_put
+    committer.Committer.sweep, StorageWriter.write_data = marked_sweep, marked_write_data
+    state = trial_state(step, world, rank)
+    mark("start")
+    save(state, path, mode, chunk_bytes=16 << 10)
+    mark("done")
+    return {"ok": True}
+
+
+def stock_overwrite(rank: int, world: int, path: str, step: int, marks: str, pause: bool = False) -> dict[str, Any]:
+    """The same overwrite with torch's own FileSystemWriter; with ``pause`` as in :func:`overwrite`."""
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    def mark(what: str) -> None:
+        with open(marks, "a") as f:
+            f.write(f"{rank} {what} {time.monotonic()}\n")
+
+    original = filesystem._write_files_from_queue
+
+    def write_files(*a: Any, **k: Any) -> Any:
+        if pause and rank == 1:
+            mark("paused")
+            time.sleep(60)
+        out = original(*a, **k)
+        mark("written")
+        return out
+
+    filesystem._write_files_from_queue = write_files
+    state = trial_state(step, world, rank)
+    mark("start")
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+    mark("done")
+    return {"ok": True}
+
+
+def failing_save(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A save whose target cannot be created: DCP raises its CheckpointException on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from asyncckpt.dcp import unwrap
+
+    try:
+        dcp.save({"w": torch.ones(4) * rank}, storage_writer=StorageWriter(path))
+    except CheckpointException as exc:
+        ours = unwrap(exc)
+        return {"raised": type(exc).__name__, "base_exception": not isinstance(exc, Exception),
+                "unwrapped": type(ours).__name__, "message": str(ours)}
+    return {"raised": None}
+
+
+def engine_refuses_dtensor(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A DTensor handed to the single-process engine is refused, not pickled."""
+    import asyncckpt
+
+    mesh = init_device_mesh("cpu", (world,))
+    state = {"model": {"w": distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])}}
+    try:
+        asyncckpt.SyncEngine().save(state, path).result()
+    except asyncckpt.CheckpointError as exc:
+        return {"message": str(exc)}
+    return {"message": ""}
+
+

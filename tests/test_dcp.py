@@ -1,0 +1,404 @@
+"""Multi-rank checkpoints through torch.distributed.checkpoint with asyncckpt as its storage (asyncckpt.dcp).
+
+Real process groups: a fork server (tests/dist_worker.py) forks the ranks, which join a gloo group on the CPU and
+run a scenario of tests/dist_scenarios.py. Values are compared bit for bit, as digests of their bytes.
+
+* the matrix: DDP + Adam, FSDP2 (``fully_shard`` on a CPU mesh, through get_state_dict / set_state_dict), DTensor
+  Shard(0) / Shard(1) / Replicate; each with ``dcp.save`` and with ``dcp.async_save`` (the state changed as soon as
+  it returns: the checkpoint keeps the old values); reloaded resharded (other placements; 2 ranks -> 1 plain
+  module), and one case on the moto S3 server;
+* kill trials: SIGKILL a rank or the coordinator during an overwrite, at chosen phases and at random moments ->
+  the checkpoint loads exactly the old or the new state, and torch's own FileSystemWriter, killed at the same
+  moment, does not;
+* hostile global manifests, errors across ranks (DCP's CheckpointException unwrapped), DTensor refused by the
+  single-process engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import asyncckpt
+from asyncckpt import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from asyncckpt.dcp import StorageReader, StorageWriter, unwrap, unwrapped
+from asyncckpt import UnsupportedFormatError
+from asyncckpt.format.manifest import MANIFEST_NAME, SHARD_RE, parse, seal
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import dist_scenarios  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+class Ranks:
+    """The fork server of tests/dist_worker.py."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "dist_worker.py")], cwd=HERE.parent, env=ENV,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the fork server died (rc={self.proc.poll()})"
+        return json.loads(line)
+
+    def start(self, scenario: str, world: int = 2, timeout: float = 60, **args: Any) -> list[int]:
+        return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout)["pids"]
+
+    def wait(self, pids: list[int], timeout: float = 120) -> tuple[list[int], list[Any]]:
+        answer = self.call(cmd="wait", pids=pids, timeout=timeout)
+        return answer["rcs"], answer["results"]
+
+    def run(self, scenario: str, world: int = 2, **args: Any) -> list[Any]:
+        rcs, results = self.wait(self.start(scenario, world, **args))
+        for rank, (rc, result) in enumerate(zip(rcs, results)):
+            assert rc == 0, f"rank {rank} failed (rc={rc}):\n{(result or {}).get('error', result)}"
+        return results
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    server = Ranks()
+    yield server
+    server.close()
+
+
+def same(result: dict[str, Any], key: str = "loaded") -> None:
+    expected, loaded = result["expected"], result[key]
+    wrong = {k: (v, loaded.get(k)) for k, v in expected.items() if loaded.get(k) != v}
+    assert not wrong, f"values that did not round-trip: {wrong}"
+
+
+def files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def one_process_load(path: Path, state: dict[str, Any]) -> StorageReader:
+    reader = StorageReader(path)
+    with warnings.catch_warnings(), unwrapped():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return reader
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_ddp_model_and_adam_round_trip_and_load_on_one_process(ranks, tmp_path, mode):
+    path, reference = tmp_path / "ddp", tmp_path / "reference.pt"
+    results = ranks.run("ddp_adam", path=str(path), mode=mode, reference=str(reference))
+    for r in results:
+        same(r)  # under async_save the parameters changed right after it returned: the old values were saved
+    assert results[0]["expected"] == results[1]["expected"]  # DDP: every rank holds the same state
+    written = [r["bytes_written"] for r in results]
+    assert all(written), f"each rank writes part of the replicated state: {written}"
+    if mode == "async":  # whole staged shards went to one rank each and were written from staging, no copy
+        assert sum(r["from_staging"] for r in results) >= 0.5 * sum(written), results
+    names = files(path)
+    assert MANIFEST_NAME in names and all(SHARD_RE.match(n) for n in names if n != MANIFEST_NAME)
+    assert {n.split("-")[2] for n in names if n != MANIFEST_NAME} == {"r00000", "r00001"}
+
+    # resharded to one process: a plain module, through DCP and through asyncckpt's own loader
+    expected = torch.load(reference)
+    net = dist_scenarios.model(5)
+    target = {"model": net.state_dict()}
+    one_process_load(path, target)
+    net.load_state_dict(target["model"])
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in expected.items())
+    whole = asyncckpt.SyncEngine().load(path)
+    assert set(whole) == {"model", "optim", "step", "note"} and whole["step"] == 2
+    assert all(torch.equal(whole["model"][k], v) for k, v in expected.items())
+    assert whole["note"] == {"run": "ddp", "lr": [0.1]}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_fsdp2_fully_shard_round_trips_through_get_and_set_state_dict(ranks, tmp_path, mode):
+    results = ranks.run("fsdp2", path=str(tmp_path / "fsdp"), mode=mode)
+    for r in results:
+        assert r["sharded"]
+        same(r)
+    assert results[0]["expected"] == results[1]["expected"]
+    if mode == "async":  # the sharded parameters and optimizer state: staged once, written from staging
+        assert all(r["from_staging"] >= r["local_bytes"] > 0 for r in results), results
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_dtensor_shard_and_replicate_reshard_on_load(ranks, tmp_path, mode):
+    path = tmp_path / "dt"
+    results = ranks.run("dtensors", path=str(path), mode=mode)
+    for r in results:
+        same(r)  # loaded with other placements: Shard(0) -> Shard(1), Shard(1) -> Shard(0), Replicate -> Shard
+        same(r, "aligned")  # and with the same ones
+        # a rank loading its own placement reads about its own share: only the chunks covering its tensors
+        aligned = r["aligned_read"]
+        assert aligned["wanted"] == r["share"]
+        assert aligned["read"] <= 1.05 * r["share"], aligned
+        assert r["read"]["read"] <= 1.05 * sum(results[i]["bytes_written"] for i in range(2))
+    # one process, plain tensors: every chunk of every rank assembled
+    torch.manual_seed(7)
+    full = {"rows": torch.randn(512, 256), "cols": torch.randn(9, 7, dtype=torch.float64),
+            "rep": torch.arange(30, dtype=torch.int32).view(5, 6), "half": torch.randn(16, 16).half(),
+            "plain": torch.linspace(0, 1, 11)}
+    target = {k: torch.zeros_like(v) for k, v in full.items()}
+    reader = one_process_load(path, target)
+    assert all(torch.equal(target[k], v) for k, v in full.items())
+    assert reader.stats.wanted == sum(v.nbytes for v in full.values())
+
+
+def test_save_and_load_on_the_s3_server(ranks, moto, options, bucket):
+    (r0, r1) = ranks.run("s3_save", path=f"s3://{bucket}/run/step-1", options=options)
+    same(r0)
+    same(r1)
+    listing = asyncckpt.committed(f"s3://{bucket}/run", storage_options=options)
+    assert [p for p, _ in listing] == [f"s3://{bucket}/run/step-1"]
+    assert isinstance(listing[0][1], asyncckpt.GlobalManifest) and listing[0][1].world_size == 2
+
+
+def test_an_error_on_a_rank_reaches_every_rank_as_our_error(ranks, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    results = ranks.run("failing_save", path=str(blocker / "ck"))
+    for r in results:
+        assert r["raised"] == "CheckpointException" and r["base_exception"]
+        assert r["unwrapped"] == "CheckpointError" and "rank" in r["message"] and str(blocker) in r["message"]
+
+
+def test_engine_save_refuses_a_dtensor_naming_the_key_and_the_way_out(ranks, tmp_path):
+    (result,) = ranks.run("engine_refuses_dtensor", world=1, path=str(tmp_path / "x"))
+    assert "model.w" in result["message"] and "asyncckpt.dcp" in result["message"]
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- kill trials
+
+
+PHASES = [  # (victim rank, mark to wait for, which occurrence)
+    (1, "start", 1), (0, "start", 1), (1, "write", 1), (0, "write", 2), (1, "write", 3), (0, "commit", 1),
+    (0, "committed", 1), (0, "sweep", 1), (0, "swept", 1), (0, "random", 0), (1, "random", 0),
+]
+
+
+def wait_for_mark(marks: Path, rank: int, what: str, count: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            lines = marks.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if sum(1 for ln in lines if ln.split()[:2] == [str(rank), what]) >= count:
+            return True
+        if any(ln.split()[1] == "done" for ln in lines):
+            return False  # the save finished first
+        time.sleep(0.002)
+    return False
+
+
+def kill_trials(ranks: Ranks, tmp_path: Path, trials: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    path = tmp_path / "ck"
+    ranks.run("overwrite", path=str(path), step=1, marks=str(tmp_path / "marks-0"))
+    committed, landed = 1, {"old": 0, "new": 0}
+    engine = asyncckpt.SyncEngine()
+    for trial in range(trials):
+        step = trial + 2
+        rank, what, count = PHASES[trial % len(PHASES)]
+        marks = tmp_path / f"marks-{step}"
+        pids = ranks.start("overwrite", path=str(path), step=step, marks=str(marks), slow=0.004, timeout=20)
+        if what == "random":
+            time.sleep(rng.uniform(0.0, 0.35))
+        else:
+            wait_for_mark(marks, rank, what, count, time.monotonic() + 20)
+        os.kill(pids[rank], signal.SIGKILL)
+        time.sleep(rng.uniform(0.0, 0.02))  # the other rank may get a little further, then the job is torn down
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        ranks.wait(pids, timeout=20)
+        loaded = dist_scenarios.digests(engine.load(path))
+        if loaded == dist_scenarios.trial_digests(step):
+            committed, kind = step, "new"
+        else:
+            assert loaded == dist_scenarios.trial_digests(committed), (
+                f"trial {trial} (kill rank {rank} at {what} #{count}): the checkpoint is neither step {committed} "
+                f"nor step {step}")
+            kind = "old"
+        landed[kind] += 1
+    # the next save that commits sweeps what the killed ones left
+    ranks.run("overwrite", path=str(path), step=10_000, marks=str(tmp_path / "marks-last"))
+    assert dist_scenarios.digests(engine.load(path)) == dist_scenarios.trial_digests(10_000)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    assert files(path) == sorted([MANIFEST_NAME] + [s["file"] for s in manifest["shards"]])
+    assert asyncckpt.verify(path).ok
+    engine.close()
+    return landed
+
+
+def test_killing_a_rank_or_the_coordinator_during_an_overwrite_leaves_old_or_new(ranks, tmp_path):
+    landed = kill_trials(ranks, tmp_path, trials=int(os.environ.get("ASYNCCKPT_KILL_TRIALS", "55")), seed=12)
+    assert landed["old"] and landed["new"], landed  # kills landed on both sides of the commit
+
+
+@pytest.mark.soak
+def test_many_kill_trials(ranks, tmp_path):
+    landed = kill_trials(ranks, tmp_path, trials=400, seed=99)
+    assert landed["old"] and landed["new"], landed
+
+
+def test_torch_file_system_writer_killed_before_finish_serves_a_mix(ranks, tmp_path):
+    """The difference, measured: the stock writer rewrites its data files in place, so an overwrite killed before
+    its finish() leaves the old metadata over the new data. Ours, killed at the same moment, leaves the old."""
+    stock, ours = tmp_path / "stock", tmp_path / "ours"
+    for name, path in (("stock_overwrite", stock), ("overwrite", ours)):
+        ranks.run(name, path=str(path), step=1, marks=str(tmp_path / f"{name}-1"))
+        marks = tmp_path / f"{name}-2"
+        pids = ranks.start(name, path=str(path), step=2, marks=str(marks), pause=True)
+        assert wait_for_mark(marks, 0, "written", 1, time.monotonic() + 30)  # rank 0's new data is durable
+        assert wait_for_mark(marks, 1, "paused", 1, time.monotonic() + 30)  # rank 1 has not written yet
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        ranks.wait(pids)
+    old = {k: v for k, v in dist_scenarios.trial_digests(1).items() if k.startswith(".w")}
+    new = {k: v for k, v in dist_scenarios.trial_digests(2).items() if k.startswith(".w")}
+    template = {"w": torch.zeros(96, 256)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(template, storage_reader=dcp.FileSystemReader(stock), no_dist=True)
+    mixed = dist_scenarios.digests(template)
+    assert mixed != old and mixed != new  # rank 0's rows of step 2 with rank 1's rows of step 1, as if committed
+    assert dist_scenarios.digests(asyncckpt.SyncEngine().load(ours)) == dist_scenarios.trial_digests(1)
+
+
+# ---------------------------------------------------------------- hostile global manifests (one process)
+
+
+def one_process_save(path: Path, state: dict[str, Any], **options: Any) -> None:
+    with warnings.catch_warnings(), unwrapped():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=StorageWriter(path, **options), no_dist=True)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "ck"
+    one_process_save(path, {"w": torch.arange(64.0).view(8, 8), "n": 3, "s": {"x": torch.ones(5)}},
+                     chunk_bytes=4096)
+    return path
+
+
+def rewrite(path: Path, change) -> None:
+    doc = json.loads((path / MANIFEST_NAME).read_text())
+    doc.pop("manifest_xxh3_64")
+    change(doc)
+    (path / MANIFEST_NAME).write_bytes(seal(doc))
+
+
+HOSTILE = {
+    "a shard outside the directory": lambda d: d["shards"][0].update(file="../../etc/passwd"),
+    "an absolute shard path": lambda d: d["shards"][0].update(file="/tmp/shard-0000000000000000-r00000-00000"
+                                                                   ".safetensors"),
+    "an absurd shape": lambda d: d["tensors"][0].update(shape=[1 << 40, 1 << 40]),
+    "a negative dimension": lambda d: d["tensors"][0].update(shape=[-8, 8]),
+    "a chunk past its shard": lambda d: d["tensors"][0]["chunks"][0].update(offset=1 << 40),
+    "a chunk outside its tensor": lambda d: d["tensors"][0]["chunks"][0].update(offsets=[4, 0]),
+    "chunks that leave a gap": lambda d: d["tensors"][0]["chunks"][0].update(sizes=[4, 8], nbytes=128),
+    "overlapping chunks": lambda d: d["tensors"][0]["chunks"].append(dict(d["tensors"][0]["chunks"][0])),
+    "a size that disagrees": lambda d: d["tensors"][0]["chunks"][0].update(nbytes=8),
+    "a misaligned chunk": lambda d: d["tensors"][0]["chunks"][0].update(offset=d["tensors"][0]["chunks"][0]
+                                                                         ["offset"] + 1),
+    "an unknown dtype": lambda d: d["tensors"][0].update(dtype="float128"),
+    "a shard index out of range": lambda d: d["objects"][0].update(shard=7),
+    "an item twice": lambda d: d["objects"].append(dict(d["objects"][0])),
+    "planner data with a tensor": lambda d: d.update(planner_data={"tensor": 0}),
+    "a bad world size": lambda d: d.update(world_size=0),
+    "a rank that disagrees with the file name": lambda d: d["shards"][0].update(rank=3),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(HOSTILE))
+def test_a_hostile_global_manifest_is_refused_before_anything_is_allocated(saved, lie):
+    rewrite(saved, HOSTILE[lie])
+    with pytest.raises(CorruptCheckpointError, match="manifest is invalid"):
+        one_process_load(saved, {"w": torch.zeros(8, 8), "n": 0, "s": {"x": torch.zeros(5)}})
+    with pytest.raises(CorruptCheckpointError):
+        asyncckpt.SyncEngine().load(saved)
+
+
+def test_a_newer_format_version_is_refused_with_a_clear_error(saved):
+    rewrite(saved, lambda d: d.update(version=3))
+    with pytest.raises(UnsupportedFormatError, match="format version 3.*newer asyncckpt"):
+        one_process_load(saved, {"w": torch.zeros(8, 8)})
+    assert asyncckpt.latest(saved.parent) is None  # listings skip what they cannot read
+
+
+def test_a_damaged_chunk_is_a_corrupt_checkpoint_error(saved):
+    shard = next(p for p in saved.iterdir() if SHARD_RE.match(p.name))
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        one_process_load(saved, {"w": torch.zeros(8, 8), "n": 0, "s": {"x": torch.zeros(5)}})
+
+
+class Custom:
+    """A class weights-only loading does not know (its unpickling could run any code)."""
+
+    def __init__(self) -> None:
+        self.value = 41
+
+
+def test_unsafe_pickles_are_refused_unless_the_reader_trusts_them(tmp_path):
+    path = tmp_path / "ck"
+    one_process_save(path, {"w": torch.ones(3), "custom": Custom()})
+    target: dict[str, Any] = {"w": torch.zeros(3), "custom": None}
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        one_process_load(path, target)
+    reader = StorageReader(path, weights_only=False)
+    with warnings.catch_warnings(), unwrapped():
+        warnings.simplefilter("ignore")
+        dcp.load(target, storage_reader=reader, no_dist=True)
+    assert target["custom"].value == 41 and torch.equal(target["w"], torch.ones(3))
+
+
+def test_the_manifest_is_json_and_dcp_metadata_comes_back_without_pickle(saved):
+    doc = json.loads((saved / MANIFEST_NAME).read_text())
+    assert doc["version"] == 2 and doc["layout"] == "dcp" and doc["world_size"] == 1
+    assert {t["fqn"] for t in doc["tensors"]} == {"w", "s.x"} and [o["fqn"] for o in doc["objects"]] == ["n"]
+    metadata = StorageReader(saved).read_metadata()
+    assert metadata.planner_data == {"w": ("w",), "n": ("n",), "s.x": ("s", "x")}
+    assert list(metadata.state_dict_metadata["w"].size) == [8, 8]
+    assert isinstance(parse((saved / MANIFEST_NAME).read_bytes(), "ck"), asyncckpt.GlobalManifest)
+
+
+def test_a_single_process_checkpoint_is_pointed_to_engine_load(tmp_path):
+    asyncckpt.SyncEngine().save({"w": torch.ones(2)}, tmp_path / "one").result()
+    with pytest.raises(CheckpointError, match="engine.load"):
+        one_process_load(tmp_path / "one", {"w": torch.zeros(2)})
+
+
+def test_unwrap_passes_other_exceptions_through():
+    error = ValueError("x")
+    assert unwrap(error) is error
