@@ -36,7 +36,6 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -70,7 +69,6 @@ from torch.futures import Future
 from .errors import CheckpointError, InvalidArgumentError, restate
 from .format.dtypes import DTYPES, dtype_name
 from .format.manifest import (
-    parse,
     ChunkedTensor,
     GlobalManifest,
     Manifest,
@@ -78,6 +76,7 @@ from .format.manifest import (
     ShardRecord,
     Span,
     TensorChunk,
+    parse,
     shard_name,
 )
 from .format.tree import decode, encode_plain
@@ -85,11 +84,10 @@ from .io.paths import to_url
 from .load.manifest import read_manifest
 from .load.ranged import ReadStats, Region, read_regions
 from .load.rebuild import unpickle
+from .memory.buffers import aligned_size
 from .options import EngineOptions
 from .pipeline.committer import Committer
-from .pipeline.handles import SaveHandle
 from .pipeline.jobs import BorrowedShardJob, Job, ShardJob, Target, describe
-from .memory.buffers import aligned_size
 from .snapshot.plan import Chunk, Entry, Plan, prepare_items
 from .snapshot.walk import sharded_kind
 from .sync_engine import SyncEngine
@@ -387,6 +385,46 @@ def _rebuild(value: Any, copies: dict[int, torch.Tensor]) -> Any:
     return copy.deepcopy(value)
 
 
+class StagedState(dict):
+    """What :meth:`StorageWriter.stage` returns: the state, its tensors views of this process's staging buffers.
+
+    Pickled — DCP's process mode sends it to its checkpoint process — it travels as a copy in shared memory,
+    made then (on DCP's sending thread, not the caller's): the staging buffers are private mappings, which torch
+    cannot hand to another process.
+    """
+
+    __slots__ = ("staged",)
+
+    def __reduce__(self) -> Any:
+        return dict, (), None, None, iter(_in_shared_memory(self, self.staged).items())
+
+
+def _in_shared_memory(state: dict[str, Any], staged: _Staged) -> dict[str, Any]:
+    """``state`` with every staged tensor replaced by a copy in shared memory."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if not t.numel() or t.data_ptr() not in staged.by_pointer:
+            return t
+        return torch.empty_like(t).share_memory_().copy_(t)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if sharded_kind(value) == "DTensor":
+                from torch.distributed.tensor import DTensor
+
+                return DTensor.from_local(move(value.to_local()), value.device_mesh,  # type: ignore[attr-defined]
+                                          value.placements, run_check=False,  # type: ignore[attr-defined]
+                                          shape=value.shape, stride=value.stride())
+            return move(value)
+        if isinstance(value, Mapping):
+            out = {k: walk(v) for k, v in value.items()}
+            return OrderedDict(out) if isinstance(value, OrderedDict) else out
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return {k: walk(v) for k, v in state.items()}
+
+
 def _sub_plan(plan: Plan, shards: list[int]) -> Plan:
     """The chunks of some of ``plan``'s shards, renumbered in the order given."""
     renumber = {k: i for i, k in enumerate(shards)}
@@ -601,7 +639,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
     # ------------------------------------------------------------ staging
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def stage(self, state_dict: dict[str, Any]) -> StagedState:
         """Copy this rank's tensors once into staging buffers laid out as its shard files; return the state with
         those copies in place of the tensors (other values deep-copied). Training may change the originals as
         soon as this returns. Waits for memory while earlier saves still hold the budget."""
@@ -641,7 +679,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
             copies[id(t)] = staged.view(e, local.dtype, tuple(local.shape))
             if e.nbytes:
                 staged.by_path[path] = e.shard
-        result = _rebuild(state_dict, copies)
+        result = StagedState(_rebuild(state_dict, copies))
+        result.staged = staged
         del copies
         if staged.by_pointer:
             self._staged.add(staged)

@@ -3,12 +3,10 @@ something JSON can carry. States are deterministic (seeded), and values are comp
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -155,7 +153,8 @@ def fsdp2(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any
     set_state_dict(m2, opt2, model_state_dict=target["model"], optim_state_dict=target["optim"])
     msd3, osd3 = get_state_dict(m2, opt2)
     return {"expected": expected, "loaded": digests({"model": msd3, "optim": osd3}), "sharded": sharded,
-            "local_bytes": local, "bytes_written": writer.bytes_written, "from_staging": writer.bytes_from_staging, "read": stats(reader)}
+            "local_bytes": local, "bytes_written": writer.bytes_written, "from_staging": writer.bytes_from_staging,
+            "read": stats(reader)}
 
 
 def dtensors(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any]:
@@ -318,5 +317,3 @@ def engine_refuses_dtensor(rank: int, world: int, path: str) -> dict[str, Any]:
     except asyncckpt.CheckpointError as exc:
         return {"message": str(exc)}
     return {"message": ""}
-
-

@@ -32,9 +32,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import asyncckpt
-from asyncckpt import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from asyncckpt import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedFormatError
 from asyncckpt.dcp import StorageReader, StorageWriter, unwrap, unwrapped
-from asyncckpt import UnsupportedFormatError
 from asyncckpt.format.manifest import MANIFEST_NAME, SHARD_RE, parse, seal
 
 HERE = Path(__file__).resolve().parent
