@@ -428,7 +428,7 @@ def _in_shared_memory(state: dict[str, Any], staged: _Staged) -> dict[str, Any]:
 def _sub_plan(plan: Plan, shards: list[int]) -> Plan:
     """The chunks of some of ``plan``'s shards, renumbered in the order given."""
     renumber = {k: i for i, k in enumerate(shards)}
-    chunks = [Chunk(renumber[c.shard], c.offset, c.nbytes, ready=c.ready) for c in plan.chunks if c.shard in renumber]
+    chunks = [Chunk(renumber[c.shard], c.offset, c.nbytes) for c in plan.chunks if c.shard in renumber]
     return Plan(None, [], [], [], [], shard_sizes=[plan.shard_sizes[k] for k in shards], chunks=chunks,
                 chunk_bytes=plan.chunk_bytes)
 
@@ -664,8 +664,13 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         try:
             for size in plan.shard_sizes:
                 buffers.append(core.runtime.call(core.pool.acquire, size))
+            pending = []
             for chunk in plan.chunks:
-                plan.fill(chunk, buffers[chunk.shard][chunk.offset:chunk.offset + chunk.nbytes])
+                ready = plan.fill(chunk, buffers[chunk.shard][chunk.offset:chunk.offset + chunk.nbytes])
+                if ready is not None:
+                    pending.append(ready)
+            for ready in pending:  # device copies: the staged bytes are complete when stage returns
+                ready.synchronize()
             plan.finish()
         except BaseException:
             for buf in buffers:

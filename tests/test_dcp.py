@@ -32,7 +32,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import asyncckpt
-from asyncckpt import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedFormatError
+from asyncckpt import CheckpointError, CorruptCheckpointError, NewerFormatError, UnsafeCheckpointError
 from asyncckpt.dcp import StorageReader, StorageWriter, unwrap, unwrapped
 from asyncckpt.format.manifest import MANIFEST_NAME, SHARD_RE, parse, seal
 
@@ -347,8 +347,8 @@ def test_a_hostile_global_manifest_is_refused_before_anything_is_allocated(saved
 
 
 def test_a_newer_format_version_is_refused_with_a_clear_error(saved):
-    rewrite(saved, lambda d: d.update(version=3))
-    with pytest.raises(UnsupportedFormatError, match="format version 3.*newer asyncckpt"):
+    rewrite(saved, lambda d: d.update(version=4))
+    with pytest.raises(NewerFormatError, match="newer asyncckpt.*format version 4"):
         one_process_load(saved, {"w": torch.zeros(8, 8)})
     assert asyncckpt.latest(saved.parent) is None  # listings skip what they cannot read
 
@@ -384,7 +384,7 @@ def test_unsafe_pickles_are_refused_unless_the_reader_trusts_them(tmp_path):
 
 def test_the_manifest_is_json_and_dcp_metadata_comes_back_without_pickle(saved):
     doc = json.loads((saved / MANIFEST_NAME).read_text())
-    assert doc["version"] == 2 and doc["layout"] == "dcp" and doc["world_size"] == 1
+    assert doc["version"] == 3 and doc["layout"] == "dcp" and doc["world_size"] == 1
     assert {t["fqn"] for t in doc["tensors"]} == {"w", "s.x"} and [o["fqn"] for o in doc["objects"]] == ["n"]
     metadata = StorageReader(saved).read_metadata()
     assert metadata.planner_data == {"w": ("w",), "n": ("n",), "s.x": ("s", "x")}
