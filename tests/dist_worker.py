@@ -3,12 +3,14 @@
 Run as ``python dist_worker.py serve``. It imports torch, torch.distributed and asyncckpt once, then reads
 commands from stdin, one JSON object per line, and answers one line each:
 
-``{"cmd": "start", "scenario": name, "world": n, "args": {...}, "timeout": s}``  fork ``n`` ranks; answer
-    ``{"pids": [...]}`` at once. Each rank joins a gloo group (a fresh file store) and runs
-    ``dist_scenarios.<name>(rank, world, **args)``; what it returns is its result.
+``{"cmd": "start", "scenario": name, "world": n, "args": {...}, "timeout": s, "dir": path}``  fork ``n`` ranks;
+    answer ``{"pids": [...]}`` at once. Each rank joins a gloo group (a fresh file store in a new directory under
+    ``dir``, the test's own temporary directory) and runs ``dist_scenarios.<name>(rank, world, **args)``; what it
+    returns is its result.
 ``{"cmd": "wait", "pids": [...], "timeout": s}``  reap them (killing any still running when the time is up);
     answer ``{"rcs": [...], "results": [...]}`` — a result is the scenario's return value, or
-    ``{"error": traceback}``.
+    ``{"error": traceback}``. Once every rank of a start is reaped its directory is removed; the server removes
+    what is left when its input closes.
 
 Forking from an interpreter that already imported torch makes a group cost well under a second instead of the
 several seconds each fresh ``import torch`` takes, so the multi-rank matrix and the kill trials fit in the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -83,48 +86,65 @@ def warm_up() -> None:
 def serve() -> None:
     warm_up()
     running: dict[int, str] = {}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "start":
-            world = cmd["world"]
-            tmp = tempfile.mkdtemp(prefix="asyncckpt-ranks-")
-            store = os.path.join(tmp, "store")
-            pids = []
-            for rank in range(max(world, 1)):
-                out = os.path.join(tmp, f"result-{rank}.json")
-                pid = os.fork()
-                if pid == 0:
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                    rank_main(cmd["scenario"], rank, world, store, out, cmd.get("args", {}),
-                              cmd.get("timeout", 60))
-                running[pid] = out
-                pids.append(pid)
-            answer: dict = {"pids": pids}
-        elif cmd["cmd"] == "wait":
-            deadline = time.monotonic() + cmd.get("timeout", 60)
-            rcs, results = [], []
-            for pid in cmd["pids"]:
-                while True:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        break
-                    if time.monotonic() > deadline:
-                        os.kill(pid, signal.SIGKILL)
-                        _, status = os.waitpid(pid, 0)
-                        break
-                    time.sleep(0.01)
-                rcs.append(os.waitstatus_to_exitcode(status))
-                out = running.pop(pid)
-                try:
-                    with open(out) as f:
-                        results.append(json.load(f))
-                except (OSError, ValueError):
-                    results.append(None)
-            answer = {"rcs": rcs, "results": results}
-        else:
-            answer = {"error": f"unknown command {cmd['cmd']!r}"}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+    groups: dict[str, set[int]] = {}  # each start's directory, and its ranks not yet reaped
+    try:
+        for line in sys.stdin:
+            answer = handle(json.loads(line), running, groups)
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
+    finally:
+        for pid in list(running):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for tmp in groups:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def handle(cmd: dict, running: dict[int, str], groups: dict[str, set[int]]) -> dict:
+    """Answer one command."""
+    if cmd["cmd"] == "start":
+        world = cmd["world"]
+        tmp = tempfile.mkdtemp(prefix="ranks-", dir=cmd.get("dir"))
+        store = os.path.join(tmp, "store")
+        pids = []
+        for rank in range(max(world, 1)):
+            out = os.path.join(tmp, f"result-{rank}.json")
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                rank_main(cmd["scenario"], rank, world, store, out, cmd.get("args", {}),
+                          cmd.get("timeout", 60))
+            running[pid] = out
+            pids.append(pid)
+        groups[tmp] = set(pids)
+        return {"pids": pids}
+    if cmd["cmd"] == "wait":
+        deadline = time.monotonic() + cmd.get("timeout", 60)
+        rcs, results = [], []
+        for pid in cmd["pids"]:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+            rcs.append(os.waitstatus_to_exitcode(status))
+            out = running.pop(pid)
+            try:
+                with open(out) as f:
+                    results.append(json.load(f))
+            except (OSError, ValueError):
+                results.append(None)
+            for tmp, left in list(groups.items()):
+                left.discard(pid)
+                if not left:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    del groups[tmp]
+        return {"rcs": rcs, "results": results}
+    return {"error": f"unknown command {cmd['cmd']!r}"}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,7 +47,8 @@ ENV = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.ge
 class Ranks:
     """The fork server of tests/dist_worker.py."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch  # every group's file store and results go under it (the server removes them)
         self.proc = subprocess.Popen([sys.executable, str(HERE / "dist_worker.py")], cwd=HERE.parent, env=ENV,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -59,7 +61,8 @@ class Ranks:
         return json.loads(line)
 
     def start(self, scenario: str, world: int = 2, timeout: float = 60, **args: Any) -> list[int]:
-        return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout)["pids"]
+        return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout,
+                         dir=str(self.scratch))["pids"]
 
     def wait(self, pids: list[int], timeout: float = 120) -> tuple[list[int], list[Any]]:
         answer = self.call(cmd="wait", pids=pids, timeout=timeout)
@@ -78,8 +81,8 @@ class Ranks:
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    server = Ranks()
+def ranks(tmp_path_factory):
+    server = Ranks(tmp_path_factory.mktemp("ranks"))
     yield server
     server.close()
 
@@ -105,7 +108,7 @@ def one_process_load(path: Path, state: dict[str, Any]) -> StorageReader:
 # ---------------------------------------------------------------- the matrix
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "process"])
 def test_ddp_model_and_adam_round_trip_and_load_on_one_process(ranks, tmp_path, mode):
     path, reference = tmp_path / "ddp", tmp_path / "reference.pt"
     results = ranks.run("ddp_adam", path=str(path), mode=mode, reference=str(reference))
@@ -113,7 +116,8 @@ def test_ddp_model_and_adam_round_trip_and_load_on_one_process(ranks, tmp_path, 
         same(r)  # under async_save the parameters changed right after it returned: the old values were saved
     assert results[0]["expected"] == results[1]["expected"]  # DDP: every rank holds the same state
     written = [r["bytes_written"] for r in results]
-    assert all(written), f"each rank writes part of the replicated state: {written}"
+    if mode != "process":  # there the writer that counts is DCP's checkpoint process's copy
+        assert all(written), f"each rank writes part of the replicated state: {written}"
     if mode == "async":  # whole staged shards went to one rank each and were written from staging, no copy
         assert sum(r["from_staging"] for r in results) >= 0.5 * sum(written), results
     names = files(path)
@@ -189,6 +193,13 @@ def test_engine_save_refuses_a_dtensor_naming_the_key_and_the_way_out(ranks, tmp
     (result,) = ranks.run("engine_refuses_dtensor", world=1, path=str(tmp_path / "x"))
     assert "model.w" in result["message"] and "asyncckpt.dcp" in result["message"]
     assert not (tmp_path / "x").exists()
+
+
+def test_the_fork_server_removes_each_groups_directory_once_its_ranks_are_reaped(ranks):
+    before = set(Path(tempfile.gettempdir()).glob("asyncckpt-ranks-*"))
+    ranks.run("engine_refuses_dtensor", world=2, path=str(ranks.scratch / "unused"))
+    assert not list(ranks.scratch.iterdir())  # its file store and result files are gone
+    assert set(Path(tempfile.gettempdir()).glob("asyncckpt-ranks-*")) <= before  # nothing left in /tmp either
 
 
 # ---------------------------------------------------------------- kill trials
