@@ -21,6 +21,17 @@ from .tools.convert import Conversion, from_torch_file, to_safetensors, to_torch
 from .tools.inspect import Verification, verify
 from .version import __version__
 
+
+def _rank_face(options: EngineOptions, process_group: object) -> object:
+    """``CheckpointEngine(process_group=pg)``'s multi-rank face, from the layer above the engine (imported only
+    when an engine is given a group: it loads torch.distributed.checkpoint)."""
+    from .dcp import RankFace
+
+    return RankFace(options, process_group)
+
+
+CheckpointEngine.rank_face = _rank_face
+
 __all__ = [
     "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
     "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",

@@ -87,12 +87,13 @@ from .load.rebuild import unpickle
 from .memory.buffers import aligned_size
 from .options import EngineOptions
 from .pipeline.committer import Committer
+from .pipeline.handles import SaveHandle, SaveResult
 from .pipeline.jobs import BorrowedShardJob, Job, ShardJob, Target, describe
 from .snapshot.plan import Chunk, Entry, Plan, prepare_items
 from .snapshot.walk import sharded_kind
 from .sync_engine import SyncEngine
 
-__all__ = ["StorageWriter", "StorageReader", "RankPlan", "Stored", "unwrap", "unwrapped", "shared_engine"]
+__all__ = ["RankFace", "StorageWriter", "StorageReader", "RankPlan", "Stored", "unwrap", "unwrapped", "shared_engine"]
 
 # ---------------------------------------------------------------- engines
 
@@ -545,6 +546,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         self._staged: "weakref.WeakSet[_Staged]" = weakref.WeakSet()
         self._saves: dict[int, RankPlan] = {}  # coordinator: the save being planned, by the thread running it
         self.bytes_written = 0  # this rank's shard bytes in its last save (per-rank reports)
+        self.files_written = 0  # this rank's shard files in its last save
+        self.tensors_written = 0  # tensor items this rank wrote in its last save
         self.bytes_from_staging = 0  # of those, the bytes written straight from stage()'s buffers (no second copy)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -795,6 +798,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
             raise error
         records = {rec.file: rec for job in jobs for rec in job.records}  # type: ignore[attr-defined]
         self.bytes_written = sum(rec.nbytes for rec in records.values())
+        self.files_written, self.tensors_written = len(records), len(tensors)
         self.bytes_from_staging = sum(staged.plan.shard_sizes[k] for k in whole) if staged is not None else 0
         out, seen = [], set()
         for r in results:
@@ -949,3 +953,89 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+
+# ---------------------------------------------------------------- the asyncio face on many ranks
+
+
+class RankFace:
+    """What ``CheckpointEngine(process_group=pg)`` saves and loads through: DCP on ``pg`` with this module's
+    writer and reader (the engine's options, the process's shared engine for them).
+
+    ``save`` runs ``dcp.async_save`` on the caller's task: it returns once this rank's tensors are copied into
+    staging (one copy), and DCP's planning, the writes and the global commit go on in DCP's checkpoint thread, one
+    save after another. The handle settles after the commit, with our error, never DCP's ``CheckpointException``.
+    Give the engine a process group of its own (``dist.new_group(backend="gloo")``): DCP's collectives then never
+    interleave with the training's.
+    """
+
+    def __init__(self, options: EngineOptions, group: Any) -> None:
+        self.options, self.group = options, group
+        self._pending: list[tuple[SaveHandle, Any]] = []
+
+    def _engine(self) -> SyncEngine:
+        return shared_engine(self.options)
+
+    def save(self, state: Any, path: Any, storage_options: Mapping[str, Any] | None, runtime: Any) -> SaveHandle:
+        import torch.distributed.checkpoint as dcp
+
+        if not isinstance(state, Mapping):
+            raise InvalidArgumentError(f"a multi-rank save takes a state dict (a Mapping), not a "
+                                       f"{type(state).__name__}: DCP addresses values by key")
+        writer = StorageWriter(path, storage_options=storage_options, engine=self._engine())
+        t0 = time.perf_counter()
+        with unwrapped():
+            future = dcp.async_save(dict(state), storage_writer=writer, process_group=self.group)
+        snapshot = time.perf_counter() - t0
+        handle = SaveHandle(str(writer.path), runtime)
+        handle.mark_snapshotted()
+        self._pending = [(h, f) for h, f in self._pending  # settled ones stay only while their error is unseen
+                         if not h.done() or (h.error is not None and not h.observed)] + [(handle, future)]
+
+        def settle(done: Any) -> None:
+            try:
+                with unwrapped():
+                    done.result()
+                result = SaveResult(str(writer.path), writer.bytes_written, snapshot,
+                                    time.perf_counter() - t0 - snapshot, writer.files_written, writer.tensors_written)
+                runtime.call_soon(handle.settle, result, None)
+            except BaseException as exc:  # noqa: B036 — the handle reports it
+                runtime.call_soon(handle.settle, None, exc)
+
+        future.add_done_callback(settle)
+        return handle
+
+    async def wait(self) -> None:
+        """Wait for every save this face started; raise the first failure nobody has seen yet."""
+        error: BaseException | None = None
+        for handle, _ in list(self._pending):
+            seen = handle.observed
+            try:
+                await handle
+            except Exception as exc:  # the first one is raised once all settled
+                if not seen:
+                    error = error or exc
+        self._pending = []
+        if error is not None:
+            raise error
+
+    async def load(self, path: Any, state: Any, storage_options: Mapping[str, Any] | None, verify: bool | None,
+                   weights_only: bool | None) -> dict[str, Any]:
+        import anyio
+        import torch.distributed.checkpoint as dcp
+
+        if not isinstance(state, Mapping):
+            raise InvalidArgumentError("a multi-rank load restores into state=: pass this rank's state dict (its "
+                                       "tensors, DTensors included, are filled in place, resharded)")
+        for handle, _ in list(self._pending):  # after pending saves (of any path: DCP runs them in order anyway)
+            with contextlib.suppress(BaseException):
+                await handle.wait()
+        reader = StorageReader(path, storage_options=storage_options, engine=self._engine(),
+                               weights_only=weights_only is not False, verify=verify)
+
+        def run() -> None:
+            with unwrapped():
+                dcp.load(state, storage_reader=reader, process_group=self.group)
+
+        await anyio.to_thread.run_sync(run)
+        return {}

@@ -44,6 +44,8 @@ class EngineBase:
         snapshot: ``"eager"`` (``save`` returns once the state is copied) or ``"deferred"`` (it returns after
             planning; the copy runs while the caller computes, and optimizer steps wait for it).
         overlap_writes: write a save's chunks while its snapshot still copies (durable sooner, blocks longer).
+        process_group: (:class:`CheckpointEngine` only) a ``torch.distributed`` group: every rank of it saves and
+            loads its part of one checkpoint through ``torch.distributed.checkpoint`` (see docs/distributed.md).
 
     Raises:
         InvalidArgumentError: an option is out of range or of the wrong type.
@@ -52,7 +54,8 @@ class EngineBase:
     def __init__(self, *, write_concurrency: int = 8, host_memory_budget: int | None = None,
                  shard_bytes: int = 512 * MiB, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
                  storage_options: Mapping[str, Any] | None = None, snapshot: str = "eager",
-                 overlap_writes: bool = False) -> None:
+                 overlap_writes: bool = False, process_group: Any = None) -> None:
+        self.process_group = process_group
         self.options = EngineOptions(write_concurrency=write_concurrency, host_memory_budget=host_memory_budget,
                                      shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, fsync=fsync, verify=verify,
                                      storage_options=storage_options, snapshot=snapshot,
@@ -135,9 +138,19 @@ class CheckpointEngine(EngineBase):
 
     _not_running = "the engine is not running; use `async with CheckpointEngine() as engine:`"
 
+    #: builds the multi-rank face, ``rank_face(options, process_group)``, for an engine given a process group. It
+    #: lives in an upper layer (asyncckpt.dcp, on torch.distributed.checkpoint); the package root sets this, so
+    #: the engine never imports it and a single-process program never loads torch.distributed.checkpoint.
+    rank_face: Callable[[EngineOptions, Any], Any] | None = None
+    _ranks: Any = None
+
     async def __aenter__(self) -> "CheckpointEngine":
         if self._core is not None:
             raise CheckpointError("this CheckpointEngine is already running")
+        if self.process_group is not None:
+            if CheckpointEngine.rank_face is None:  # pragma: no cover — set whenever asyncckpt is imported
+                raise CheckpointError("multi-rank engines need the asyncckpt package root imported")
+            self._ranks = CheckpointEngine.rank_face(self.options, self.process_group)
         self._start()
         self._snapshot_lock = anyio.Lock()
         return self
@@ -147,6 +160,12 @@ class CheckpointEngine(EngineBase):
         exception from the body propagates as itself."""
         core = self.core
         cancelled = exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class())
+        ranks_error: BaseException | None = None
+        if self._ranks is not None and not cancelled:  # the saves DCP is still writing: their commit is awaited
+            try:
+                await self._ranks.wait()
+            except Exception as exc:
+                ranks_error = exc
         try:
             if cancelled:
                 with anyio.CancelScope(shield=True):
@@ -162,6 +181,8 @@ class CheckpointEngine(EngineBase):
             core.close()
         if exc_type is None:
             core.raise_unobserved()
+            if ranks_error is not None:
+                raise ranks_error
 
     async def _feed(self, job: Job, t0: float, deferred: bool) -> SaveHandle:
         if deferred:
@@ -202,6 +223,12 @@ class CheckpointEngine(EngineBase):
         """
         core = self.core
         core.raise_unobserved()
+        if self._ranks is not None:
+            if base is not None or metadata is not None or digests or trust_versions or snapshot == "deferred":
+                raise InvalidArgumentError("a multi-rank save (process_group=) takes no base, metadata, digests, "
+                                           "trust_versions or deferred snapshot; save with the defaults")
+            async with self._snapshot_lock:
+                return self._ranks.save(state, path, storage_options, core.runtime)  # type: ignore[no-any-return]
         info = self._metadata(metadata)
         deferred = self._deferred(snapshot)
         async with self._snapshot_lock:
@@ -243,6 +270,8 @@ class CheckpointEngine(EngineBase):
     async def wait(self) -> None:
         """Wait for every pending save; raise the first failure nobody has seen yet."""
         core = self.core
+        if self._ranks is not None:
+            await self._ranks.wait()
         await core.runtime.call_async(core.wait_all)
         core.raise_unobserved()
 
@@ -263,6 +292,11 @@ class CheckpointEngine(EngineBase):
         """
         check_map_location(map_location)
         core = self.core
+        if self._ranks is not None:
+            if map_location is not None:
+                raise InvalidArgumentError("a multi-rank load restores into state= in place; map_location does not "
+                                           "apply")
+            return await self._ranks.load(path, state, storage_options, verify, weights_only)
         target = await core.target_async(path, storage_options)
         manifest, span = await core.runtime.call_async(core.read, target, state, verify)
         return core.build(manifest, span, target, state, map_location, strict, weights_only)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from .concurrency.interrupts import DeferredInterrupt
 from .engine import EngineBase
+from .errors import InvalidArgumentError
 from .load.rebuild import check_map_location
 from .pipeline.feed import drive, feed
 from .pipeline.handles import SaveHandle
@@ -31,6 +32,10 @@ class SyncEngine(EngineBase):
     :meth:`close`; an engine never closed is flushed when the interpreter exits."""
 
     def _ready(self) -> None:
+        if self.process_group is not None:
+            raise InvalidArgumentError(
+                "SyncEngine saves one process's state; on many ranks call dcp.save(state, "
+                "storage_writer=asyncckpt.dcp.StorageWriter(path)), or use CheckpointEngine(process_group=pg)")
         self._lock = threading.Lock()  # one snapshot at a time
         self._start()
 

@@ -317,3 +317,43 @@ def engine_refuses_dtensor(rank: int, world: int, path: str) -> dict[str, Any]:
     except asyncckpt.CheckpointError as exc:
         return {"message": str(exc)}
     return {"message": ""}
+
+
+def asyncio_face(rank: int, world: int, path: str, blocked: str) -> dict[str, Any]:
+    """CheckpointEngine(process_group=pg): save returns after this rank's copy, the handle after the global
+    commit; load reshards in place; a failing save raises our error, not DCP's CheckpointException."""
+    import asyncio
+
+    import torch.distributed as dist
+
+    import asyncckpt
+
+    mesh = init_device_mesh("cpu", (world,))
+    group = dist.new_group(backend="gloo")  # the engine's own group: its collectives never meet the training's
+    torch.manual_seed(11)
+    state = {"w": distribute_tensor(torch.randn(12, 10), mesh, [Shard(0)]), "b": torch.linspace(0, 1, 7),
+             "step": 3}
+    expected = digests(state)
+
+    async def main() -> dict[str, Any]:
+        async with asyncckpt.CheckpointEngine(process_group=group, **ENGINE) as engine:
+            handle = await engine.save(state, path)
+            snapshot_done = handle.snapshot_done()
+            with torch.no_grad():  # the caller may change any tensor as soon as save returns
+                state["w"].to_local().add_(100)
+                state["b"].add_(100)
+            state["step"] = 4
+            result = await handle
+            target = {"w": distribute_tensor(torch.zeros(12, 10), mesh, [Shard(1)]), "b": torch.zeros(7),
+                      "step": 0}
+            left = await engine.load(path, state=target)
+            try:
+                await (await engine.save(state, blocked))
+                error: list[str] = []
+            except asyncckpt.CheckpointError as exc:  # an Exception: a plain `except Exception` sees it
+                error = [type(exc).__name__, str(exc)]
+            return {"snapshot_done": snapshot_done, "bytes_written": result.bytes_written,
+                    "shards": result.shards, "left": sorted(left), "loaded": digests(target), "error": error}
+
+    out = asyncio.run(main())
+    return {"expected": expected, **out}

@@ -189,6 +189,22 @@ def test_an_error_on_a_rank_reaches_every_rank_as_our_error(ranks, tmp_path):
         assert r["unwrapped"] == "CheckpointError" and "rank" in r["message"] and str(blocker) in r["message"]
 
 
+def test_the_asyncio_face_on_a_process_group_saves_commits_and_reshards(ranks, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    path = tmp_path / "ck"
+    results = ranks.run("asyncio_face", path=str(path), blocked=str(blocker / "ck"))
+    for r in results:
+        same(r)  # the values at save time, though every tensor changed right after save returned
+        assert r["snapshot_done"] and r["left"] == []
+        assert r["bytes_written"] > 0 and r["shards"] >= 1, r
+        assert r["error"][0] == "CheckpointError" and str(blocker) in r["error"][1], r["error"]
+    assert results[0]["expected"] == results[1]["expected"]  # DTensor digests are of the full tensors
+    assert (path / MANIFEST_NAME).exists()
+    whole = asyncckpt.SyncEngine().load(path)  # one process: every rank's chunks assembled
+    assert whole["step"] == 3 and whole["w"].shape == (12, 10)
+
+
 def test_engine_save_refuses_a_dtensor_naming_the_key_and_the_way_out(ranks, tmp_path):
     (result,) = ranks.run("engine_refuses_dtensor", world=1, path=str(tmp_path / "x"))
     assert "model.w" in result["message"] and "asyncckpt.dcp" in result["message"]
