@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import crash_writer  # noqa: E402
 from crash_writer import PHASES, make_state, fingerprint, read_page, step_name  # noqa: E402
+
+from .helpers import LineServer  # noqa: E402
 from faultfs import same  # noqa: E402
 
 import asyncckpt  # noqa: E402
@@ -56,25 +58,11 @@ def expected(step: int) -> Any:
     return STATE_CACHE[step]
 
 
-class ForkServer:
+class ForkServer(LineServer):
     """The writer's fork server: one ``import torch`` for all trials."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "crash_writer.py"), "serve"], cwd=REPO, env=ENV,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"fork server died (rc={self.proc.poll()})"
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        super().__init__(HERE / "crash_writer.py", ["serve"], REPO, ENV)
 
 
 @pytest.fixture(scope="module")

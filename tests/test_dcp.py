@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,24 +40,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dist_scenarios  # noqa: E402
 
+from .helpers import LineServer  # noqa: E402
+
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-class Ranks:
+class Ranks(LineServer):
     """The fork server of tests/dist_worker.py."""
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch  # every group's file store and results go under it (the server removes them)
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "dist_worker.py")], cwd=HERE.parent, env=ENV,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the fork server died (rc={self.proc.poll()})"
-        return json.loads(line)
+        super().__init__(HERE / "dist_worker.py", [], HERE.parent, ENV)
 
     def start(self, scenario: str, world: int = 2, timeout: float = 60, **args: Any) -> list[int]:
         return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout,
@@ -73,11 +65,6 @@ class Ranks:
         for rank, (rc, result) in enumerate(zip(rcs, results)):
             assert rc == 0, f"rank {rank} failed (rc={rc}):\n{(result or {}).get('error', result)}"
         return results
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -117,8 +117,24 @@ class View:
     stride: tuple[int, ...]
 
 
+class _Typed:
+    """What a tensor record and a chunked tensor derive from their ``dtype`` name and ``shape``."""
+
+    __slots__ = ()
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def logical_bytes(self) -> int:
+        return math.prod(self.shape) * self.torch_dtype.itemsize
+
+
 @dataclass(frozen=True, slots=True)
-class TensorRecord:
+class TensorRecord(_Typed):
     """A tensor: its own bytes (``span``) or a view of a shared storage (``view``)."""
 
     dtype: str
@@ -129,14 +145,6 @@ class TensorRecord:
     requires_grad: bool = False
     parameter: bool = False
     digest: str | None = None  # xxh3-64 of the tensor's own bytes, where recorded (saves others may build on)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def logical_bytes(self) -> int:
-        return math.prod(self.shape) * self.torch_dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "device": self.device}
@@ -239,7 +247,7 @@ class TensorChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkedTensor:
+class ChunkedTensor(_Typed):
     """A tensor of the global state (a DCP item): its global dtype and shape, and the chunks that tile it."""
 
     fqn: str
@@ -247,14 +255,6 @@ class ChunkedTensor:
     shape: tuple[int, ...]
     chunks: tuple[TensorChunk, ...]
     requires_grad: bool = False
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def logical_bytes(self) -> int:
-        return math.prod(self.shape) * self.torch_dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"fqn": self.fqn, "dtype": self.dtype, "shape": list(self.shape),
