@@ -415,3 +415,27 @@ def test_a_single_process_checkpoint_is_pointed_to_engine_load(tmp_path):
 def test_unwrap_passes_other_exceptions_through():
     error = ValueError("x")
     assert unwrap(error) is error
+
+
+def test_the_tools_read_a_multi_rank_checkpoint(saved, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from asyncckpt.cli import main
+
+    assert asyncckpt.latest(saved.parent) == str(saved) and asyncckpt.verify(saved).ok
+    asyncckpt.to_torch_file(saved, tmp_path / "one.pt")
+    whole = torch.load(tmp_path / "one.pt")
+    assert torch.equal(whole["w"], torch.arange(64.0).view(8, 8)) and whole["n"] == 3
+    assert torch.equal(whole["s"]["x"], torch.ones(5))
+    asyncckpt.to_safetensors(saved, tmp_path / "one.safetensors")
+    flat = load_file(tmp_path / "one.safetensors")
+    assert torch.equal(flat["w"], torch.arange(64.0).view(8, 8)) and torch.equal(flat["s.x"], torch.ones(5))
+    assert main(["inspect", str(saved), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["version"], info["layout"], info["world_size"]) == (3, "dcp", 1)
+    assert {t["key"] for t in info["tensors"]} == {"w", "s.x"}
+    assert int(info["totals"]["bytes_per_rank"]["0"]) == info["totals"]["shard_bytes"]
+    assert main(["inspect", str(saved)]) == 0
+    text = capsys.readouterr().out
+    assert "through torch.distributed.checkpoint" in text and "rank 0:" in text
+    assert main(["verify", str(saved)]) == 0
