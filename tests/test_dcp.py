@@ -60,8 +60,9 @@ class Ranks(LineServer):
         answer = self.call(cmd="wait", pids=pids, timeout=timeout)
         return answer["rcs"], answer["results"]
 
-    def run(self, scenario: str, world: int = 2, **args: Any) -> list[Any]:
-        rcs, results = self.wait(self.start(scenario, world, **args))
+    def run(self, scenario: str, world: int = 2, timeout: float = 60, wait_s: float = 120, **args: Any
+            ) -> list[Any]:
+        rcs, results = self.wait(self.start(scenario, world, timeout, **args), wait_s)
         for rank, (rc, result) in enumerate(zip(rcs, results)):
             assert rc == 0, f"rank {rank} failed (rc={rc}):\n{(result or {}).get('error', result)}"
         return results
@@ -159,7 +160,8 @@ def test_dtensor_shard_and_replicate_reshard_on_load(ranks, tmp_path, mode):
 
 
 def test_save_and_load_on_the_s3_server(ranks, moto, options, bucket):
-    (r0, r1) = ranks.run("s3_save", path=f"s3://{bucket}/run/step-1", options=options)
+    # generous deadlines: moto is one Python process, and on a loaded machine its answers can take many retries
+    (r0, r1) = ranks.run("s3_save", path=f"s3://{bucket}/run/step-1", options=options, timeout=240, wait_s=300)
     same(r0)
     same(r1)
     listing = asyncckpt.committed(f"s3://{bucket}/run", storage_options=options)
