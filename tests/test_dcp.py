@@ -160,7 +160,7 @@ def test_dtensor_shard_and_replicate_reshard_on_load(ranks, tmp_path, mode):
 
 
 def test_save_and_load_on_the_s3_server(ranks, moto, options, bucket):
-    # generous deadlines: moto is one Python process, and on a loaded machine its answers can take many retries
+    # generous deadlines: moto is one Python process, slow under load; retries may take a minute
     (r0, r1) = ranks.run("s3_save", path=f"s3://{bucket}/run/step-1", options=options, timeout=240, wait_s=300)
     same(r0)
     same(r1)

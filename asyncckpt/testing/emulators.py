@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -24,8 +25,10 @@ class MotoServer:
     def __init__(self, timeout: float = 30.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # its request log goes to a file: a pipe nobody reads fills up (64 KiB) and then blocks the server for good
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -34,7 +37,8 @@ class MotoServer:
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.proc.kill()
-                    err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else ""
+                    self._log.seek(0)
+                    err = self._log.read().decode(errors="replace")[-2000:]
                     raise RuntimeError(f"moto server did not start: {err}") from None
                 time.sleep(0.05)
 
@@ -57,5 +61,4 @@ class MotoServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        self._log.close()
