@@ -187,6 +187,19 @@ def dtensors(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, 
             "aligned_read": stats(aligned), "share": share}
 
 
+def dtensors_load(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Load the checkpoint of :func:`dtensors` (saved on 2 ranks) on ``world`` ranks, other placements again."""
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = {"rows": ((512, 256), torch.float32), "cols": ((9, 7), torch.float64), "rep": ((5, 6), torch.int32),
+              "half": ((16, 16), torch.float16)}
+    placements = {"rows": Shard(1), "cols": Shard(0), "rep": Replicate(), "half": Shard(0)}
+    target: dict[str, Any] = {k: distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, [placements[k]])
+                              for k, (shape, dtype) in shapes.items()}
+    target["plain"] = torch.zeros(11)
+    load(target, path)
+    return {"loaded": digests(target)}
+
+
 def s3_save(rank: int, world: int, path: str, options: dict[str, Any], mode: str = "sync") -> dict[str, Any]:
     """DTensor + plain state saved to and loaded from the moto S3 server."""
     mesh = init_device_mesh("cpu", (world,))

@@ -5,7 +5,7 @@ run a scenario of tests/dist_scenarios.py. Values are compared bit for bit, as d
 
 * the matrix: DDP + Adam, FSDP2 (``fully_shard`` on a CPU mesh, through get_state_dict / set_state_dict), DTensor
   Shard(0) / Shard(1) / Replicate; each with ``dcp.save`` and with ``dcp.async_save`` (the state changed as soon as
-  it returns: the checkpoint keeps the old values); reloaded resharded (other placements; 2 ranks -> 1 plain
+  it returns: the checkpoint keeps the old values); reloaded resharded (other placements; 2 ranks -> 4; 2 -> 1 plain
   module), and one case on the moto S3 server;
 * kill trials: SIGKILL a rank or the coordinator during an overwrite, at chosen phases and at random moments ->
   the checkpoint loads exactly the old or the new state, and torch's own FileSystemWriter, killed at the same
@@ -157,6 +157,9 @@ def test_dtensor_shard_and_replicate_reshard_on_load(ranks, tmp_path, mode):
     reader = one_process_load(path, target)
     assert all(torch.equal(target[k], v) for k, v in full.items())
     assert reader.stats.wanted == sum(v.nbytes for v in full.values())
+    if mode == "sync":  # the same shards on 4 ranks (2 cores: more would only be slower), bit-exact
+        for r in ranks.run("dtensors_load", world=4, path=str(path)):
+            assert r["loaded"] == results[0]["expected"]
 
 
 def test_save_and_load_on_the_s3_server(ranks, moto, options, bucket):
