@@ -21,11 +21,13 @@ from .memory.pool import StagingPool
 from .options import SNAPSHOT_MODES, EngineOptions
 from .pipeline.feed import drive_async, feed
 from .pipeline.handles import SaveHandle
-from .pipeline.jobs import CallJob, Job, SaveJob
+from .io.contract import Storage
+from .pipeline.jobs import CallJob, Job, SaveJob, Target
 from .snapshot.incremental import Base
 from .snapshot.plan import Plan, prepare, prepare_copy
 
 MiB = 1 << 20
+DEFAULT_SHARD_BYTES = 512 * MiB  # shard_bytes=None before a target is known (local disk's choice)
 
 
 class EngineBase:
@@ -35,7 +37,8 @@ class EngineBase:
         write_concurrency: I/O operations in flight at once (threads for blocking I/O, requests for async stores).
         host_memory_budget: bytes of host staging memory; saves beyond it wait (backpressure), and a state larger
             than it streams through. Default: a quarter of RAM, at most 16 GiB.
-        shard_bytes: target size of one shard file, in bytes.
+        shard_bytes: target size of one shard file, in bytes; None: the target's choice (512 MiB on local disk, one
+            chunk on object stores, so each shard is a single upload).
         chunk_bytes: unit of staging, writing and checksumming (and of multipart uploads on object stores), in
             bytes; a multiple of 4096.
         fsync: make files and directories durable before a save counts as committed.
@@ -52,7 +55,7 @@ class EngineBase:
     """
 
     def __init__(self, *, write_concurrency: int = 8, host_memory_budget: int | None = None,
-                 shard_bytes: int = 512 * MiB, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
+                 shard_bytes: int | None = None, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
                  storage_options: Mapping[str, Any] | None = None, snapshot: str = "eager",
                  overlap_writes: bool = False, process_group: Any = None) -> None:
         self.process_group = process_group
@@ -88,12 +91,22 @@ class EngineBase:
         weakref.finalize(self, core.dropped, type(self).__name__).atexit = False  # the runtime flushes at exit
         return core
 
-    def _plan(self, state: Any, base: Base | None = None, digests: bool = False, trust_versions: bool = False
-              ) -> Plan:
+    def _cut(self, storage: Storage | None) -> tuple[int, int, dict[str, Any]]:
+        """``(shard_bytes, chunk_bytes, layout keywords)`` of plans for ``storage`` (None: local disk)."""
+        chunk = self.options.chunk_bytes
+        shard = self.options.shard_bytes
+        if storage is None:
+            return shard or DEFAULT_SHARD_BYTES, chunk, {"chunk_limit": self.core.pool.budget}
+        shard = shard or storage.default_shard_bytes(chunk)
+        return shard, chunk, {"rules": storage.part_rules, "chunk_limit": self.core.pool.budget}
+
+    def _plan(self, state: Any, target: Target, base: Base | None = None, digests: bool = False,
+              trust_versions: bool = False) -> Plan:
+        shard, chunk, cut = self._cut(target.storage)
         if not digests and base is None:
-            return self.core.plans.prepare(state, self.options.shard_bytes, self.options.chunk_bytes)
-        return prepare(state, self.options.shard_bytes, self.options.chunk_bytes, digests=True, base=base,
-                       memo=self.core.memo if trust_versions else None)
+            return self.core.plans.prepare(state, shard, chunk, **cut)
+        return prepare(state, shard, chunk, digests=True, base=base, memo=self.core.memo if trust_versions else None,
+                       **cut)
 
     @staticmethod
     def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -118,11 +131,12 @@ class EngineBase:
         """Raise the first failure of a finished save that nobody has seen yet (without waiting)."""
         self.core.raise_unobserved()
 
-    def _warm(self, state: Any) -> int:
-        """Plan ``state`` (the plan is then reused by the next save of the same structure) and allocate and touch
-        its staging buffers; returns the bytes reserved."""
+    def _warm(self, state: Any, target: Target | None) -> int:
+        """Plan ``state`` for ``target`` (the plan is then reused by the next save of the same structure there) and
+        allocate and touch its staging buffers; returns the bytes reserved."""
         core = self.core
-        plan = core.plans.prepare(state, self.options.shard_bytes, self.options.chunk_bytes)
+        shard, chunk, cut = self._cut(None if target is None else target.storage)
+        plan = core.plans.prepare(state, shard, chunk, **cut)
         core.pool.reserve([chunk.nbytes for chunk in plan.chunks])
         return core.pool.allocated_bytes
 
@@ -236,15 +250,18 @@ class CheckpointEngine(EngineBase):
             t0 = time.perf_counter()
             target = await core.target_async(path, storage_options)
             found = None if base is None else await core.runtime.call_async(core.open_base, target, base)
-            plan = self._plan(state, found, digests, trust_versions)
+            plan = self._plan(state, target, found, digests, trust_versions)
             job = core.begin(SaveJob, target, plan, fsync=self.options.fsync, metadata=info)
             return await self._feed(job, t0, deferred)
 
-    async def prepare(self, state: Any) -> None:
+    async def prepare(self, state: Any, path: Any = None, *, storage_options: Mapping[str, Any] | None = None
+                      ) -> None:
         """Plan ``state`` and allocate its staging buffers ahead of the first save (at set-up), so that save costs
-        what a steady one does; a state of the same structure saved later reuses both."""
+        what a steady one does; a state of the same structure saved later reuses both. Pass the ``path`` saves will
+        go to (any checkpoint path on the same store) when it is not local disk: the layout depends on the store."""
         async with self._snapshot_lock:
-            self._warm(state)
+            target = None if path is None else await self.core.target_async(path, storage_options)
+            self._warm(state, target)
 
     async def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` now, then call ``fn(copy)`` in a worker thread, ordered as a save of ``path``.

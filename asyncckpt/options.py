@@ -38,7 +38,9 @@ class EngineOptions:
             stores), shared by every save and load of the engine.
         host_memory_budget: bytes of host staging memory; saves beyond it wait (backpressure) and a state larger
             than it streams through. ``None``: a quarter of RAM, at most 16 GiB.
-        shard_bytes: target size of one shard file, in bytes.
+        shard_bytes: target size of one shard file, in bytes. ``None``: the target's choice — 512 MiB on local disk
+            and other filesystems, one chunk on object stores (S3, GCS, Azure), where each shard is then a single
+            upload request.
         chunk_bytes: unit of staging, writing and checksumming (and multipart part size on object stores), in
             bytes; a positive multiple of 4096.
         fsync: make files and directories durable before a save counts as committed.
@@ -54,7 +56,7 @@ class EngineOptions:
 
     write_concurrency: int = 8
     host_memory_budget: int | None = None
-    shard_bytes: int = 512 * MiB
+    shard_bytes: int | None = None
     chunk_bytes: int = 32 * MiB
     fsync: bool = True
     verify: bool = True
@@ -65,8 +67,9 @@ class EngineOptions:
     def __post_init__(self) -> None:
         for name in ("write_concurrency", "shard_bytes", "chunk_bytes"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise InvalidArgumentError(f"{name} must be a positive integer, not {value!r}")
+            if (value is not None or name != "shard_bytes") and (not _is_int(value) or value < 1):
+                raise InvalidArgumentError(f"{name} must be a positive integer{' or None' * (name == 'shard_bytes')}, "
+                                           f"not {value!r}")
         if self.chunk_bytes % PAGE:
             raise InvalidArgumentError(f"chunk_bytes must be a multiple of {PAGE}, not {self.chunk_bytes}")
         if self.host_memory_budget is not None:

@@ -85,16 +85,16 @@ class SyncEngine(EngineBase):
 
         def plan(target: Target) -> Plan:
             found = None if base is None else self.core.runtime.call(self.core.open_base, target, base)
-            return self._plan(state, found, digests, trust_versions)
+            return self._plan(state, target, found, digests, trust_versions)
 
         return self._save(plan, path, storage_options, SaveJob, self._deferred(snapshot), fsync=self.options.fsync,
                           metadata=info).handle
 
-    def prepare(self, state: Any) -> None:
+    def prepare(self, state: Any, path: Any = None, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Plan ``state`` and allocate its staging buffers ahead of the first save (see
         :meth:`CheckpointEngine.prepare`)."""
         with self._lock:
-            self._warm(state)
+            self._warm(state, None if path is None else self.core.target(path, storage_options))
 
     def submit(self, plan: Plan, path: Any, job_type: type[Job], *, storage_options: Mapping[str, Any] | None = None,
                **extra: Any) -> Job:

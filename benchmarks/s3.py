@@ -31,6 +31,8 @@ import asyncckpt
 from asyncckpt.testing import MotoServer
 
 MiB = 1 << 20
+DEFAULT_CHUNK_MIB = 32  # the engine's default chunk_bytes, in MiB
+DEFAULT_CONCURRENCY = 8  # the engine's default write_concurrency
 
 def make_state(total_mib: int, tensor_mib: int) -> dict[str, torch.Tensor]:
     n = max(1, total_mib // tensor_mib)
@@ -38,10 +40,17 @@ def make_state(total_mib: int, tensor_mib: int) -> dict[str, torch.Tensor]:
     return {f"t{i}": torch.randn(tensor_mib * MiB // 4, generator=g) for i in range(n)}
 
 
+def engine_options(args) -> dict:
+    """The engine options the command line set; the rest stay the engine's defaults."""
+    given = {"chunk_bytes": args.chunk_mib, "shard_bytes": args.shard_mib, "host_memory_budget": args.budget_mib}
+    options = {k: v * MiB for k, v in given.items() if v is not None}
+    if args.concurrency is not None:
+        options["write_concurrency"] = args.concurrency
+    return options
+
+
 async def bench_engine(state, url, opts, args) -> tuple[float, float]:
-    async with asyncckpt.CheckpointEngine(storage_options=opts, chunk_bytes=args.chunk_mib * MiB,
-                                          shard_bytes=args.shard_mib * MiB, write_concurrency=args.concurrency,
-                                          host_memory_budget=args.budget_mib * MiB) as eng:
+    async with asyncckpt.CheckpointEngine(storage_options=opts, **engine_options(args)) as eng:
         t0 = time.perf_counter()
         await (await eng.save(state, url))
         t_save = time.perf_counter() - t0
@@ -97,15 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=256, help="total state size (MiB)")
     p.add_argument("--tensor-mib", type=int, default=32)
-    p.add_argument("--chunk-mib", type=int, default=32, help="engine chunk_bytes = multipart part size (MiB)")
-    p.add_argument("--shard-mib", type=int, default=512)
-    p.add_argument("--budget-mib", type=int, default=1024)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--chunk-mib", type=int, default=None,
+                   help="engine chunk_bytes = part size (MiB); default: the engine's (32), also s3fs's chunk size")
+    p.add_argument("--shard-mib", type=int, default=None, help="engine shard_bytes (MiB); default: the engine's")
+    p.add_argument("--budget-mib", type=int, default=None, help="engine host_memory_budget; default: the engine's")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight; default: the engine's write_concurrency (8), also s3fs's")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting moto")
     p.add_argument("--bucket", default=None, help="existing bucket to use with --endpoint")
     p.add_argument("--out", default=None, help="also write s3.json and s3.md into this folder")
     args = p.parse_args(argv)
+    raw = argparse.Namespace(chunk_mib=args.chunk_mib or DEFAULT_CHUNK_MIB,
+                             concurrency=args.concurrency or DEFAULT_CONCURRENCY)  # the raw clients' settings
 
     server = None if args.endpoint else MotoServer()
     try:
@@ -122,16 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[tuple[float, float]]] = {"asyncckpt": [], "s3fs one object": [], "s3fs per tensor": []}
         for r in range(args.repeat):
             runs["asyncckpt"].append(asyncio.run(bench_engine(state, f"s3://{bucket}/{prefix}/ckpt-{r}", opts, args)))
-            runs["s3fs one object"].append(asyncio.run(bench_s3fs_one(blobs, f"{bucket}/{prefix}/raw-{r}", opts, args)))
-            many = bench_s3fs_many(blobs, f"{bucket}/{prefix}/many-{r}", opts, args)
+            runs["s3fs one object"].append(asyncio.run(bench_s3fs_one(blobs, f"{bucket}/{prefix}/raw-{r}", opts, raw)))
+            many = bench_s3fs_many(blobs, f"{bucket}/{prefix}/many-{r}", opts, raw)
             runs["s3fs per tensor"].append(asyncio.run(many))
     finally:
         if server:
             server.stop()
 
-    report = {"total_mib": total / MiB, "chunk_mib": args.chunk_mib, "concurrency": args.concurrency,
+    report = {"total_mib": total / MiB, "chunk_mib": raw.chunk_mib, "concurrency": raw.concurrency,
+              "engine_options": engine_options(args),
               "repeat": args.repeat, "endpoint": "moto (local)" if server else args.endpoint, "results": {}}
-    print(f"{total / MiB:.0f} MiB, part/chunk {args.chunk_mib} MiB, concurrency {args.concurrency}, "
+    print(f"{total / MiB:.0f} MiB, part/chunk {raw.chunk_mib} MiB, concurrency {raw.concurrency}, "
           f"median of {args.repeat} ({report['endpoint']})")
     print(f"{'contender':<18}{'save MiB/s':>12}{'load MiB/s':>12}{'save s':>9}{'load s':>9}")
     for name, times in runs.items():

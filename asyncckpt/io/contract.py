@@ -17,6 +17,7 @@ from typing import IO, Any, Callable, Literal, Mapping, Protocol, TypeVar
 import torch
 
 from ..concurrency import IoRunner
+from ..format.parts import NO_RULES, PartRules
 
 Kind = Literal["dir", "file"]
 T = TypeVar("T")
@@ -56,9 +57,16 @@ class Storage(abc.ABC):
     """Operations on one filesystem, created once per protocol and options by each engine."""
 
     protocol: str = ""
+    #: the limits this store puts on the parts of an uploaded file; plans for it never break them
+    part_rules: PartRules = NO_RULES
 
     def __init__(self, io: IoRunner) -> None:
         self.io = io
+
+    def default_shard_bytes(self, chunk_bytes: int) -> int:
+        """The shard size for saves that leave ``shard_bytes`` unset: large files on filesystems; object stores
+        that take a one-chunk file in one request answer ``chunk_bytes``, so each shard is a single upload."""
+        return 512 << 20
 
     @classmethod
     @abc.abstractmethod

@@ -238,7 +238,8 @@ class ShardJob(Job):
         self.save_id = save_id or uuid.uuid4().hex[:16]
         if files is None:
             files = [shard_name(self.save_id, i) for i in range(len(self.plan.shard_sizes))]
-        self.writer = ShardWriter(self.storage, self.path, files, self.plan.shard_sizes, self.plan.chunk_bytes, fsync)
+        self.writer = ShardWriter(self.storage, self.path, files, self.plan.shard_sizes, self.plan.shard_chunks,
+                                  fsync)
         self.records: list[ShardRecord] = []
 
     async def start(self) -> None:

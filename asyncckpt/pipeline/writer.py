@@ -14,13 +14,14 @@ from ..io.contract import Sink, Storage
 
 
 class ShardWriter:
-    """Writes the shard files ``files`` (of ``sizes`` bytes, cut in ``chunk_bytes`` chunks) under ``directory``."""
+    """Writes the shard files ``files`` (of ``sizes`` bytes, each cut in chunks of its ``chunk_sizes`` entry) under
+    ``directory``."""
 
-    def __init__(self, storage: Storage, directory: str, files: list[str], sizes: list[int], chunk_bytes: int,
+    def __init__(self, storage: Storage, directory: str, files: list[str], sizes: list[int], chunk_sizes: list[int],
                  fsync: bool) -> None:
         self.storage, self.directory, self.files, self.sizes = storage, directory, files, sizes
-        self.chunk_bytes, self.fsync = chunk_bytes, fsync
-        counts = [max(1, -(-n // chunk_bytes)) for n in sizes]
+        self.chunk_sizes, self.fsync = chunk_sizes, fsync
+        counts = [max(1, -(-n // c)) for n, c in zip(sizes, chunk_sizes)]
         self.sinks: dict[int, Sink] = {}
         self._open_locks = [anyio.Lock() for _ in files]
         self._remaining = list(counts)
@@ -39,13 +40,13 @@ class ShardWriter:
             if shard not in self.sinks:
                 self.sinks[shard] = await self.storage.open_sink(
                     self.storage.join(self.directory, self.files[shard]), self.sizes[shard], self.fsync,
-                    self.chunk_bytes)
+                    self.chunk_sizes[shard])
             return self.sinks[shard]
 
     async def write(self, shard: int, offset: int, buf: torch.Tensor, nbytes: int) -> None:
         """Write one chunk; the shard's last chunk makes the file complete and durable."""
         sink = await self._sink(shard)
-        index = offset // self.chunk_bytes
+        index = offset // self.chunk_sizes[shard]
         turns = self._turns[shard]
         if sink.ordered:
             await turns[index].wait()
@@ -63,8 +64,8 @@ class ShardWriter:
     def results(self) -> list[ShardRecord]:
         """What was written, one record per shard (every shard must be complete)."""
         assert self.complete, "results() before every shard was written"
-        return [ShardRecord(f, n, self.chunk_bytes, tuple(d))
-                for f, n, d in zip(self.files, self.sizes, self._digests)]
+        return [ShardRecord(f, n, c, tuple(d))
+                for f, n, c, d in zip(self.files, self.sizes, self.chunk_sizes, self._digests)]
 
     async def abort(self, remove_directory: bool) -> None:
         """Delete every file this writer opened and, with ``remove_directory``, the directory if this writer created

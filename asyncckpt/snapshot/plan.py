@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidArgumentError
 from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
 from ..format.manifest import (ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord, View, finish_tensor,
                                view_tensor)
+from ..format.parts import NO_RULES, PartRules, headroom, shard_chunk
 from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
 from ..format.tree import decode
 from ..memory.buffers import alias
@@ -113,6 +114,7 @@ class Plan:
     shard_sizes: list[int] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     chunk_bytes: int = 0
+    shard_chunks: list[int] = field(default_factory=list)  # each shard's chunk size (chunk_bytes, or a bit more)
     values: list[Any] = field(default_factory=list)  # copied non-tensor leaves (copy plans only)
     stream: Any = None  # CUDA side stream, when any source lives on CUDA
     external: list[ShardRecord] = field(default_factory=list)  # base shards that reused tensors live in
@@ -268,6 +270,7 @@ def _object_entries(walker: Walker) -> list[tuple[str, str, Entry]]:
 # ---------------------------------------------------------------- layouts
 
 SHARD_METADATA = {"format": "pt", "producer": "asyncckpt"}
+HEADER_BASE = 8 + 64 + 2 * HEADER_ALIGN  # length prefix, metadata, braces and padding
 
 
 def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base: Base | None,
@@ -300,17 +303,32 @@ def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base
 
 
 def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = False, base: Base | None = None,
-            memo: VersionMemo | None = None) -> Plan:
+            memo: VersionMemo | None = None, rules: PartRules = NO_RULES, chunk_limit: int | None = None) -> Plan:
     """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks. With ``digests`` every tensor's
     digest is recorded (a later save may build on this one); with a ``base``, tensors whose bytes it already holds
-    are referenced instead of written (see :mod:`.incremental`)."""
+    are referenced instead of written (see :mod:`.incremental`). ``rules`` are the target store's part limits and
+    ``chunk_limit`` the largest chunk staging can hold (see :mod:`asyncckpt.format.parts`)."""
     tree, walker = walk_state(state, pickle_objects=True)
-    return layout(tree, walker, shard_bytes, chunk_bytes, digests=digests, base=base, memo=memo)
+    return layout(tree, walker, shard_bytes, chunk_bytes, digests=digests, base=base, memo=memo, rules=rules,
+                  chunk_limit=chunk_limit)
+
+
+def _header_cost(e: Entry) -> int:
+    """About the bytes ``e`` adds to its shard's header: its JSON description (escaped names take more)."""
+    return 88 + (len(e.name) if e.name.isascii() else 6 * len(e.name)) + 21 * len(e.st_shape)
 
 
 def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, digests: bool = False,
-           base: Base | None = None, memo: VersionMemo | None = None) -> Plan:
+           base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
+           chunk_limit: int | None = None) -> Plan:
     """The plan of a walked state (see :func:`prepare`)."""
+    if rules.max_part is not None and chunk_bytes > rules.max_part:
+        raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is more than the {rules.max_part} bytes this store "
+                                   "takes in one part; lower chunk_bytes")
+    limit = chunk_limit if rules.max_part is None else min(rules.max_part, chunk_limit or rules.max_part)
+    room = headroom(chunk_bytes, limit)
+    max_file = rules.max_file(chunk_bytes)
+    cap = shard_bytes if max_file is None else min(shard_bytes, max_file)
     tensors, storages, entries, cuda = _tensor_entries(walker)
     external: list[ShardRecord] = []
     if digests or base is not None:
@@ -318,7 +336,7 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
     objects = _object_entries(walker)
     plan = Plan(tree, tensors, storages, objects, entries + [e for _, _, e in objects], chunk_bytes=chunk_bytes,
                 external=external, chain=base.manifest.chain + 1 if external and base is not None else 0)
-    _lay_out(plan, shard_bytes, chunk_bytes, cuda)
+    _lay_out(plan, cap, chunk_bytes, cuda, rules=rules, room=room)
     return plan
 
 
@@ -349,8 +367,13 @@ def prepare_items(tensors: list[tuple[str, torch.Tensor]], objects: list[tuple[s
     return plan, index
 
 
-def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_bytes: int, cuda: bool) -> None:
-    """Place the plan's entries (or each group of them, in shards of its own size) into shards, cut into chunks."""
+def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_bytes: int, cuda: bool, *,
+             rules: PartRules | None = None, room: int = 0) -> None:
+    """Place the plan's entries (or each group of them, in shards of its own size) into shards, cut into chunks.
+    With a store's ``rules`` a shard's header counts against its size (a shard of whole chunks stays whole) and
+    chunks may grow by ``room`` to take a header's spill (see :mod:`asyncckpt.format.parts`)."""
+    headers = rules is not None
+    rules = rules or NO_RULES
     if isinstance(groups, int):
         groups = [(plan.entries, groups)]
     shards: list[list[Entry]] = []
@@ -358,13 +381,15 @@ def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_byte
         # Largest item size first keeps every tensor aligned inside the 64-byte aligned data section.
         entries = sorted(entries, key=lambda e: -e.itemsize)
         shards.append([])
-        size = 0
+        base = HEADER_BASE if headers else 0
+        size = base
         for e in entries:
-            if shards[-1] and size + e.nbytes > shard_bytes:
+            cost = e.nbytes + (_header_cost(e) if headers else 0)
+            if shards[-1] and size + cost > shard_bytes:
                 shards.append([])
-                size = 0
+                size = base
             shards[-1].append(e)
-            size += e.nbytes
+            size += cost
     for index, members in enumerate(shards):
         header = build_header([HeaderEntry(e.name, e.st_dtype, e.st_shape, e.nbytes) for e in members],
                               SHARD_METADATA)
@@ -373,13 +398,20 @@ def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_byte
             e.shard, e.offset = index, pos
             pos += e.nbytes
         plan.shard_sizes.append(pos)
+        chunk = shard_chunk(pos, chunk_bytes, room)
+        if rules.max_parts is not None and rules.parts(pos, chunk) > rules.max_parts:
+            big = max(members, key=lambda e: e.nbytes)
+            raise CheckpointError(
+                f"{big.name} ({big.nbytes} bytes) needs a shard of more than {rules.max_parts} parts of "
+                f"{rules.part_bytes(chunk)} bytes, this store's limit; raise chunk_bytes")
+        plan.shard_chunks.append(chunk)
         hdr = Entry("__header__", len(header), 1, torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        _cut(plan, index, [hdr, *members], pos, chunk_bytes)
+        _cut(plan, index, [hdr, *members], pos, chunk)
     if cuda:
         plan.stream = devices.side_stream()
 
 
-def _structure(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int) -> Any:
+def _structure(tree: Any, walker: Walker, cut: tuple[Any, ...]) -> Any:
     """What a plan's layout depends on: the structure and plain values, every tensor's dtype, shape, strides and
     memory, the pickled values' sizes. None when the plan cannot be reused (XLA tensors move through fresh host
     copies every time)."""
@@ -388,7 +420,7 @@ def _structure(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int) ->
         if t.is_xla:
             return None
         extra.append((type(t), t.requires_grad))
-    return (shard_bytes, chunk_bytes, tree, walker.keys, extra, [len(obj) for obj, _, _ in walker.objects])
+    return (cut, tree, walker.keys, extra, [len(obj) for obj, _, _ in walker.objects])
 
 
 class PlanCache:
@@ -405,9 +437,10 @@ class PlanCache:
         self._key: Any = None
         self.reused = 0  # how many saves reused the plan (tests and benchmarks read it)
 
-    def prepare(self, state: Any, shard_bytes: int, chunk_bytes: int) -> Plan:
+    def prepare(self, state: Any, shard_bytes: int, chunk_bytes: int, *, rules: PartRules = NO_RULES,
+                chunk_limit: int | None = None) -> Plan:
         tree, walker = walk_state(state, pickle_objects=True)
-        key = _structure(tree, walker, shard_bytes, chunk_bytes)
+        key = _structure(tree, walker, (shard_bytes, chunk_bytes, rules, chunk_limit))
         plan = self._plan
         if plan is not None and key is not None and key == self._key:
             for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
@@ -418,7 +451,7 @@ class PlanCache:
                 plan.stream.wait_stream(torch.cuda.current_stream())
             self.reused += 1
             return plan
-        plan = layout(tree, walker, shard_bytes, chunk_bytes)
+        plan = layout(tree, walker, shard_bytes, chunk_bytes, rules=rules, chunk_limit=chunk_limit)
         self._plan, self._key = (plan, key) if key is not None else (None, None)
         return plan
 

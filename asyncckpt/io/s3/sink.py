@@ -31,7 +31,7 @@ class S3Sink:
     """One shard written as a multipart upload of its chunks, concurrently and in any order.
 
     Every chunk but the shard's last has exactly ``chunk_bytes``.  Chunks below S3's 5 MiB part minimum are gathered
-    into parts of ``ceil(5 MiB / chunk_bytes)`` chunks.
+    into parts of ``ceil(5 MiB / chunk_bytes)`` chunks.  A shard of one part is a single PUT.
     """
 
     ordered = False
@@ -63,9 +63,7 @@ class S3Sink:
         crc = await self.storage.wants_crc32()
         if offset == 0 and nbytes == self.nbytes:  # the whole shard is one chunk: a plain PUT
             sig, body, checksum = await self.storage.io.cpu(_digest_and_copy, view, crc)
-            self.put = True
-            await self.storage.request("put_object", Bucket=self.bucket, Key=self.key, Body=body, **checksum)
-            self.completed = True
+            await self._put(body, checksum)
             return sig
         index = offset // self.chunk
         if self.per_part == 1:
@@ -87,8 +85,17 @@ class S3Sink:
         if filled[0] == size:
             del self._gather[part]
             body = bytes(buf)
-            await self._upload(part + 1, body, await self.storage.io.cpu(_crc32, body) if crc else {})
+            checksum = await self.storage.io.cpu(_crc32, body) if crc else {}
+            if self.parts_expected == 1:  # the whole shard in one part: a plain PUT
+                await self._put(body, checksum)
+            else:
+                await self._upload(part + 1, body, checksum)
         return sig
+
+    async def _put(self, body: bytes, checksum: dict[str, str]) -> None:
+        self.put = True
+        await self.storage.request("put_object", Bucket=self.bucket, Key=self.key, Body=body, **checksum)
+        self.completed = True
 
     async def _ensure_upload(self) -> str:
         async with self._create_lock:

@@ -6,14 +6,17 @@ from typing import Any, Mapping
 
 from ...concurrency import IoRunner
 from ...errors import S3Error
+from ...format.parts import PartRules
 from ...options import RetryPolicy
 from ..fsspec import FsspecStorage, filesystem_options
 from .retry import HINTS, retrying
-from .sink import S3Sink
+from .sink import MAX_PART, MAX_PARTS, MIN_PART, S3Sink
 
 
 class S3Storage(FsspecStorage):
     """s3fs awaited on the engine loop, with multipart shard uploads and one retry policy."""
+
+    part_rules = PartRules(min_part=MIN_PART, max_part=MAX_PART, max_parts=MAX_PARTS)
 
     def __init__(self, fs: Any, io: IoRunner, retry: RetryPolicy | None = None) -> None:
         super().__init__(fs, io)
@@ -80,6 +83,11 @@ class S3Storage(FsspecStorage):
         return self._crc
 
     # -------------------------------------------------------- Storage interface
+
+    def default_shard_bytes(self, chunk_bytes: int) -> int:
+        """One part per shard: each shard is a single PUT (no multipart round trips), and shards upload and load
+        concurrently as separate objects."""
+        return self.part_rules.part_bytes(chunk_bytes)
 
     async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> S3Sink:
         return S3Sink(self, path, nbytes, chunk_bytes)

@@ -1,0 +1,65 @@
+"""How a shard is cut into chunks, and the limits a store puts on the parts it uploads.
+
+A chunk is the unit of staging, writing and checksumming, and on object stores the part of an upload. Two rules
+keep the cut right for every store by construction:
+
+* a shard never needs a chunk for a few spilled bytes: a shard of whole chunks plus its header gets chunks that
+  are slightly larger (:func:`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor with
+  its header is one 32 MiB chunk, one PUT);
+* a store's part limits (:class:`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them) bound the
+  shard and chunk sizes the plan makes, so a layout the store would refuse is never made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAGE = 4096
+GROWTH = 64  # a chunk may grow by 1/GROWTH of itself to absorb a header
+
+
+@dataclass(frozen=True)
+class PartRules:
+    """Limits a store puts on the parts of one uploaded file (None: no limit).
+
+    Args:
+        min_part: bytes every part but a file's last must have; smaller chunks are gathered into whole multiples.
+        max_part: bytes a part may have at most.
+        max_parts: parts one file may have.
+    """
+
+    min_part: int = 0
+    max_part: int | None = None
+    max_parts: int | None = None
+
+    def part_bytes(self, chunk_bytes: int) -> int:
+        """The size of a full part when chunks have ``chunk_bytes``: whole chunks, at least ``min_part``."""
+        return chunk_bytes * max(1, -(-self.min_part // chunk_bytes))
+
+    def max_file(self, chunk_bytes: int) -> int | None:
+        """The largest file that stays within ``max_parts`` parts of ``chunk_bytes`` chunks."""
+        return None if self.max_parts is None else self.max_parts * self.part_bytes(chunk_bytes)
+
+    def parts(self, nbytes: int, chunk_bytes: int) -> int:
+        """How many parts a file of ``nbytes`` cut into ``chunk_bytes`` chunks is uploaded in."""
+        return max(1, -(-nbytes // self.part_bytes(chunk_bytes)))
+
+
+NO_RULES = PartRules()
+
+
+def headroom(chunk_bytes: int, limit: int | None) -> int:
+    """Bytes a shard's chunks may grow by (1/64 of a chunk, whole pages), never past ``limit`` bytes a chunk."""
+    room = -(-(chunk_bytes // GROWTH) // PAGE) * PAGE
+    if limit is not None:
+        room = min(room, limit - chunk_bytes)
+    return max(0, room)
+
+
+def shard_chunk(size: int, chunk_bytes: int, room: int) -> int:
+    """The chunk size of a shard of ``size`` bytes: ``chunk_bytes``, or ``chunk_bytes + room`` when that leaves no
+    last chunk of a few bytes spilled past whole chunks (a shard's header, typically)."""
+    whole = size // chunk_bytes
+    if room and whole and size % chunk_bytes and size <= whole * (chunk_bytes + room):
+        return chunk_bytes + room
+    return chunk_bytes
