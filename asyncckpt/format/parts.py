@@ -4,8 +4,8 @@ A chunk is the unit of staging, writing and checksumming, and on object stores t
 keep the cut right for every store by construction:
 
 * a shard never needs a chunk for a few spilled bytes: a shard of whole chunks plus its header gets chunks that
-  are slightly larger (:func:`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor with
-  its header is one 32 MiB chunk, one PUT);
+  larger by a few pages (:func:`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor
+  with its header is one chunk of 32 MiB + 4 KiB: one PUT);
 * a store's part limits (:class:`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them) bound the
   shard and chunk sizes the plan makes, so a layout the store would refuse is never made.
 """
@@ -57,9 +57,11 @@ def headroom(chunk_bytes: int, limit: int | None) -> int:
 
 
 def shard_chunk(size: int, chunk_bytes: int, room: int) -> int:
-    """The chunk size of a shard of ``size`` bytes: ``chunk_bytes``, or ``chunk_bytes + room`` when that leaves no
-    last chunk of a few bytes spilled past whole chunks (a shard's header, typically)."""
-    whole = size // chunk_bytes
-    if room and whole and size % chunk_bytes and size <= whole * (chunk_bytes + room):
-        return chunk_bytes + room
-    return chunk_bytes
+    """The chunk size of a shard of ``size`` bytes: ``chunk_bytes``, or, when the shard spills a few bytes (its
+    header, typically) past whole chunks, chunks grown by the fewest whole pages (at most ``room``) that take the
+    spill, so the shard keeps its count of whole chunks and no last part of a few bytes."""
+    whole, spill = divmod(size, chunk_bytes)
+    if not whole or not spill:
+        return chunk_bytes
+    grow = -(-(-(-spill // whole)) // PAGE) * PAGE
+    return chunk_bytes + grow if grow <= room else chunk_bytes

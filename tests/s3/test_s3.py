@@ -82,6 +82,29 @@ def test_single_chunk_shard_is_one_put(s3, bucket, options):
     assert uploads(s3, bucket) == []
 
 
+def test_defaults_make_each_shard_one_put(s3, bucket, options):
+    """Left unset, shard_bytes is one part on S3, and a tensor of whole chunks plus its shard header is one chunk:
+    every shard is a single PUT (no multipart round trips)."""
+    g = torch.Generator().manual_seed(3)
+    state = {f"t{i}": torch.randn(2 * MiB, generator=g) for i in range(4)}  # 8 MiB each: one chunk
+    state["step"] = 7
+
+    async def main():
+        async with asyncckpt.CheckpointEngine(storage_options=options, chunk_bytes=8 * MiB,
+                                              host_memory_budget=128 * MiB) as eng:
+            result = await (await eng.save(state, f"s3://{bucket}/ckpt"))
+            return result, await eng.load(f"s3://{bucket}/ckpt")
+
+    result, out = run(main())
+    assert_same(out, state)
+    doc = manifest(s3, bucket, "ckpt")
+    assert result.shards == len(doc["shards"]) == 4
+    for s in doc["shards"]:
+        assert 8 * MiB < s["nbytes"] <= s["chunk_bytes"] < 8 * MiB + 64 * 1024, s  # grown by a page or so
+        assert "-" not in s3.head_object(Bucket=bucket, Key=f"ckpt/{s['file']}")["ETag"].strip('"'), s
+    assert uploads(s3, bucket) == []
+
+
 def test_concurrent_saves_to_different_prefixes(s3, bucket, options):
     states = [big_state(i) for i in range(3)]
 
