@@ -10,6 +10,7 @@ from .errors import (
     NewerFormatError,
     S3Error,
     StorageError,
+    StorageTimeoutError,
     UnsafeCheckpointError,
 )
 from .format.manifest import GlobalManifest, Manifest
@@ -35,7 +36,8 @@ CheckpointEngine.rank_face = _rank_face
 __all__ = [
     "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
     "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",
-    "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError", "SyncCheckpointManager",
+    "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",
+    "StorageTimeoutError", "SyncCheckpointManager",
     "SyncEngine", "SyncHandle", "UnsafeCheckpointError", "Verification", "__version__", "committed",
     "from_torch_file", "latest", "to_safetensors", "to_torch_file", "verify",
 ]

@@ -25,6 +25,7 @@ from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHA
 from .io.contract import Storage
 from .io.paths import is_local, protocol_of, to_url
 from .io.registry import resolve
+from .io.timed import TimedStorage
 from .load import catalog
 from .load.assemble import assemble
 from .load.apply import apply_in_place
@@ -52,7 +53,8 @@ class EngineCore:
         self.options = options
         self.runtime = Runtime(workers=options.write_concurrency + 4)
         try:
-            self.io: IoRunner = self.runtime.call(IoRunner, self.runtime, options.write_concurrency)
+            self.io: IoRunner = self.runtime.call(IoRunner, self.runtime, options.write_concurrency,
+                                                  options.io_timeout)
         except BaseException:
             self.runtime.close()
             raise
@@ -105,6 +107,8 @@ class EngineCore:
         storage = self._storages.get(key)
         if storage is None:
             storage, _ = resolve(url, options, self.io)
+            if self.options.io_timeout is not None:
+                storage = TimedStorage(storage, self.options.io_timeout)
             self._storages[key] = storage
         fs_path = storage.strip(url)
         return Target(storage, fs_path, url, storage.key(fs_path))

@@ -47,6 +47,8 @@ class EngineBase:
         snapshot: ``"eager"`` (``save`` returns once the state is copied) or ``"deferred"`` (it returns after
             planning; the copy runs while the caller computes, and optimizer steps wait for it).
         overlap_writes: write a save's chunks while its snapshot still copies (durable sooner, blocks longer).
+        io_timeout: seconds one storage operation (a chunk write or read, a listing, the commit) may take; past it
+            the save or load fails with :class:`~asyncckpt.StorageTimeoutError`. None: no limit.
         process_group: (:class:`CheckpointEngine` only) a ``torch.distributed`` group: every rank of it saves and
             loads its part of one checkpoint through ``torch.distributed.checkpoint`` (see docs/distributed.md).
 
@@ -57,12 +59,13 @@ class EngineBase:
     def __init__(self, *, write_concurrency: int = 8, host_memory_budget: int | None = None,
                  shard_bytes: int | None = None, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
                  storage_options: Mapping[str, Any] | None = None, snapshot: str = "eager",
-                 overlap_writes: bool = False, process_group: Any = None) -> None:
+                 overlap_writes: bool = False, io_timeout: float | None = None, process_group: Any = None
+                 ) -> None:
         self.process_group = process_group
         self.options = EngineOptions(write_concurrency=write_concurrency, host_memory_budget=host_memory_budget,
                                      shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, fsync=fsync, verify=verify,
                                      storage_options=storage_options, snapshot=snapshot,
-                                     overlap_writes=overlap_writes)
+                                     overlap_writes=overlap_writes, io_timeout=io_timeout)
         self._core: EngineCore | None = None
         self._ready()
 

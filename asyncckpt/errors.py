@@ -44,6 +44,16 @@ class StorageError(CheckpointError):
         self.operation, self.code, self.attempts = operation, code, attempts
 
 
+class StorageTimeoutError(StorageError):
+    """A storage operation made no progress within the engine's ``io_timeout``: the store is hung or unreachable.
+    ``operation`` and ``path`` say which; the save or load it belonged to failed, committed checkpoints are
+    untouched."""
+
+    def __init__(self, message: str, *, operation: str | None = None, path: str | None = None) -> None:
+        super().__init__(message, operation=operation, code="Timeout")
+        self.path = path
+
+
 class S3Error(StorageError):
     """An S3 request failed for good: a permanent error (credentials, permissions, missing bucket…) or a transient
     one that outlasted the retry policy. ``bucket``, ``key``, ``operation``, ``code`` and ``attempts`` say which."""

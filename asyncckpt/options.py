@@ -52,6 +52,9 @@ class EngineOptions:
         overlap_writes: start writing a save's chunks while its snapshot is still copying. The checkpoint is durable
             sooner, but the copy then shares cores and memory bandwidth with the writes and blocks the caller longer.
             Off by default: writes wait for the copy, unless the copy itself waits for memory that only writes free.
+        io_timeout: seconds one storage operation (a chunk written or read, a listing, a commit) may take before
+            the save or load it belongs to fails with :class:`~asyncckpt.StorageTimeoutError` naming the operation
+            and path; committed checkpoints stay. ``None``: no limit (a hung store or NFS mount blocks forever).
     """
 
     write_concurrency: int = 8
@@ -63,6 +66,7 @@ class EngineOptions:
     storage_options: Mapping[str, Any] | None = field(default=None, hash=False)
     snapshot: str = "eager"
     overlap_writes: bool = False
+    io_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("write_concurrency", "shard_bytes", "chunk_bytes"):
@@ -85,6 +89,11 @@ class EngineOptions:
                 raise InvalidArgumentError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.snapshot not in SNAPSHOT_MODES:
             raise InvalidArgumentError(f"snapshot must be one of {', '.join(SNAPSHOT_MODES)}, not {self.snapshot!r}")
+        if self.io_timeout is not None and (isinstance(self.io_timeout, bool)
+                                            or not isinstance(self.io_timeout, (int, float))
+                                            or not 0 < self.io_timeout < float("inf")):
+            raise InvalidArgumentError(f"io_timeout must be a positive number of seconds or None, not "
+                                       f"{self.io_timeout!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
             raise InvalidArgumentError(f"storage_options must be a dict or None, not {self.storage_options!r}")
 

@@ -63,6 +63,7 @@ class Runtime:
         self.closed = False
         self._exit_callbacks: list[Callable[[], Any]] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
+        self.abandoned: set[concurrent.futures.Future[Any]] = set()  # hung calls given up on, still running
         self._ready = threading.Event()
         self.portal: BlockingPortal | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -157,9 +158,10 @@ class Runtime:
         finally:
             sniffio.thread_local.name = saved
 
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_sync(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
         """Run the blocking ``fn(*args)`` in a worker thread (from the loop). Cancellation waits for a call that has
-        started, since it may still use buffers the caller is about to release."""
+        started, since it may still use buffers the caller is about to release; with ``abandon`` it does not (the
+        call is hung: the caller gives up on it and keeps its buffers away from reuse)."""
         assert self.loop is not None
         done = anyio.Event()
         loop = self.loop
@@ -169,6 +171,10 @@ class Runtime:
             await done.wait()
         except anyio.get_cancelled_exc_class():
             if not future.cancel():
+                if abandon:
+                    self.abandoned.add(future)
+                    future.add_done_callback(self.abandoned.discard)
+                    raise
                 with anyio.CancelScope(shield=True):
                     await done.wait()
             raise
@@ -202,24 +208,33 @@ class Runtime:
             except RuntimeError:  # the loop already ended
                 pass
             self._thread.join()
-        self._executor.shutdown(wait=True)
+        # calls given up on as hung may never return: closing does not wait for them
+        self._executor.shutdown(wait=not self.abandoned, cancel_futures=bool(self.abandoned))
 
 
 class IoRunner:
     """Blocking calls in the runtime's worker threads, at most ``limit`` at once: the engine's I/O concurrency.
 
-    Async stores use :attr:`limiter` directly to bound their requests in flight.
+    Async stores use :attr:`limiter` directly to bound their requests in flight. ``timeout`` is the engine's
+    ``io_timeout``: with one, blocking calls cut short by it are abandoned rather than awaited (they are hung).
     """
 
-    def __init__(self, runtime: Runtime, limit: int) -> None:
+    def __init__(self, runtime: Runtime, limit: int, timeout: float | None = None) -> None:
         self.runtime = runtime
         self.limit = limit
+        self.timeout = timeout
         self.limiter = anyio.CapacityLimiter(limit)
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         async with self.limiter:
-            return await self.runtime.run_sync(fn, *args)
+            return await self.runtime.run_sync(fn, *args, abandon=self.timeout is not None)
 
     async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """A CPU-bound call (hashing, copying) off the loop, not counted against the I/O concurrency."""
         return await self.runtime.run_sync(fn, *args)
+
+    def shielded(self) -> anyio.CancelScope:
+        """A scope for clean-up that must not be cancelled, yet ends after ``timeout`` on a hung store."""
+        if self.timeout is None:
+            return anyio.CancelScope(shield=True)
+        return anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.timeout)

@@ -7,7 +7,6 @@ import errno
 import posixpath
 from typing import IO, Any, Callable, Mapping, TypeVar
 
-import anyio
 import fsspec
 import torch
 
@@ -190,7 +189,7 @@ class FsspecSink:
             raise OSError(errno.EIO, f"the store holds {size} bytes of {self.written} written", self.path)
 
     async def abort(self) -> None:
-        with anyio.CancelScope(shield=True):
+        with self.storage.io.shielded():  # ends after io_timeout on a hung store
             self.parts = []
             try:
                 if self.file is not None:

@@ -21,6 +21,7 @@ import mmap
 import os
 import stat
 import sys
+import threading
 import uuid
 from typing import IO, Any, Callable, Mapping, TypeVar
 
@@ -408,8 +409,25 @@ class LocalSink:
             storage, path, fd, direct_fd, size, fsync)
         self.ops = storage.ops
         self.padded = False  # a direct write ran past the end (whole pages): truncate on commit
+        self._lock = threading.Lock()
+        self._busy = 0  # writes running in worker threads (one given up on as hung may still be)
+        self._aborted = False
 
     def _write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        with self._lock:
+            if self._aborted:
+                raise OSError(errno.ECANCELED, "the shard was aborted", self.path)
+            self._busy += 1
+        try:
+            return self._write_now(offset, data, nbytes)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                close = self._aborted and not self._busy
+            if close:  # the last write of an aborted sink closes its descriptors (see abort)
+                self._close()
+
+    def _write_now(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
         view = as_memoryview(data)
         sig = digest(view[:nbytes])
         direct = self.direct_fd
@@ -448,8 +466,14 @@ class LocalSink:
         self.fd = self.direct_fd = -1
 
     async def abort(self) -> None:
+        # a write given up on as hung (io_timeout) may still run: its descriptors stay open until it returns, so
+        # that their numbers are never reused under it for another file
+        with self._lock:
+            self._aborted = True
+            close = not self._busy
         try:
-            self._close()
+            if close:
+                self._close()
         except OSError:
             pass
         try:

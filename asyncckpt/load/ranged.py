@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import StorageTimeoutError
 from ..format.manifest import ShardRecord
 from ..io.contract import Storage
 from ..memory.buffers import mapped_buffer
@@ -77,8 +78,13 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
         size = shards[i].chunk_bytes
         pooled = size <= pool.budget
         buf = await pool.acquire(size) if pooled else mapped_buffer(size, resident=False)
+        hung = False
         try:
-            sig = await reader.read_into(offset, buf[:nbytes])
+            try:
+                sig = await reader.read_into(offset, buf[:nbytes])
+            except StorageTimeoutError:
+                hung = True  # the read may still land in the buffer later: it never serves again
+                raise
             stats.read += nbytes
             stats.chunks += 1
             if verify and sig != shards[i].xxh3_64[shards[i].chunk_of(offset)]:
@@ -90,7 +96,7 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
             return sig
         finally:
             if pooled:
-                pool.release(buf)
+                pool.retire(buf) if hung else pool.release(buf)
 
     await read_chunks(storage, path, display, tuple(shards), verify, read_chunk, damaged, wanted)
     return stats

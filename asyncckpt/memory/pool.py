@@ -114,10 +114,22 @@ class StagingPool:
 
     def release(self, buf: torch.Tensor) -> None:
         """Return a buffer (on the engine's loop); waiters for memory try again."""
+        self._give_back(buf, keep=True)
+
+    def retire(self, buf: torch.Tensor) -> None:
+        """Return a buffer that must never be handed out again (a read given up on as hung may still fill it):
+        the pool forgets it, and its memory goes when the last reference does."""
+        self._give_back(buf, keep=False)
+
+    def _give_back(self, buf: torch.Tensor, keep: bool) -> None:
         size = buf.numel()
         with self._lock:
             self._in_use -= size
-            self._free[size].append(buf)
+            if keep:
+                self._free[size].append(buf)
+            else:
+                self._allocated -= size
+                self._held[size] -= 1
         changed, self._changed = self._changed, None
         if changed is not None:
             changed.set()

@@ -9,6 +9,8 @@ with a fault.  Faults, chosen per request with probability ``share`` among reque
 * ``"403"``   — ``403 AccessDenied`` (a permanent error, to check that nothing retries it).
 * ``"reset"`` — the connection is reset (RST) after the request arrives, without an answer.
 * ``"truncate"`` — the request is served, but the answer is cut off by a reset halfway through its body.
+* ``"stall"`` — the proxy stops forwarding: it reads no more of the request and never answers, holding the
+  connection open until the proxy stops (a hung endpoint or a black-holed network path).
 
 Runs its own event loop on a daemon thread; counters (``requests``, ``injected``, ``max_inflight`` per method)
 let tests check what happened.
@@ -113,6 +115,9 @@ class FaultProxy:
                     self.part_puts += 1
                     self.crc32_part_puts += "x-amz-checksum-crc32" in headers
                 expects = headers.get("expect", "").lower() == "100-continue"
+                if fault == "stall":
+                    await self._stop_event.wait()
+                    return
                 if fault in _ERRORS:
                     if not expects:  # read the body so the connection stays usable
                         await _read_body(reader, headers)

@@ -100,9 +100,11 @@ class S3Sink:
     async def _ensure_upload(self) -> str:
         async with self._create_lock:
             if self.upload_id is None:
-                # shielded: a cancelled create would leave an upload nobody knows the id of
-                with anyio.CancelScope(shield=True):
+                # shielded: a cancelled create would leave an upload nobody knows the id of (bounded by io_timeout)
+                with self.storage.io.shielded() as scope:
                     resp = await self.storage.request("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+                if scope.cancelled_caught:
+                    raise TimeoutError("create_multipart_upload")
                 self.upload_id = resp["UploadId"]
                 self.storage.active_uploads.add(self.upload_id)
             return self.upload_id
@@ -146,7 +148,7 @@ class S3Sink:
         """Abort the upload (its parts are dropped) and delete the object if it was completed; never raises."""
         quick = RetryPolicy(attempts=min(self.storage.retry.attempts, 4), base_delay=self.storage.retry.base_delay,
                             max_delay=min(self.storage.retry.max_delay, 2.0))
-        with anyio.CancelScope(shield=True):
+        with self.storage.io.shielded():  # ends after io_timeout on a hung store
             if self.upload_id is not None and not self.completed:
                 try:
                     await self.storage.request("abort_multipart_upload", Bucket=self.bucket, Key=self.key,

@@ -1,0 +1,82 @@
+"""``io_timeout`` on local disk: a write, read or listing that hangs (a dead NFS server, a stuck device) fails the
+save or load with a clear error in bounded time; the committed checkpoint stays; nothing hangs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from faultfs import FaultPlan, faulty_os  # noqa: E402
+
+import asyncckpt  # noqa: E402
+from asyncckpt import InvalidArgumentError, StorageTimeoutError  # noqa: E402
+
+OPTS = dict(write_concurrency=2, chunk_bytes=64 << 10, host_memory_budget=4 << 20, io_timeout=1.0)
+LIMIT = 30.0  # seconds any failing call may take here (the timeout is 1 s; a shared machine is slow)
+
+
+def state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(100_000, generator=g), "step": seed}
+
+
+def test_a_hung_write_fails_the_save_and_the_previous_checkpoint_stays(tmp_path):
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=120).add("pwrite", nth=0, action="hang", match="shard-")
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        engine.save(state(1), path).result()
+        with faulty_os(plan):
+            t0 = time.monotonic()
+            with pytest.raises(StorageTimeoutError, match=r"write at byte \d+ of .*ckpt/shard-.*io_timeout=1s") as info:
+                engine.save(state(2), path).result()
+            assert time.monotonic() - t0 < LIMIT
+            assert info.value.operation.startswith("write") and "shard-" in info.value.path
+            assert any(op == "pwrite" for op, _, _ in plan.fired)
+            # the engine stays usable while the hung write is still stuck in its thread, and the old one loads
+            out = engine.load(path)
+            assert torch.equal(out["w"], state(1)["w"]) and out["step"] == 1
+        # the hung thread is let go when the plan ends; the next save commits
+        engine.save(state(3), path).result()
+        assert engine.load(path)["step"] == 3
+    assert asyncckpt.latest(str(tmp_path)) is not None
+
+
+def test_a_hung_read_fails_the_load_in_place(tmp_path):
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=120).add("read", nth=0, action="hang", match="shard-")
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        engine.save(state(1), path).result()
+        target = state(0)
+        with faulty_os(plan):
+            t0 = time.monotonic()
+            with pytest.raises(StorageTimeoutError, match=r"read at byte \d+ of .*shard-"):
+                engine.load(path, state=target)
+            assert time.monotonic() - t0 < LIMIT
+            in_use = engine.core.pool.in_use_bytes
+        assert in_use == 0  # the hung read's buffer is retired (never handed out again), the others returned
+        out = engine.load(path)
+        assert torch.equal(out["w"], state(1)["w"])
+
+
+def test_a_hung_listing_after_the_commit_does_not_hang_the_save(tmp_path):
+    """The sweep after the manifest lists the directory: on a hung listing the save is still committed."""
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=120).add("listdir", nth=0, action="hang", match="ckpt")
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        with faulty_os(plan):
+            t0 = time.monotonic()
+            engine.save(state(1), path).result()
+            assert time.monotonic() - t0 < LIMIT
+            assert any(op == "listdir" for op, _, _ in plan.fired)
+        assert engine.load(path)["step"] == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), "5", True])
+def test_io_timeout_must_be_a_positive_number(bad):
+    with pytest.raises(InvalidArgumentError, match="io_timeout must be a positive number"):
+        asyncckpt.EngineOptions(io_timeout=bad)
