@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,15 +21,17 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """``python -m moto.server`` (an S3 emulator) on a free loopback port; ``stop()`` ends it."""
+    """``python -m moto.server`` (an S3 emulator) on a free loopback port; ``stop()`` ends it. ``env`` adds to its
+    environment (``INITIAL_NO_AUTH_ACTION_COUNT="0"``: it checks credentials, as S3 does)."""
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # its request log goes to a file: a pipe nobody reads fills up (64 KiB) and then blocks the server for good
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=self._log)
+                                     stdout=subprocess.DEVNULL, stderr=self._log,
+                                     env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + timeout
         while True:
             try:

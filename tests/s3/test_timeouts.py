@@ -88,3 +88,53 @@ def test_a_stalled_listing_is_bounded(s3, bucket, options, proxy, proxy_options)
 
     assert run(main()) < LIMIT
     assert "ckpt/manifest.json" in keys(s3, bucket)
+
+
+# ---------------------------------------------------------------- credentials and endpoints fail fast
+
+
+@pytest.fixture(scope="module")
+def checking_moto(_isolated_aws_env):
+    """A second moto server that checks credentials (the suite's own accepts any): unknown keys are refused."""
+    from asyncckpt.testing import MotoServer
+
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield server
+    server.stop()
+
+
+def test_unknown_credentials_fail_fast_with_the_stores_message(checking_moto):
+    opts = dict(checking_moto.options(), retry={"attempts": 8, "base_delay": 0.5, "max_delay": 2.0})
+
+    async def main():
+        async with engine(opts) as eng:
+            with pytest.raises(S3Error, match=r"InvalidAccessKeyId.*check key/secret and endpoint_url.*not retried"
+                               ) as saving:
+                await (await eng.save(state(1), "s3://some-bucket/ckpt"))
+            # a load starts with a HEAD, whose 403 has no body to name the code: the status and the hint are given
+            with pytest.raises(S3Error, match="403.*credentials are not allowed.*not retried") as loading:
+                await eng.load("s3://some-bucket/ckpt")
+            return saving.value, loading.value
+
+    t0 = time.monotonic()
+    saving, loading = run(main())
+    assert time.monotonic() - t0 < 20  # eight attempts with back-off would take longer
+    assert saving.code == "InvalidAccessKeyId" and saving.attempts == 1 and loading.attempts == 1
+
+
+def test_an_unreachable_endpoint_fails_with_the_endpoint_named(bucket):
+    from asyncckpt.testing import free_port
+    from asyncckpt.testing.emulators import KEY, REGION, SECRET
+
+    opts = {"key": KEY, "secret": SECRET, "endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "client_kwargs": {"region_name": REGION}, "retry": {"attempts": 2, "base_delay": 0.05}}
+
+    async def main():
+        async with engine(opts) as eng:
+            with pytest.raises(S3Error, match=rf"s3://{bucket}.*after 2 attempts.*unreachable") as info:
+                await (await eng.save(state(1), f"s3://{bucket}/ckpt"))
+            return info.value
+
+    t0 = time.monotonic()
+    run(main())
+    assert time.monotonic() - t0 < 20
