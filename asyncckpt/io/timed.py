@@ -114,35 +114,43 @@ class TimedStorage(Storage):
             await self.inner.close()
 
 
-class TimedSink:
+class _Bounded:
+    """What a timed sink and a timed reader share: the inner object, its path, the timeout."""
+
+    def __init__(self, inner: Any, path: str, timeout: float) -> None:
+        self.inner, self.path, self.timeout = inner, path, timeout
+
+    def _bounded(self, operation: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        return bounded(self.timeout, operation, self.path, call)
+
+    async def _give_up_after(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Clean-up that never raises: on a hung store it ends after one timeout."""
+        with anyio.move_on_after(self.timeout):
+            await call()
+
+
+class TimedSink(_Bounded):
     """A sink whose writes and commit are bounded; its abort gives up after one timeout (it never raises)."""
 
     def __init__(self, inner: Sink, path: str, timeout: float) -> None:
-        self.inner, self.path, self.timeout = inner, path, timeout
+        super().__init__(inner, path, timeout)
         self.ordered = inner.ordered
 
     async def write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
-        return await bounded(self.timeout, f"write at byte {offset}", self.path,
-                             lambda: self.inner.write(offset, data, nbytes))
+        return await self._bounded(f"write at byte {offset}", lambda: self.inner.write(offset, data, nbytes))
 
     async def commit(self) -> None:
-        await bounded(self.timeout, "commit", self.path, self.inner.commit)
+        await self._bounded("commit", self.inner.commit)
 
     async def abort(self) -> None:
-        with anyio.move_on_after(self.timeout):
-            await self.inner.abort()
+        await self._give_up_after(self.inner.abort)
 
 
-class TimedReader:
+class TimedReader(_Bounded):
     """A reader whose reads are bounded."""
 
-    def __init__(self, inner: Reader, path: str, timeout: float) -> None:
-        self.inner, self.path, self.timeout = inner, path, timeout
-
     async def read_into(self, offset: int, out: torch.Tensor) -> str:
-        return await bounded(self.timeout, f"read at byte {offset}", self.path,
-                             lambda: self.inner.read_into(offset, out))
+        return await self._bounded(f"read at byte {offset}", lambda: self.inner.read_into(offset, out))
 
     async def close(self) -> None:
-        with anyio.move_on_after(self.timeout):
-            await self.inner.close()
+        await self._give_up_after(self.inner.close)
