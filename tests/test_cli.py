@@ -79,7 +79,7 @@ def make_state() -> dict:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "ckpt"
-    with asyncckpt.SyncEngine(shard_bytes=600, chunk_bytes=4096) as engine:
+    with asyncckpt.SyncEngine(shard_bytes=1200, chunk_bytes=4096) as engine:
         engine.save(make_state(), path).result()
     assert len(json.loads((path / "manifest.json").read_text())["shards"]) > 1
     return path

@@ -13,7 +13,7 @@ from asyncckpt.format.parts import NO_RULES, PartRules
 from asyncckpt.snapshot.plan import prepare
 
 KiB = 1 << 10
-CHUNK = 64 * KiB
+CHUNK = 256 * KiB  # the smallest chunk that may grow (by 1/64: one page)
 S3_LIKE = PartRules(min_part=5 * CHUNK, max_part=64 * CHUNK, max_parts=10_000)  # S3's rules, scaled down
 
 

@@ -49,8 +49,9 @@ NO_RULES = PartRules()
 
 
 def headroom(chunk_bytes: int, limit: int | None) -> int:
-    """Bytes a shard's chunks may grow by (1/64 of a chunk, whole pages), never past ``limit`` bytes a chunk."""
-    room = -(-(chunk_bytes // GROWTH) // PAGE) * PAGE
+    """Bytes a shard's chunks may grow by: 1/64 of a chunk in whole pages (none below 256 KiB chunks, where a page
+    is too much), never past ``limit`` bytes a chunk."""
+    room = chunk_bytes // GROWTH // PAGE * PAGE
     if limit is not None:
         room = min(room, limit - chunk_bytes)
     return max(0, room)
