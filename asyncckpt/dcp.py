@@ -431,7 +431,7 @@ def _sub_plan(plan: Plan, shards: list[int]) -> Plan:
     renumber = {k: i for i, k in enumerate(shards)}
     chunks = [Chunk(renumber[c.shard], c.offset, c.nbytes) for c in plan.chunks if c.shard in renumber]
     return Plan(None, [], [], [], [], shard_sizes=[plan.shard_sizes[k] for k in shards], chunks=chunks,
-                chunk_bytes=plan.chunk_bytes)
+                chunk_bytes=plan.chunk_bytes, shard_chunks=[plan.shard_chunks[k] for k in shards])
 
 
 # ---------------------------------------------------------------- the global manifest
@@ -656,8 +656,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         shared = [i for i, (_, t) in enumerate(leaves) if _replicated(t)]
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total = sum(locals_[i][1].nbytes for i in shared)
-        size = min(self.options.shard_bytes, max(self.options.chunk_bytes, -(-total // (4 * world))))
-        plan, index = prepare_items(locals_, [], self.options.shard_bytes, self.options.chunk_bytes,
+        size = min(self.options.file_shard_bytes, max(self.options.chunk_bytes, -(-total // (4 * world))))
+        plan, index = prepare_items(locals_, [], self.options.file_shard_bytes, self.options.chunk_bytes,
                                     [(shared, size)] if shared else None)
         if plan.total_bytes > core.pool.budget:
             raise CheckpointError(
@@ -773,8 +773,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 whole_items = [i for i, (item, _) in enumerate(rest) if item.type == WriteItemType.TENSOR]
                 plan, index = prepare_items([(item.index.fqn, t) for item, t in rest],
                                             [(item.index.fqn, data) for item, data in objects],
-                                            self.options.shard_bytes, self.options.chunk_bytes,
-                                            [(whole_items, self.options.shard_bytes)] if whole_items else None)
+                                            self.options.file_shard_bytes, self.options.chunk_bytes,
+                                            [(whole_items, self.options.file_shard_bytes)] if whole_items else None)
                 names = [shard_name(info.save_id, len(files) + k, info.rank) for k in range(len(plan.shard_sizes))]
                 files += names
                 jobs.append(engine.submit(plan, target.display, ShardJob, storage_options=self.storage_options,

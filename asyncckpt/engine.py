@@ -27,7 +27,6 @@ from .snapshot.incremental import Base
 from .snapshot.plan import Plan, prepare, prepare_copy
 
 MiB = 1 << 20
-DEFAULT_SHARD_BYTES = 512 * MiB  # shard_bytes=None before a target is known (local disk's choice)
 
 
 class EngineBase:
@@ -99,7 +98,7 @@ class EngineBase:
         chunk = self.options.chunk_bytes
         shard = self.options.shard_bytes
         if storage is None:
-            return shard or DEFAULT_SHARD_BYTES, chunk, {"chunk_limit": self.core.pool.budget}
+            return self.options.file_shard_bytes, chunk, {"chunk_limit": self.core.pool.budget}
         shard = shard or storage.default_shard_bytes(chunk)
         return shard, chunk, {"rules": storage.part_rules, "chunk_limit": self.core.pool.budget}
 

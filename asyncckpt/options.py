@@ -98,6 +98,11 @@ class EngineOptions:
             raise InvalidArgumentError(f"storage_options must be a dict or None, not {self.storage_options!r}")
 
     @property
+    def file_shard_bytes(self) -> int:
+        """``shard_bytes``, or the default for filesystems (512 MiB) when it is left to the target."""
+        return 512 * MiB if self.shard_bytes is None else self.shard_bytes
+
+    @property
     def budget(self) -> int:
         """The staging budget in bytes, the default resolved."""
         return default_budget() if self.host_memory_budget is None else self.host_memory_budget
