@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Generator
+import logging
+from typing import Any, Callable, Generator
 
 import anyio
 
 from ..concurrency import Runtime
 from ..errors import CheckpointError
+
+log = logging.getLogger("asyncckpt")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class SaveHandle:
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
         self.observed = False  # the error reached a caller (through this handle, wait(), save() or close)
+        self._callbacks: list[Callable[["SaveHandle"], Any]] | None = []
+        self._callbacks_lock = threading.Lock()
 
     def done(self) -> bool:
         """Whether the save has finished, committed or failed."""
@@ -96,6 +101,23 @@ class SaveHandle:
         """Wait on the engine's loop (for work ordered after this save)."""
         await self._settled_on_loop.wait()
 
+    def add_done_callback(self, fn: Callable[["SaveHandle"], Any]) -> None:
+        """Call ``fn(handle)`` once the save has finished, committed or failed (at once if it has): for bookkeeping
+        that must follow every outcome, such as telling other processes that a path has landed. It runs on the
+        engine's loop thread, so it must be short and never block; what it raises is logged, not propagated, and it
+        does not count as observing the save's error."""
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def _call(self, fn: Callable[["SaveHandle"], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("a done callback of the save to %s failed", self.path)
+
     def snapshot_done(self) -> bool:
         """Whether the snapshot is over: the state's bytes are copied (or the save failed), so the caller may change
         any tensor. Always true once an eager ``save`` has returned."""
@@ -121,5 +143,9 @@ class SaveHandle:
         """Record the outcome (on the engine's loop, exactly once) and wake every waiter."""
         self._result, self._error = result, error
         self.mark_snapshotted()
-        self._settled.set()
+        with self._callbacks_lock:
+            self._settled.set()
+            callbacks, self._callbacks = self._callbacks or [], None
         self._settled_on_loop.set()
+        for fn in callbacks:
+            self._call(fn)
