@@ -134,6 +134,18 @@ class StagingPool:
         if changed is not None:
             changed.set()
 
+    def give_away(self, buf: torch.Tensor) -> None:
+        """Stop counting an in-use buffer (on the engine's loop): someone else keeps it, so it is never handed out
+        again; its memory goes back to the system when the last reference to it is dropped. Waiters try again."""
+        size = buf.numel()
+        with self._lock:
+            self._in_use -= size
+            self._allocated -= size
+            self._held[size] -= 1
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
     def reserve(self, sizes: list[int]) -> None:
         """Hold one buffer per entry of ``sizes`` (as far as the budget allows) before a save starts.
 

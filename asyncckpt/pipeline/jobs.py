@@ -9,8 +9,11 @@ deleted, no manifest is written, and the error is kept on the handle for the cal
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,9 @@ from ..snapshot.plan import Chunk, Plan
 from .committer import Committer
 from .handles import SaveHandle, SaveResult
 from .writer import ShardWriter
+
+log = logging.getLogger("asyncckpt")
+_warned_kept = False
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,12 @@ class SaveJob(ShardJob):
 
 
 class CallJob(Job):
-    """Hands a point-in-time copy of the state to a foreign serializer running in a worker thread."""
+    """Hands a point-in-time copy of the state to a foreign serializer running in a worker thread.
+
+    The copy's tensors are views of staging buffers that the next save reuses. A serializer that keeps any of them
+    after it returns (an in-memory store, a queue for a later upload) would see the next save's values, so such
+    buffers are given away to it instead of going back to the pool: it keeps exactly the values it was handed.
+    """
 
     owns_buffers_until_finish = True
 
@@ -302,22 +313,51 @@ class CallJob(Job):
     def keep(self, chunk: Chunk, buf: torch.Tensor) -> None:
         self.buffers[chunk.shard] = buf
 
+    def _call(self) -> set[int]:
+        """Run the serializer on the copy (in a worker thread); the buffers it still references afterwards."""
+        made: list[tuple[torch.Tensor, int]] = []
+        copy = self.plan.rebuild(self.buffers, made)  # type: ignore[arg-type]
+        refs = [(weakref.ref(t), shard) for t, shard in made]
+        del made
+        try:
+            self.fn(copy)  # if it raises, its traceback may hold the copy: finish() then reuses none of it
+        finally:
+            del copy
+        kept = {shard for ref, shard in refs if ref() is not None}
+        if kept:  # perhaps only garbage in a reference cycle
+            gc.collect()
+            kept = {shard for ref, shard in refs if ref() is not None}
+        return kept
+
     async def finish(self) -> SaveResult:
         if self.previous is not None:
             await self.previous.handle.settled()
+        kept: set[int] | None = None
         try:
-            copy = self.plan.rebuild(self.buffers)  # type: ignore[arg-type]
-            await self.runtime.run_sync(self.fn, copy)
+            kept = await self.runtime.run_sync(self._call)
         finally:
-            self._release()
+            self._release(set(range(len(self.buffers))) if kept is None else kept, warn=kept is not None)
         return SaveResult(self.display, self.plan.total_bytes, self.snapshot_seconds, self.write_seconds(), 0,
                           len(self.plan.tensors))
 
     async def abort(self) -> None:
-        self._release()
+        self._release(set())
 
-    def _release(self) -> None:
+    def _release(self, kept: set[int], warn: bool = False) -> None:
+        global _warned_kept
+        given = 0
         for i, buf in enumerate(self.buffers):
-            if buf is not None:
+            if buf is None:
+                continue
+            if i in kept:
+                self.pool.give_away(buf)
+                given += buf.numel()
+            else:
                 self.pool.release(buf)
-                self.buffers[i] = None
+            self.buffers[i] = None
+        if given and warn:
+            report = log.debug if _warned_kept else log.warning
+            _warned_kept = True
+            report("the serializer of %s kept tensors of the copy it was handed after it returned: their %d bytes "
+                   "of staging memory are now its own (outside host_memory_budget) and are not reused",
+                   self.display, given)

@@ -166,11 +166,12 @@ class Plan:
         if self.stream is not None:
             devices.fence(self.stream)
 
-    def rebuild(self, buffers: list[torch.Tensor]) -> Any:
+    def rebuild(self, buffers: list[torch.Tensor], made: list[tuple[torch.Tensor, int]] | None = None) -> Any:
         """The copied state, its tensors aliasing ``buffers`` (one per bin of a copy plan).
 
         Each tensor (or each group of overlapping views, which share in the original too) gets a storage of its own
-        over its bytes (:func:`alias`), so serializers see exactly the sharing the original state had.
+        over its bytes (:func:`alias`), so serializers see exactly the sharing the original state had. ``made``
+        receives each tensor built with the index of the buffer holding its bytes.
         """
         def own(e: Entry) -> torch.Tensor:
             return alias(buffers[e.shard][e.offset:e.offset + e.nbytes])
@@ -185,6 +186,10 @@ class Plan:
                 view = view_tensor(r, None if info.entry is None else own(info.entry),
                                    None if info.view is None else bases[info.view[0]])
                 built[i] = finish_tensor(r, view)
+                if made is not None:
+                    entry = info.entry if info.view is None else self.storages[info.view[0]]
+                    if entry is not None:
+                        made.append((built[i], entry.shard))
             return built[i]
 
         return decode(self.tree, tensor, self.values.__getitem__)
