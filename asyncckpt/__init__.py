@@ -3,6 +3,7 @@
 from .catalog import committed, latest
 from .engine import CheckpointEngine
 from .errors import (
+    BudgetExceededError,
     CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -34,7 +35,7 @@ def _rank_face(options: EngineOptions, process_group: object) -> object:
 CheckpointEngine.rank_face = _rank_face
 
 __all__ = [
-    "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
+    "BudgetExceededError", "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion", "CorruptCheckpointError",
     "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",
     "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",
     "StorageTimeoutError", "SyncCheckpointManager",

@@ -19,7 +19,7 @@ import anyio
 import torch
 
 from .concurrency import IoRunner, Runtime
-from .errors import CheckpointError, InvalidArgumentError
+from .errors import BudgetExceededError, CheckpointError, InvalidArgumentError
 from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, AnyManifest, GlobalManifest,
                               Manifest, is_temporary, parse)
 from .io.contract import Storage
@@ -209,10 +209,10 @@ class EngineCore:
 
     def check_fits(self, plan: Plan) -> None:
         if plan.total_bytes > self.pool.budget:
-            raise CheckpointError(
+            raise BudgetExceededError(
                 f"the state needs {plan.total_bytes} bytes of staging memory at once to be handed to another "
                 f"serializer, more than host_memory_budget ({self.pool.budget}); raise the budget or use the native "
-                "format, which streams through any budget")
+                "format, which streams through any budget", needed=plan.total_bytes, budget=self.pool.budget)
 
     def _in_flight(self, key: str) -> set[str]:
         with self._lock:

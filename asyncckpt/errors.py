@@ -34,6 +34,15 @@ class UnsafeCheckpointError(CheckpointError):
     """Loading needs full unpickling, which can run code; refused unless ``weights_only=False`` is given."""
 
 
+class BudgetExceededError(CheckpointError):
+    """The state must be in staging memory whole at once (it is handed to another serializer, such as a Lightning
+    base ``CheckpointIO``) and needs more than ``host_memory_budget``: ``needed`` and ``budget`` say by how much."""
+
+    def __init__(self, message: str, *, needed: int = 0, budget: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.budget = needed, budget
+
+
 class StorageError(CheckpointError):
     """A storage operation failed for good. ``operation`` and ``code`` (the store's own error code, when it gave
     one) say which; ``attempts`` says how often it was tried."""
