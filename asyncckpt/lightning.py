@@ -12,18 +12,27 @@ Importing this module imports no Lightning package.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
+import stat
 import sys
 import threading
+import time
 import types
+import warnings
 from typing import Any, Optional
+
+from .io.paths import is_local, local_path, to_url
 
 __all__ = ["AsyncCheckpointIO", "NativeCheckpointIO", "is_native_checkpoint", "read_checkpoint",  # noqa: F822
            "load_from_checkpoint", "pl"]
+
+log = logging.getLogger("asyncckpt")
 
 _PLUGINS = ("AsyncCheckpointIO", "NativeCheckpointIO")
 _FLAVOURS = {  # distribution -> (trainer package, fabric package)
@@ -51,23 +60,236 @@ def _accepts(fn: Any, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _is_torch_io(base: Any) -> bool:
+    """Whether ``base`` is Lightning's TorchCheckpointIO (XLA's included) of an installed package: it writes one
+    file at the path, replacing whatever is there at once (fsspec transaction)."""
+    for _, fabric in _FLAVOURS.values():
+        io = sys.modules.get(fabric + ".plugins.io")
+        if io is not None and isinstance(base, io.TorchCheckpointIO):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- calls into foreign bases
+
+# Base CheckpointIOs are not known to be thread-safe, and Lightning's share state through fsspec's cached
+# filesystems (two overlapping ``_atomic_save`` calls share one transaction and break each other, locally and on
+# object stores): every call into a base, of any plugin in this process, runs under this lock.
+_base_calls = threading.RLock()
+
+
+def _fresh_base_lock() -> None:
+    """In a forked child: the parent's lock may have been held by a thread that does not exist here."""
+    global _base_calls
+    _base_calls = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_base_lock)
+
+
+# ---------------------------------------------------------------- pending saves, across plugins and ranks
+
+def _path_key(path: Any) -> str:
+    """One spelling per location: absolute for local paths, the URL otherwise."""
+    url = to_url(path)
+    return local_path(url) if is_local(url) else url
+
+
+def _rank_store() -> Any:
+    """The store of torch.distributed's default process group when several ranks run, else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+class _Landings:
+    """Saves issued through the plugins of this process and not landed yet, counted by path.
+
+    A load or removal waits here, so it also waits for a save issued through another plugin (a Trainer's manual
+    save, then a new Trainer that resumes from it). With several ranks the counts are kept in the process group's
+    store as well, so a load on any rank waits for the save of that path on the rank that writes it (Lightning
+    saves on global rank 0 and loads on every rank): no collective call, so a load on one rank alone never hangs.
+    """
+
+    poll = (0.002, 0.1)  # first and longest pause between two looks at the store
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's saves in flight
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._count: dict[str, int] = {}
+
+    @staticmethod
+    def _keys(key: str) -> tuple[str, str]:
+        return f"asyncckpt/saves/{key}/issued", f"asyncckpt/saves/{key}/landed"
+
+    def issued(self, key: str, handle: Any) -> None:
+        """Count a save of ``key``, until ``handle`` settles (whatever its outcome)."""
+        store = _rank_store()
+        if store is not None:
+            store.add(self._keys(key)[0], 1)
+        cond = self._cond
+        with cond:
+            self._count[key] = self._count.get(key, 0) + 1
+
+        def landed(_: Any) -> None:
+            if self._cond is cond:  # not a forked child's copy
+                with cond:
+                    left = self._count.get(key, 1) - 1
+                    if left:
+                        self._count[key] = left
+                    else:
+                        self._count.pop(key, None)
+                    cond.notify_all()
+            if store is not None:
+                try:
+                    store.add(self._keys(key)[1], 1)
+                except Exception as exc:  # the process group is gone: no rank can be waiting any more
+                    log.debug("could not record the landing of %s in the process group's store: %s", key, exc)
+
+        handle.add_done_callback(landed)
+
+    def wait_here(self, key: str) -> None:
+        """Until no save of ``key`` issued in this process is pending."""
+        with self._cond:
+            while self._count.get(key):
+                self._cond.wait()
+
+    def wait(self, key: str) -> None:
+        """Until no save of ``key`` issued in this process, or on another rank before now, is pending."""
+        self.wait_here(key)
+        store = _rank_store()
+        if store is None:
+            return
+        issued_key, landed_key = self._keys(key)
+        issued = store.add(issued_key, 0)
+        pause, deadline = self.poll[0], time.monotonic() + _rank_timeout()
+        while store.add(landed_key, 0) < issued:
+            if time.monotonic() > deadline:
+                from .errors import CheckpointError
+
+                raise CheckpointError(f"a save of {key} issued on another rank has not landed after "
+                                      f"{_rank_timeout():.0f} s; is that rank still running?")
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll[1])
+
+
+def _rank_timeout() -> float:
+    """How long a load waits for another rank's save: the process group's own default timeout."""
+    from torch.distributed import constants
+
+    return constants.default_pg_timeout.total_seconds()
+
+
+_landings = _Landings()
+
+
+def _settle_paths(path: Any) -> list[str]:
+    """The keys a load of ``path`` waits for: the path and, for a local symlink, what it points to."""
+    key = _path_key(path)
+    keys = [key]
+    if is_local(to_url(path)) and os.path.islink(key):
+        keys.append(os.path.realpath(key))
+    return keys
+
+
+# ---------------------------------------------------------------- reserving a path at save time
+
+class _Reservation:
+    """An empty file (or, for the native format, an empty directory) made at the path when a save is issued, so
+    that the path exists at once: ``ModelCheckpoint(save_last="link")`` can link to it and its existence checks
+    (``-v1`` versions) see it. The save replaces it; if it is still there, empty, when the save settles (the save
+    failed, or the base wrote elsewhere), it is removed."""
+
+    def __init__(self, path: str, directory: bool) -> None:
+        self.path, self.directory = path, directory
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if directory:
+            os.mkdir(path)
+            st = os.stat(path)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        self._id = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def make(cls, path: Any, directory: bool) -> Optional["_Reservation"]:
+        """A reservation of the local ``path`` if nothing is there (a link counts), else None."""
+        url = to_url(path)
+        if not is_local(url):
+            return None
+        try:
+            return cls(local_path(url), directory)
+        except FileExistsError:
+            return None
+
+    def release(self, *_: Any) -> None:
+        """Remove the placeholder if it is still ours and empty (on the engine's loop: quick, never raises)."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) != self._id:
+                return  # replaced by the save
+            if self.directory:
+                os.rmdir(self.path)  # refuses a non-empty one
+            elif st.st_size == 0:
+                os.remove(self.path)
+        except OSError:
+            pass
+
+
+def _placeholder(path: Any) -> bool:
+    """Whether ``path`` is an empty local file, as a reservation whose save never finished leaves it."""
+    url = to_url(path)
+    if not is_local(url):
+        return False
+    try:
+        st = os.stat(local_path(url))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _local_link(path: Any) -> Optional[str]:
+    url = to_url(path)
+    if is_local(url) and os.path.islink(local_path(url)):
+        return local_path(url)
+    return None
+
+
 class _AsyncCheckpointIOImpl:
     """Asynchronous ``CheckpointIO``: the base ``CheckpointIO`` writes a point-in-time copy in the engine's pipeline.
 
     ``save_checkpoint`` returns once the engine has copied the checkpoint into reused host staging buffers (on the
-    calling thread, where device-to-host copies belong); saves beyond ``host_memory_budget`` wait.  Removing or
-    loading a path first waits for its pending save, and each background failure is raised once, by the next call.
+    calling thread, where device-to-host copies belong); saves beyond ``host_memory_budget`` or beyond
+    ``max_pending_saves`` wait. Removing or loading a path first waits for its pending saves, those of every plugin
+    in the process and, under torch.distributed, those of the other ranks; each background failure is raised once,
+    by the next call.
 
     Args:
         base: the ``CheckpointIO`` that writes, loads and removes (alias ``checkpoint_io=``, as in Lightning);
             ``None``: the strategy installs its default.
         engine: a ``SyncEngine`` to share; waited for at ``teardown``, never closed.
+        max_pending_saves: saves in flight at once; the next one waits for the oldest (each holds a full copy of
+            the checkpoint in staging memory). ``None``: only ``host_memory_budget`` bounds them.
+        reserve: make the path exist as soon as a save is issued (an empty file, replaced by the save), so
+            ``save_last="link"`` and ``ModelCheckpoint``'s existence checks see pending saves. Default: for
+            Lightning's TorchCheckpointIO, which replaces a file at once; other bases may write a directory there.
         **engine_options: options for the engine this plugin creates (``host_memory_budget``, ...).
     """
 
     _flavour = "lightning"
+    _directories = False  # what a reservation makes: this plugin's checkpoints are files
 
-    def __init__(self, base: Any = None, *, checkpoint_io: Any = None, engine: Any = None, **engine_options: Any):
+    def __init__(self, base: Any = None, *, checkpoint_io: Any = None, engine: Any = None,
+                 max_pending_saves: Optional[int] = 2, reserve: Optional[bool] = None, **engine_options: Any):
         if base is not None and checkpoint_io is not None:
             raise TypeError("pass the base CheckpointIO once, as `base` or as `checkpoint_io`")
         if engine is not None and engine_options:
@@ -76,16 +298,23 @@ class _AsyncCheckpointIOImpl:
         if isinstance(base, _AsyncCheckpointIOImpl):
             raise ValueError(f"{type(base).__name__} is already asynchronous and cannot be the base of "
                              f"{type(self).__name__}; pass it to the Trainer directly")
+        if max_pending_saves is not None and (not isinstance(max_pending_saves, int) or max_pending_saves < 1):
+            from .errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"max_pending_saves must be a positive int or None, not {max_pending_saves!r}")
         from .options import EngineOptions
 
         EngineOptions.from_kwargs(engine_options)  # bad options fail here, not at the first save mid-training
         self._checkpoint_io = base
         self._base_checkpoint_io_configured = base is not None and getattr(base, "_base_checkpoint_io_configured", True)
         self._engine, self._owns_engine, self._engine_options = engine, engine is None, engine_options
+        self._max_pending, self._reserve = max_pending_saves, reserve
+        self._in_flight: collections.deque[Any] = collections.deque()
+        self._warned_budget = False
 
     def __getstate__(self) -> dict[str, Any]:
         """ddp_spawn pickles the plugin: the copy starts its own engine."""
-        return {**self.__dict__, "_engine": None, "_owns_engine": True}
+        return {**self.__dict__, "_engine": None, "_owns_engine": True, "_in_flight": collections.deque()}
 
     @property
     def checkpoint_io(self) -> Any:
@@ -101,6 +330,11 @@ class _AsyncCheckpointIOImpl:
             self._base_checkpoint_io_configured = True
             self._checkpoint_io.checkpoint_io = io
 
+    @property
+    def requires_cpu_collectives(self) -> bool:
+        """Newer Lightning asks whether the process group needs a CPU backend: no, ranks meet through its store."""
+        return False
+
     def _base(self) -> Any:
         if self._checkpoint_io is None:  # no strategy installed one (XLA's, or use outside a Trainer)
             self.checkpoint_io = _default_base(self._flavour)
@@ -115,32 +349,104 @@ class _AsyncCheckpointIOImpl:
             self._engine = SyncEngine(**self._engine_options)
         return self._engine
 
-    def _settle(self, path: Any) -> None:
-        """Let pending saves of ``path`` land (the base is about to touch it), then raise any unseen failure."""
+    def _settle(self, path: Any, ranks: bool = False) -> None:
+        """Let pending saves of ``path`` land (the base is about to touch it) — this plugin's, the process's, and
+        with ``ranks`` the other ranks' — then raise any unseen failure."""
+        for key in _settle_paths(path):
+            (_landings.wait if ranks else _landings.wait_here)(key)
         if self._engine is not None:
             self._engine.wait_for(path)
             self._engine.check()
 
+    def _make_room(self) -> None:
+        """Wait until fewer than ``max_pending_saves`` saves are in flight; a failure of the one waited for is
+        raised here (it was not seen yet)."""
+        while self._in_flight and self._in_flight[0].done():
+            self._in_flight.popleft()
+        while self._max_pending is not None and len(self._in_flight) >= self._max_pending:
+            handle = self._in_flight.popleft()
+            seen = handle.observed
+            try:
+                handle.result()
+            except Exception:
+                if not seen:
+                    raise
+
+    def _reserves(self, base: Any) -> bool:
+        return _is_torch_io(base) if self._reserve is None else self._reserve
+
+    def _issued(self, path: Any, handle: Any, reservation: Optional[_Reservation]) -> None:
+        if reservation is not None:
+            handle.add_done_callback(reservation.release)
+        _landings.issued(_path_key(path), handle)
+        self._in_flight.append(handle)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        from .errors import BudgetExceededError
+
         base = self._base()
+        self._make_room()
 
         def write(copy: Any) -> None:  # runs in the pipeline, on the engine's point-in-time copy
-            base.save_checkpoint(copy, path, storage_options=storage_options)
+            with _base_calls:
+                base.save_checkpoint(copy, path, storage_options=storage_options)
 
-        self.engine.save_with(checkpoint, write, path)
+        reservation = _Reservation.make(path, False) if self._reserves(base) else None
+        try:
+            handle = self.engine.save_with(checkpoint, write, path)
+        except BudgetExceededError as exc:
+            try:
+                self._save_now(base, checkpoint, path, storage_options, exc)
+            finally:
+                if reservation is not None:
+                    reservation.release()
+            return
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        self._issued(path, handle, reservation)
+
+    def _save_now(self, base: Any, checkpoint: dict[str, Any], path: Any, storage_options: Any,
+                  exc: Any) -> None:
+        """A checkpoint too large for the staging budget: written synchronously, as Lightning's plugins would."""
+        message = (f"{path}: the checkpoint needs {exc.needed} bytes of staging memory at once, more than "
+                   f"host_memory_budget ({exc.budget}); it is saved synchronously. Raise host_memory_budget, or use "
+                   "NativeCheckpointIO (it streams through any budget), to keep such saves asynchronous")
+        if not self._warned_budget:
+            warnings.warn(message, UserWarning, stacklevel=3)
+            self._warned_budget = True
+        log.info("%s", message)
+        self._settle(path)  # after the saves of this path already pending, so it is the one that stays
+        with _base_calls:
+            base.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def remove_checkpoint(self, path: Any) -> None:
+        """Remove the checkpoint at ``path`` once its pending saves have landed; a symlink (``save_last="link"``)
+        is removed itself, never what it points to."""
         self._settle(path)
-        self._base().remove_checkpoint(path)
+        link = _local_link(path)
+        if link is not None:
+            os.remove(link)
+            return
+        with _base_calls:
+            self._base().remove_checkpoint(path)
 
     def load_checkpoint(self, path: Any, *args: Any, state: Any = None, **kwargs: Any) -> Any:
         """Lightning 2.6's ``(path, map_location, weights_only)`` or the newer form with ``state=``; a base that
         cannot restore in place gets no ``state`` and returns the whole checkpoint (all of it still to apply)."""
-        self._settle(path)
+        self._settle(path, ranks=True)
+        if _placeholder(path):
+            from .errors import IncompleteCheckpointError
+
+            raise IncompleteCheckpointError(
+                f"{path} is an empty file: the save that reserved it never finished (the process ended first); "
+                "load another checkpoint, and delete it")
         base = self._base()
         if state is not None and _accepts(base.load_checkpoint, "state"):
             kwargs["state"] = state
-        return base.load_checkpoint(path, *args, **kwargs)
+        with _base_calls:
+            return base.load_checkpoint(path, *args, **kwargs)
 
     def wait(self) -> None:
         """Block until every pending save has landed; raise the first failure not reported yet."""
@@ -152,6 +458,7 @@ class _AsyncCheckpointIOImpl:
         engine = self._engine
         if self._owns_engine:
             self._engine = None
+        self._in_flight.clear()
         try:
             if engine is not None:
                 (engine.close if self._owns_engine else engine.wait)()
@@ -166,30 +473,51 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
     before switching) still load and get removed through the base, so a run can resume from them.  It is of
     Lightning's wrapping kind only so that every strategy, XLA's included, accepts it and installs that base.
 
-    Args: as :class:`AsyncCheckpointIO` (``storage_options=`` for remote paths goes to the engine).
+    Args: as :class:`AsyncCheckpointIO` (``storage_options=`` for remote paths goes to the engine). Saves stream
+    through the staging budget, so ``max_pending_saves`` defaults to ``None``; a local path is reserved (an empty
+    directory) unless ``reserve=False``.
     """
 
     requires_state_on_load = False  # newer Lightning: it loads without `state` too (the whole dict)
+    _directories = True
+
+    def __init__(self, base: Any = None, *, max_pending_saves: Optional[int] = None, **kwargs: Any):
+        super().__init__(base, max_pending_saves=max_pending_saves, **kwargs)
+
+    def _reserves(self, base: Any) -> bool:
+        return self._reserve is not False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        from .io.paths import is_local, local_path, to_url
-
         url = to_url(path)
         if is_local(url) and os.path.isfile(local_path(url)):
             os.remove(local_path(url))  # replaces a single file of that name, as torch.save would
-        self.engine.save(checkpoint, path, storage_options=storage_options)
+        self._make_room()
+        reservation = _Reservation.make(path, True) if self._reserves(None) else None
+        try:
+            handle = self.engine.save(checkpoint, path, storage_options=storage_options)
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        self._issued(path, handle, reservation)
 
-    def _kind(self, path: Any) -> Optional[str]:
+    def _kind(self, path: Any, ranks: bool = False) -> Optional[str]:
         from .tools.convert import kind_of
 
-        self._settle(path)
+        self._settle(path, ranks)
         core = self.engine.core
         return self.engine.run(kind_of, core, core.target(path, None))
 
     def remove_checkpoint(self, path: Any) -> None:
+        link = _local_link(path)
+        if link is not None:
+            self._settle(path)
+            os.remove(link)  # the link, not the checkpoint it points to
+            return
         kind = self._kind(path)
         if kind == "file":
-            self._base().remove_checkpoint(path)
+            with _base_calls:
+                self._base().remove_checkpoint(path)
         elif kind is not None:
             self.engine.remove(path)
 
@@ -197,7 +525,7 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
                         state: Any = None, **kwargs: Any) -> Any:
         """The checkpoint dict, or with ``state`` (restored in place) what was not applied; tensors on the CPU
         unless ``map_location`` says otherwise, as with TorchCheckpointIO."""
-        kind = self._kind(path)
+        kind = self._kind(path, ranks=True)
         if kind is None:
             raise FileNotFoundError(f"Checkpoint not found: {path}")
         if kind == "file":

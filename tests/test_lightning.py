@@ -289,11 +289,16 @@ class RecordingEngine:
         self.calls = []
 
     class Done:
+        observed = False
+
         def done(self):
             return True
 
         def result(self):
             return None
+
+        def add_done_callback(self, fn):
+            fn(self)
 
     def save_with(self, state, fn, path):
         self.calls.append(("save_with", threading.get_ident(), state, path))
@@ -304,6 +309,12 @@ class RecordingEngine:
         return self.Done()
 
     def wait(self):
+        pass
+
+    def wait_for(self, path):
+        pass
+
+    def check(self):
         pass
 
 
