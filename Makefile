@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-main test-xla soak bench docs clean
+.PHONY: venv demo test test-main test-xla test-lightning-lane soak bench docs clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test-main: $(STAMP)
 
 test-xla:
 	bash scripts/xla-lane.sh
+
+# Lightning's own checkpointing tests (cloned at the installed Lightning's tag) with our plugin injected
+test-lightning-lane: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,lightning-lane]'
+	PYTHON=$(PY) bash scripts/lightning-lane.sh
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak tests
