@@ -268,8 +268,9 @@ class CheckpointEngine(EngineBase):
     async def save_with(self, state: Any, fn: Callable[[Any], Any], path: Any) -> SaveHandle:
         """Snapshot ``state`` now, then call ``fn(copy)`` in a worker thread, ordered as a save of ``path``.
 
-        ``copy`` has the state's structure with tensors on the host (views of staging memory, valid until ``fn``
-        returns). This is how a foreign serializer, such as a Lightning ``CheckpointIO``, runs in the pipeline.
+        ``copy`` has the state's structure with tensors on the host (views of staging memory). This is how a foreign
+        serializer, such as a Lightning ``CheckpointIO``, runs in the pipeline. If ``fn`` keeps tensors of ``copy``
+        after it returns, their buffers become its own and are not reused, so it keeps the values it was handed.
         """
         core = self.core
         core.raise_unobserved()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-import logging
 from typing import Any, Callable, Generator
 
 import anyio

@@ -32,7 +32,7 @@ from .handles import SaveHandle, SaveResult
 from .writer import ShardWriter
 
 log = logging.getLogger("asyncckpt")
-_warned_kept = False
+_warned_kept: "weakref.WeakSet[StagingPool]" = weakref.WeakSet()  # engines (by pool) told once that fn keeps tensors
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,6 @@ class CallJob(Job):
         self._release(set())
 
     def _release(self, kept: set[int], warn: bool = False) -> None:
-        global _warned_kept
         given = 0
         for i, buf in enumerate(self.buffers):
             if buf is None:
@@ -356,8 +355,8 @@ class CallJob(Job):
                 self.pool.release(buf)
             self.buffers[i] = None
         if given and warn:
-            report = log.debug if _warned_kept else log.warning
-            _warned_kept = True
+            report = log.debug if self.pool in _warned_kept else log.warning
+            _warned_kept.add(self.pool)
             report("the serializer of %s kept tensors of the copy it was handed after it returned: their %d bytes "
                    "of staging memory are now its own (outside host_memory_budget) and are not reused",
                    self.display, given)
