@@ -111,6 +111,7 @@ def exit_runs(root, runs: int) -> dict:
     return tally
 
 
+@pytest.mark.timeout(1200)
 def test_resume_then_save_runs_exit_cleanly(tmp_path):
     """Before the fix 3 of 10 such runs aborted (64 MiB model); the 60-run tally is the soak test's."""
     tally = exit_runs(tmp_path, 10)
@@ -121,6 +122,7 @@ def test_resume_then_save_runs_exit_cleanly(tmp_path):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_resume_then_save_runs_exit_cleanly_soak(tmp_path):
     tally = exit_runs(tmp_path, 60)
     print(f"\n{tally['runs']} resume-then-save runs: {tally['aborts']} aborts, {len(tally['failures'])} failures")
