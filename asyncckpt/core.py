@@ -381,8 +381,9 @@ class EngineCore:
             self.runtime.close()
 
     def dropped(self, face: str) -> None:
-        """The face was garbage-collected without being closed: say so, and let pending saves finish."""
-        if self._closed:
+        """The face was garbage-collected without being closed: say so, and let pending saves finish. In a forked
+        child nothing here is ours (its locks may be held by threads that stayed in the parent)."""
+        if self._closed or self.runtime.forked:
             return
         paths = self.pending_paths()
         if paths:

@@ -173,7 +173,10 @@ class CheckpointEngine(EngineBase):
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Finish pending saves (or, when cancelled, abort them) and report the first unobserved failure; an
-        exception from the body propagates as itself."""
+        exception from the body propagates as itself. In a forked child it does nothing: the engine is the
+        parent's."""
+        if self._core is not None and self._core.runtime.forked:
+            return
         core = self.core
         cancelled = exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class())
         ranks_error: BaseException | None = None

@@ -293,9 +293,12 @@ class LocalStorage(Storage):
 
     async def size(self, path: str) -> int | None:
         try:
-            return (await self.io(self.ops.stat, path)).st_size
+            st = await self.io(self.ops.stat, path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a FIFO or device: its size means nothing
+            raise CheckpointError(f"{path} is not a regular file; asyncckpt reads only regular files")
+        return st.st_size
 
     async def list(self, path: str) -> list[str]:
         try:

@@ -17,9 +17,9 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
     """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest snapshot first.
 
     ``known`` gives manifests the caller read before (by name): those are not read again, so a caller that lists
-    after every save pays for the new entries only. Entries without a valid manifest (saves that crashed or are still running, hidden directories, foreign data,
-    unreadable or special files) are skipped, and logged at DEBUG: they are never mistaken for a checkpoint and
-    never stop the listing.
+    after every save pays for the new entries only. Entries without a valid manifest are skipped and never stop the
+    listing: no manifest (a save that crashed or is still running, foreign data) is logged at DEBUG; a manifest that
+    is there but unusable (damaged, special file, symlink, oversized, unreadable) at WARNING.
     """
     found = []
     for name in await storage.list(directory):
@@ -32,8 +32,11 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
         try:
             raw = await storage.read_bytes(storage.join(directory, name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
             manifest = parse(raw, storage.join(directory, name))
-        except (OSError, CheckpointError, MemoryError) as exc:
-            log.debug("skipping %s: %s", storage.join(directory, name), exc)
+        except FileNotFoundError:  # a save still running or crashed, or foreign data: nothing to say
+            log.debug("skipping %s: no %s", storage.join(directory, name), MANIFEST_NAME)
+            continue
+        except (OSError, CheckpointError, MemoryError) as exc:  # a manifest is there but unusable: worth a look
+            log.warning("skipping %s: %s", storage.join(directory, name), exc)
             continue
         found.append((manifest.created_ns, name, manifest))
     found.sort(key=lambda x: (x[0], x[1]))
