@@ -110,3 +110,15 @@ def test_600_shard_checkpoint_loads_under_a_1024_file_ulimit(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "c").glob("*.safetensors"))) >= 600
     assert done.stdout.split()[-1] == "600"
+
+
+def test_save_fsyncs_every_directory_it_created_up_to_the_first_that_existed(tmp_path: Path) -> None:
+    """Item 16: ``runs/exp1/step-100`` with ``runs`` new: the parents of every new entry are fsynced, down from
+    ``tmp_path`` (the first that existed), so a power cut cannot drop the whole checkpoint."""
+    target = tmp_path / "runs" / "exp1" / "step-100"
+    plan = FaultPlan()
+    with faulty_os(plan), asyncckpt.SyncEngine() as engine:
+        engine.save({"a": torch.ones(4)}, target).result()
+    synced = {os.path.abspath(p) for op, p in plan.log if op == "fsync_dir"}
+    for d in (tmp_path, tmp_path / "runs", tmp_path / "runs" / "exp1"):
+        assert str(d) in synced, f"{d} was not fsynced; fsynced: {sorted(synced)}"
