@@ -44,6 +44,7 @@ async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[S
 
 
 ReadChunk = Callable[[Reader, int, int, int], Awaitable[str]]
+OPEN_SHARDS = 64  # shards open at once in one load (up to two descriptors each): far below a 1024-file ulimit
 
 
 async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...], verify: bool,
@@ -52,18 +53,21 @@ async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[S
     """Read every chunk of every shard (or, with ``wanted``, the chunk indices it lists per shard) concurrently
     through ``read_chunk(reader, shard, offset, nbytes)``, which returns the chunk's digest; a digest that differs
     from the manifest's is a CorruptCheckpointError."""
+    open_shards = anyio.CapacityLimiter(OPEN_SHARDS)  # a 600-shard checkpoint must not need 1200 descriptors
+
     async def read_shard(i: int) -> None:
         s = shards[i]
         chunks = [c for c in s.chunks() if wanted is None or c[0] in wanted[i]]
         if not chunks:
             return
-        reader = await storage.open_reader(shard_path(storage, path, s))
-        try:
-            async with anyio.create_task_group() as tg:
-                for k, offset, nbytes in chunks:
-                    tg.start_soon(one_chunk, reader, i, k, offset, nbytes)
-        finally:
-            await reader.close()
+        async with open_shards:
+            reader = await storage.open_reader(shard_path(storage, path, s))
+            try:
+                async with anyio.create_task_group() as tg:
+                    for k, offset, nbytes in chunks:
+                        tg.start_soon(one_chunk, reader, i, k, offset, nbytes)
+            finally:
+                await reader.close()
 
     async def one_chunk(reader: Reader, i: int, k: int, offset: int, nbytes: int) -> None:
         s = shards[i]

@@ -1,0 +1,124 @@
+"""Issue 18, items 12–18: loads bounded by the checkpoint's size, durability fallbacks and the small edges
+(docs/reliability.md, "Round 2 — bounds and durability")."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from faultfs import FaultPlan, faulty_os  # noqa: E402
+
+import asyncckpt  # noqa: E402
+from asyncckpt import CheckpointError, InvalidArgumentError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Colour(str, enum.Enum):
+    RED = "red"
+
+
+def test_pickled_sparse_tensor_loads_in_time_proportional_to_its_size(tmp_path: Path) -> None:
+    """Item 12: a ~1.5 MiB pickled value (a sparse tensor) is unpickled in place, not converted byte by byte."""
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.sparse_coo_tensor(torch.randint(0, 1000, (2, 65536), generator=g), torch.randn(65536, generator=g),
+                                     (1000, 1000), check_invariants=True)
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"sp": sparse}, tmp_path / "c")
+        start = time.monotonic()
+        out = engine.load(tmp_path / "c")
+        took = time.monotonic() - start
+    assert torch.equal(out["sp"].to_dense(), sparse.to_dense())
+    assert took < 1.0, f"loading a 1.5 MiB pickled value took {took:.2f} s"
+
+
+def test_o_direct_write_refused_with_einval_falls_back_to_buffered(tmp_path: Path) -> None:
+    """Item 17: a filesystem that opens O_DIRECT but refuses the write (EINVAL) gets a buffered write instead."""
+    state = {"w": torch.arange(1 << 18, dtype=torch.float32)}
+    plan = FaultPlan().add("pwrite", 1, "error", errno=errno.EINVAL)
+    with faulty_os(plan), asyncckpt.SyncEngine() as engine:
+        engine.save(state, tmp_path / "c")
+        out = engine.load(tmp_path / "c")
+    assert plan.fired and plan.fired[0][0] == "pwrite"
+    assert torch.equal(out["w"], state["w"])
+
+
+def test_str_enum_round_trips(tmp_path: Path) -> None:
+    """Item 18: a ``str`` Enum member loads as the member, not as a plain ``str``."""
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"c": Colour.RED}, tmp_path / "c")
+        out = engine.load(tmp_path / "c", weights_only=False)
+    assert out["c"] is Colour.RED
+
+
+def test_bytes_path_is_a_clear_invalid_argument(tmp_path: Path) -> None:
+    """Item 18: a ``bytes`` path is refused with InvalidArgumentError naming the way out, not a raw TypeError."""
+    with asyncckpt.SyncEngine() as engine, pytest.raises(InvalidArgumentError, match="os.fsdecode"):
+        engine.save({"a": torch.ones(2)}, str(tmp_path / "c").encode())
+    assert not (tmp_path / "c").exists()
+
+
+def test_very_deep_state_is_a_checkpoint_error_from_save(tmp_path: Path) -> None:
+    """Item 18: a state nested past the loader's limit raises CheckpointError at save, not RecursionError."""
+    deep: dict = {}
+    cur = deep
+    for _ in range(5000):
+        cur["k"] = {}
+        cur = cur["k"]
+    with asyncckpt.SyncEngine() as engine, pytest.raises(CheckpointError, match="deeper than 256"):
+        engine.save(deep, tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()
+
+
+def test_remove_with_a_directory_named_like_a_shard_is_a_clear_error(tmp_path: Path) -> None:
+    """Item 18: ``remove()`` meeting a directory where a shard should be raises CheckpointError, not IsADirectoryError."""
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"a": torch.ones(4)}, tmp_path / "c").result()
+        shard = next(p for p in (tmp_path / "c").iterdir() if p.suffix == ".safetensors")
+        shard.unlink()
+        shard.mkdir()
+        with pytest.raises(CheckpointError) as info:
+            engine.remove(tmp_path / "c")
+    assert shard.name in str(info.value)
+
+
+def test_600_shard_checkpoint_loads_under_a_1024_file_ulimit(tmp_path: Path) -> None:
+    """Item 15: a load keeps a bounded number of shards open, so 600 shards load under ``ulimit -n 1024``."""
+    script = textwrap.dedent("""
+        import resource, sys, torch, asyncckpt
+        path = sys.argv[1]
+        state = {f"t{i}": torch.full((1024,), float(i)) for i in range(600)}
+        with asyncckpt.SyncEngine(shard_bytes=4096) as engine:
+            engine.save(state, path).result()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+        with asyncckpt.SyncEngine() as engine:
+            out = engine.load(path)
+        print(sum(torch.equal(out[k], v) for k, v in state.items()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) >= 600
+    assert done.stdout.split()[-1] == "600"
+
+
+def test_save_fsyncs_every_directory_it_created_up_to_the_first_that_existed(tmp_path: Path) -> None:
+    """Item 16: ``runs/exp1/step-100`` with ``runs`` new: the parents of every new entry are fsynced, down from
+    ``tmp_path`` (the first that existed), so a power cut cannot drop the whole checkpoint."""
+    target = tmp_path / "runs" / "exp1" / "step-100"
+    plan = FaultPlan()
+    with faulty_os(plan), asyncckpt.SyncEngine() as engine:
+        engine.save({"a": torch.ones(4)}, target).result()
+    synced = {os.path.abspath(p) for op, p in plan.log if op == "fsync_dir"}
+    for d in (tmp_path, tmp_path / "runs", tmp_path / "runs" / "exp1"):
+        assert str(d) in synced, f"{d} was not fsynced; fsynced: {sorted(synced)}"
