@@ -294,9 +294,13 @@ class EngineCore:
 
     async def remove(self, target: Target) -> None:
         """*(loop)* Delete the checkpoint at ``target`` after its pending saves: manifest first, so it never
-        half-loads; files that are not ours (and the directory holding them) stay."""
+        half-loads; files that are not ours (and the directory holding them) stay. A symbolic link is removed
+        itself, never what it points to (a dangling one too)."""
         await self.after_pending(target)
         storage, path, display = target.storage, target.path, target.display
+        if await storage.remove_link(path):
+            await storage.sync_dir(storage.split(path)[0])
+            return
         kind = await storage.kind(path)
         if kind is None:
             return

@@ -326,7 +326,7 @@ class CheckpointEngine(EngineBase):
 
     async def remove(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Delete the checkpoint at ``path`` (after any pending save of it): manifest first, so it never
-        half-loads."""
+        half-loads. If ``path`` is a symbolic link, only the link goes."""
         core = self.core
         await core.runtime.call_async(core.remove, await core.target_async(path, storage_options))
 

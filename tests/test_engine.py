@@ -439,3 +439,37 @@ async def test_first_save_reserves_every_buffer_so_later_saves_allocate_nothing(
             await engine.save(state, tmp_path / f"c{i}")
         await engine.wait()
         assert engine.staging.allocated_bytes <= 4 * MiB
+
+
+def test_removing_a_symlink_removes_the_link_and_never_its_target(tmp_path) -> None:
+    """remove(link) used to delete the linked checkpoint's manifest and shards, then fail on the link."""
+    state = {"w": torch.arange(6.0), "step": 3}
+    with asyncckpt.SyncEngine() as engine:
+        engine.save(state, tmp_path / "real").result()
+        before = sorted(os.listdir(tmp_path / "real"))
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        engine.remove(tmp_path / "link")
+        assert not os.path.lexists(tmp_path / "link")
+        assert sorted(os.listdir(tmp_path / "real")) == before
+        assert_same(engine.load(tmp_path / "real"), state)
+        (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+        engine.remove(tmp_path / "dangling")
+        assert not os.path.lexists(tmp_path / "dangling")
+        engine.remove(tmp_path / "real")
+        assert not (tmp_path / "real").exists()
+
+
+@pytest.mark.parametrize("raw", [b'{"name": "someone else\'s index"}', b"not json at all"])
+def test_save_refuses_a_directory_whose_manifest_is_not_ours(tmp_path, raw: bytes) -> None:
+    """save used to overwrite a foreign manifest.json silently (remove() refused the same directory)."""
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_bytes(raw)
+    (tmp_path / "foreign" / "data.bin").write_bytes(b"precious")
+    with asyncckpt.SyncEngine() as engine:
+        with pytest.raises(CheckpointError, match="refusing to save into .*foreign.*manifest.json"):
+            engine.save({"w": torch.ones(3)}, tmp_path / "foreign").result()
+        engine.save({"w": torch.ones(3)}, tmp_path / "ours").result()
+        engine.save({"w": torch.zeros(3)}, tmp_path / "ours").result()  # our own checkpoint is overwritten
+        assert torch.equal(engine.load(tmp_path / "ours")["w"], torch.zeros(3))
+    assert (tmp_path / "foreign" / "manifest.json").read_bytes() == raw
+    assert sorted(os.listdir(tmp_path / "foreign")) == ["data.bin", "manifest.json"]

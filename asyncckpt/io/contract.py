@@ -158,6 +158,11 @@ class Storage(abc.ABC):
         """Remove ``path`` if it is an empty directory and clean up what interrupted writes left there (open
         multipart uploads); never deletes files."""
 
+    async def remove_link(self, path: str) -> bool:
+        """Delete ``path`` if it is a symbolic link (never what it points to) and say whether it was; stores
+        without links have none."""
+        return False
+
     async def sync_dir(self, path: str) -> None:
         """Make the directory entry changes under ``path`` durable (local disk)."""
 

@@ -339,6 +339,18 @@ class LocalStorage(Storage):
         except IsADirectoryError:
             raise CheckpointError(f"{path} is a directory where a file was expected; it was left alone") from None
 
+    async def remove_link(self, path: str) -> bool:
+        return await self.io(self._unlink_link, path)
+
+    def _unlink_link(self, path: str) -> bool:
+        try:
+            if not stat.S_ISLNK(os.lstat(path.rstrip("/") or "/").st_mode):
+                return False
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        self.ops.unlink(path.rstrip("/"))
+        return True
+
     async def remove_dir(self, path: str) -> None:
         try:
             await self.io(self.ops.rmdir, path)

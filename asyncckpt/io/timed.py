@@ -106,6 +106,9 @@ class TimedStorage(Storage):
     async def remove_dir(self, path: str) -> None:
         await self._bounded("directory removal", path, lambda: self.inner.remove_dir(path))
 
+    async def remove_link(self, path: str) -> bool:
+        return await self._bounded("link removal", path, lambda: self.inner.remove_link(path))
+
     async def sync_dir(self, path: str) -> None:
         await self._bounded("directory sync", path, lambda: self.inner.sync_dir(path))
 

@@ -22,8 +22,8 @@ import anyio
 import torch
 
 from ..concurrency import Runtime
-from ..errors import CheckpointError, restate
-from ..format.manifest import Manifest, ShardRecord, shard_name
+from ..errors import CheckpointError, NewerFormatError, restate
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardRecord, parse, shard_name
 from ..io.contract import Storage
 from ..memory.pool import StagingPool
 from ..snapshot.plan import Chunk, Plan
@@ -277,6 +277,27 @@ class SaveJob(ShardJob):
         self.metadata = metadata
         self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
         self.committer = Committer(self.storage, self.path, fsync)
+
+    async def start(self) -> None:
+        """Refuse a directory whose ``manifest.json`` is not an asyncckpt manifest (``remove`` refuses it too):
+        committing would overwrite data that is not ours."""
+        try:
+            raw = await self.storage.read_bytes(self.storage.join(self.path, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raw = None
+        except CheckpointError as exc:  # a special file, a link, an oversized file
+            raise CheckpointError(f"refusing to save into {self.display}: {exc}; save to another path") from None
+        if raw is not None:
+            try:
+                parse(raw, self.display)
+            except NewerFormatError:
+                pass  # ours, from a newer release
+            except CheckpointError:
+                raise CheckpointError(
+                    f"refusing to save into {self.display}: its {MANIFEST_NAME} is not a readable asyncckpt "
+                    "manifest (foreign or damaged data would be overwritten); save to another path, or delete it "
+                    "yourself if it is not needed") from None
+        await super().start()
 
     async def finish(self) -> SaveResult:
         await super().finish()  # every shard is durable
