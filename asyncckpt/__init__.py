@@ -5,6 +5,7 @@ from .engine import CheckpointEngine
 from .errors import (
     BudgetExceededError,
     CheckpointError,
+    CheckpointReplacedError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidArgumentError,
@@ -35,8 +36,8 @@ def _rank_face(options: EngineOptions, process_group: object) -> object:
 CheckpointEngine.rank_face = _rank_face
 
 __all__ = [
-    "BudgetExceededError", "CheckpointEngine", "CheckpointError", "CheckpointManager", "Conversion",
-    "CorruptCheckpointError",
+    "BudgetExceededError", "CheckpointEngine", "CheckpointError", "CheckpointManager", "CheckpointReplacedError",
+    "Conversion", "CorruptCheckpointError",
     "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",
     "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",
     "StorageTimeoutError", "SyncCheckpointManager",

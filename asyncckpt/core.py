@@ -19,7 +19,7 @@ import anyio
 import torch
 
 from .concurrency import IoRunner, Runtime
-from .errors import BudgetExceededError, CheckpointError, InvalidArgumentError
+from .errors import BudgetExceededError, CheckpointError, CheckpointReplacedError, InvalidArgumentError
 from .format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, REF_PREFIX, SHARD_RE, AnyManifest, GlobalManifest,
                               Manifest, is_temporary, parse)
 from .io.contract import Storage
@@ -44,6 +44,9 @@ from .snapshot.incremental import Base, VersionMemo
 from .snapshot.plan import Plan, PlanCache
 
 log = logging.getLogger("asyncckpt")
+
+#: how many times a load starts over when another process replaced the checkpoint while it was being read
+REPLACED_RETRIES = 3
 
 
 class EngineCore:
@@ -272,16 +275,36 @@ class EngineCore:
         await self.after_pending(target)
         verify = self.options.verify if verify is None else verify
         storage, path, display = target.storage, target.path, target.display
-        try:
+        for attempt in range(REPLACED_RETRIES + 1):
             found = await read_manifest(storage, path, display)
-            if isinstance(found, GlobalManifest):  # written by many ranks: every tensor assembled whole
-                manifest, buffers = assemble(found, await read_shards(storage, path, display, found, verify))
-                return manifest, shard_span(buffers)
-            if state is not None and all(s.chunk_bytes <= self.pool.budget for s in found.shards):
-                return found, await read_into_state(storage, path, display, found, verify, self.pool, state)
-            return found, shard_span(await read_shards(storage, path, display, found, verify))
-        except OSError as exc:
-            raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
+            try:
+                return await self._read_records(storage, path, display, found, state, verify)
+            except (OSError, CheckpointError) as exc:
+                # Another process may have committed a newer save and swept the shards this one was reading: then
+                # nothing here is damaged, and reading again gets the newer checkpoint.
+                try:
+                    now = await read_manifest(storage, path, display)
+                except CheckpointError:
+                    now = found
+                if now.save_id == found.save_id:
+                    if isinstance(exc, OSError):
+                        raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
+                    raise
+                if attempt == REPLACED_RETRIES:
+                    raise CheckpointReplacedError(
+                        f"{display} was replaced by newer saves {REPLACED_RETRIES + 1} times while it was being "
+                        "read (another process keeps overwriting it); load again, or load after its writer is "
+                        "done") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_records(self, storage: Storage, path: str, display: str, found: AnyManifest, state: Any,
+                            verify: bool) -> tuple[Manifest, Span]:
+        if isinstance(found, GlobalManifest):  # written by many ranks: every tensor assembled whole
+            manifest, buffers = assemble(found, await read_shards(storage, path, display, found, verify))
+            return manifest, shard_span(buffers)
+        if state is not None and all(s.chunk_bytes <= self.pool.budget for s in found.shards):
+            return found, await read_into_state(storage, path, display, found, verify, self.pool, state)
+        return found, shard_span(await read_shards(storage, path, display, found, verify))
 
     @staticmethod
     def build(manifest: Manifest, span: Span, target: Target, state: Any, map_location: MapLocation, strict: bool,

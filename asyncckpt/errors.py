@@ -26,6 +26,11 @@ class NewerFormatError(CheckpointError):
     upgrade asyncckpt to load it. Nothing is wrong with the checkpoint."""
 
 
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was replaced by a newer save of the same path while it was being read (another process
+    overwrote it); the data read was not used. Load again: the next attempt reads the newer checkpoint."""
+
+
 class IncompleteCheckpointError(CheckpointError):
     """No committed checkpoint exists at the path: its save never finished (crash, failure, still running)."""
 

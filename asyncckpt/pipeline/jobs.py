@@ -281,11 +281,13 @@ class SaveJob(ShardJob):
     async def start(self) -> None:
         """Refuse a directory whose ``manifest.json`` is not an asyncckpt manifest (``remove`` refuses it too):
         committing would overwrite data that is not ours."""
+        manifest = self.storage.join(self.path, MANIFEST_NAME)
         try:
-            raw = await self.storage.read_bytes(self.storage.join(self.path, MANIFEST_NAME), MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            raw = None
-        if raw is not None:
+            there = await self.storage.size(manifest) is not None
+        except Exception:  # the store's own error (no bucket, no access) comes, unchanged, from the first write
+            there = False
+        if there:
+            raw = await self.storage.read_bytes(manifest, MAX_MANIFEST_BYTES)
             try:
                 parse(raw, self.display)
             except NewerFormatError:
