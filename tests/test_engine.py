@@ -473,3 +473,32 @@ def test_save_refuses_a_directory_whose_manifest_is_not_ours(tmp_path, raw: byte
         assert torch.equal(engine.load(tmp_path / "ours")["w"], torch.zeros(3))
     assert (tmp_path / "foreign" / "manifest.json").read_bytes() == raw
     assert sorted(os.listdir(tmp_path / "foreign")) == ["data.bin", "manifest.json"]
+
+
+def test_two_saves_through_a_symlink_alias_of_one_directory_are_ordered(tmp_path) -> None:
+    """Per-path ordering keys on the real location: saves to ``a/c`` and ``alias/c`` (alias -> a) commit in order,
+    and the checkpoint is the second one, whole."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "a")
+    first = {f"t{i}": torch.full((512, 1024), 1.0) for i in range(16)}
+    second = {f"t{i}": torch.full((512, 1024), 2.0) for i in range(16)}
+    with asyncckpt.SyncEngine(shard_bytes=4 << 20, chunk_bytes=1 << 20) as engine:
+        h1 = engine.save(first, tmp_path / "a" / "c")
+        h2 = engine.save(second, tmp_path / "alias" / "c")
+        h1.result(), h2.result()
+        assert_same(engine.load(tmp_path / "a" / "c"), second)
+        assert asyncckpt.verify(tmp_path / "a" / "c").problems == []
+
+
+@pytest.mark.parametrize("keys", [["__metadata__", "w"], ["__metadata__", "__metadata__#1"], ["a.b", "a/b", "a b"]])
+def test_entry_names_stay_legal_safetensors_whatever_the_keys(tmp_path, keys) -> None:
+    """A key named like the safetensors header or colliding once sanitised still gives valid shards."""
+    state = {k: torch.arange(4.0) + i for i, k in enumerate(keys)}
+    with asyncckpt.SyncEngine() as engine:
+        engine.save(state, tmp_path / "c").result()
+        assert_same(engine.load(tmp_path / "c"), state)
+    assert asyncckpt.verify(tmp_path / "c").problems == []
+    for shard in (tmp_path / "c").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())
+        assert len(names) == len(set(names)) and "__metadata__" not in names
