@@ -276,7 +276,10 @@ class EngineCore:
         verify = self.options.verify if verify is None else verify
         storage, path, display = target.storage, target.path, target.display
         for attempt in range(REPLACED_RETRIES + 1):
-            found = await read_manifest(storage, path, display)
+            try:
+                found = await read_manifest(storage, path, display)
+            except OSError as exc:
+                raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
             try:
                 return await self._read_records(storage, path, display, found, state, verify)
             except (OSError, CheckpointError) as exc:
@@ -284,7 +287,7 @@ class EngineCore:
                 # nothing here is damaged, and reading again gets the newer checkpoint.
                 try:
                     now = await read_manifest(storage, path, display)
-                except CheckpointError:
+                except (CheckpointError, OSError):
                     now = found
                 if now.save_id == found.save_id:
                     if isinstance(exc, OSError):
