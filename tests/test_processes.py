@@ -284,10 +284,12 @@ def test_a_dropped_sync_engine_finishes_its_save_and_says_so(tmp_path: Path) -> 
 
 WRITER = """
 import os, sys, torch, asyncckpt
+import time
 path, stop = sys.argv[1:]
+parent, end = os.getppid(), time.monotonic() + 90   # never outlive the test's child, nor run unbounded
 with asyncckpt.SyncEngine(fsync=False, shard_bytes=1 << 20, chunk_bytes=1 << 20) as engine:
     i = 0
-    while not os.path.exists(stop):
+    while not os.path.exists(stop) and os.getppid() == parent and time.monotonic() < end:
         i += 1
         engine.save({f"t{k}": torch.full((64, 1024), float(i)) for k in range(12)}, path).result()
 """
