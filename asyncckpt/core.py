@@ -275,11 +275,12 @@ class EngineCore:
         await self.after_pending(target)
         verify = self.options.verify if verify is None else verify
         storage, path, display = target.storage, target.path, target.display
-        for attempt in range(REPLACED_RETRIES + 1):
-            try:
-                found = await read_manifest(storage, path, display)
-            except OSError as exc:
-                raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
+        try:
+            found = await read_manifest(storage, path, display)
+        except OSError as exc:
+            raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
+        replaced = 0
+        while True:
             try:
                 return await self._read_records(storage, path, display, found, state, verify)
             except (OSError, CheckpointError) as exc:
@@ -293,12 +294,12 @@ class EngineCore:
                     if isinstance(exc, OSError):
                         raise CheckpointError(f"cannot load {display}: {describe(exc)}") from exc
                     raise
-                if attempt == REPLACED_RETRIES:
+                replaced += 1
+                if replaced > REPLACED_RETRIES:
                     raise CheckpointReplacedError(
-                        f"{display} was replaced by newer saves {REPLACED_RETRIES + 1} times while it was being "
-                        "read (another process keeps overwriting it); load again, or load after its writer is "
-                        "done") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+                        f"{display} was replaced by newer saves {replaced} times while it was being read (another "
+                        "process keeps overwriting it); load again, or load after its writer is done") from None
+                found = now
 
     async def _read_records(self, storage: Storage, path: str, display: str, found: AnyManifest, state: Any,
                             verify: bool) -> tuple[Manifest, Span]:
