@@ -387,6 +387,16 @@ def _sealed(doc: dict[str, Any], raw: bytes) -> bool:
         return False
 
 
+def looks_sealed(raw: bytes) -> bool:
+    """Whether ``raw`` carries our format tag and an intact checksum, without parsing it: a cheap "this manifest is
+    ours and undamaged" for callers that only need to know whose file it is (parsing a large one takes tens of ms)."""
+    tail = f',"{DIGEST}":"'.encode()
+    at = raw.rfind(tail)
+    if not raw.startswith(f'{{"format":"{FORMAT}",'.encode()) or at < 0 or len(raw) != at + len(tail) + 18:
+        return False
+    return raw[at + len(tail):-2] == xxhash.xxh3_64_hexdigest(raw[:at] + b"}").encode() and raw.endswith(b'"}')
+
+
 def parse(raw: bytes, where: str) -> AnyManifest:
     """Parse and validate manifest bytes read from ``where``; raise CorruptCheckpointError on any lie."""
     try:

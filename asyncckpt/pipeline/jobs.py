@@ -23,7 +23,8 @@ import torch
 
 from ..concurrency import Runtime
 from ..errors import CheckpointError, NewerFormatError, restate
-from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardRecord, parse, shard_name
+from ..format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardRecord, looks_sealed, parse,
+                               shard_name)
 from ..io.contract import Storage
 from ..memory.pool import StagingPool
 from ..snapshot.plan import Chunk, Plan
@@ -288,6 +289,8 @@ class SaveJob(ShardJob):
             there = False
         if there:
             raw = await self.storage.read_bytes(manifest, MAX_MANIFEST_BYTES)
+            if looks_sealed(raw):  # ours and intact (the usual overwrite): no full parse on the save's path
+                return await super().start()
             try:
                 parse(raw, self.display)
             except NewerFormatError:
