@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import xxhash
 
 
 def digest(data: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def digest_pieces(pieces: Iterable[memoryview | bytes]) -> str:
+    """The digest of the pieces' concatenation, read one piece at a time."""
+    h = xxhash.xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return h.hexdigest()

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from ..format.checksum import digest
+from ..format.checksum import digest_pieces
 from ..format.manifest import Manifest, ShardRecord, Span, TensorRecord
 from ..format.tree import Ref, leaves, structure
 from ..memory.buffers import as_memoryview
+from .strided import pieces
 
 
 @dataclass
@@ -79,8 +80,5 @@ class VersionMemo:
 
 def bytes_digest(src: torch.Tensor, typed: torch.Tensor | None) -> str:
     """xxh3-64 of a tensor's row-major bytes: ``src`` (its uint8 view) or ``typed`` when it is not contiguous; a
-    tensor on a device is read back to the host first."""
-    data = src if typed is None else typed.contiguous().reshape(-1).view(torch.uint8)
-    if data.device.type != "cpu":
-        data = data.cpu()
-    return digest(as_memoryview(data))
+    non-contiguous or device tensor is read in bounded pieces (never a whole second copy)."""
+    return digest_pieces(as_memoryview(p) for p in pieces(src if typed is None else typed))

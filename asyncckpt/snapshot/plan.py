@@ -22,6 +22,7 @@ from ..format.tree import decode
 from ..memory.buffers import alias
 from . import devices, xla
 from .incremental import Base, VersionMemo, bytes_digest
+from .strided import copy_range
 from .walk import Walker, walk_state
 
 
@@ -40,30 +41,28 @@ class Entry:
     offset: int = 0  # file offset (shard layout) or buffer offset (bin layout)
     source: torch.Tensor | None = None  # the caller's tensor, whose version counter a deferred copy checks
     version: int = 0  # its ``_version`` when the save was called
-    _contig: torch.Tensor | None = None
+    transient: bool = False  # bytes captured at call time (a pickle): dropped once copied into staging
 
     @property
     def span(self) -> Span:
         return Span(self.shard, self.offset, self.nbytes)
 
-    def reset(self) -> None:
-        """Forget the temporary contiguous copy of the last save (the tensor's values have changed since)."""
-        self._contig = None
-
     def changed(self) -> bool:
         """Whether the caller's tensor was modified in place since :meth:`Plan.stamp`."""
         return self.source is not None and self.source._version != self.version
+
+    def copied(self, end: int) -> None:
+        """Note that bytes up to ``end`` are in staging: a pickle's bytes are let go after their last piece, so a
+        save holds each pickled value only until it is staged, not until the save ends (or the plan is reused)."""
+        if self.transient and end == self.nbytes:
+            self.src = torch.empty(0, dtype=torch.uint8)
 
     def copy_into(self, dest: torch.Tensor, start: int, end: int, non_blocking: bool) -> None:
         """Copy bytes ``[start, end)`` of this entry's contiguous image into ``dest`` (a uint8 view)."""
         if self.typed is None:
             dest.copy_(self.src[start:end], non_blocking=non_blocking)
-        elif start == 0 and end == self.nbytes:
-            dest.view(self.typed.dtype).view(self.typed.shape).copy_(self.typed, non_blocking=non_blocking)
-        else:  # a non-contiguous tensor split across chunks: one temporary contiguous copy, kept for its pieces
-            if self._contig is None:
-                self._contig = self.typed.contiguous().reshape(-1).view(torch.uint8)
-            dest.copy_(self._contig[start:end], non_blocking=non_blocking)
+        else:  # read in place: a contiguous copy would hold the whole tensor again, outside the budget
+            copy_range(dest, self.typed, start, end, non_blocking)
 
 
 @dataclass
@@ -136,12 +135,14 @@ class Plan:
         if self.stream is None:
             for entry, start, end, at in chunk.pieces:
                 entry.copy_into(buf[at:at + end - start], start, end, False)
+                entry.copied(end)
             return None
         with torch.cuda.stream(self.stream):
             for entry, start, end, at in chunk.pieces:
                 if entry.src.is_cuda:  # keep the caching allocator from reusing the source before we copied it
                     entry.src.record_stream(self.stream)
                 entry.copy_into(buf[at:at + end - start], start, end, True)
+                entry.copied(end)
             return devices.record(self.stream)
 
     def stamp(self) -> None:
@@ -268,7 +269,8 @@ def _object_entries(walker: Walker) -> list[tuple[str, str, Entry]]:
     out = []
     for obj, path, type_name in walker.objects:
         data = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else torch.empty(0, dtype=torch.uint8)
-        out.append((type_name, path, Entry(f"__object__.{path or '<root>'}", len(obj), 1, data, st_shape=(len(obj),))))
+        out.append((type_name, path, Entry(f"__object__.{path or '<root>'}", len(obj), 1, data, st_shape=(len(obj),),
+                                           transient=True)))
     return out
 
 
@@ -450,8 +452,6 @@ class PlanCache:
         if plan is not None and key is not None and key == self._key:
             for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
                 entry.src = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else entry.src
-            for entry in plan.entries:
-                entry.reset()
             if plan.stream is not None:
                 plan.stream.wait_stream(torch.cuda.current_stream())
             self.reused += 1

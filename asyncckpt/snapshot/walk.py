@@ -74,7 +74,7 @@ class Walker:
                 raise CheckpointError(
                     f"cannot save the {type_name} at {path or '<root>'}: it is not picklable ({exc}); convert it to "
                     "plain data or a tensor first") from exc
-            self.objects.append((bytearray(buf.getbuffer()), path, type_name))
+            self.objects.append((buf.getbuffer(), path, type_name))  # the pickle's own bytes: no second copy
         else:
             self.objects.append((copy.deepcopy(obj), path, ""))
         return len(self.objects) - 1
