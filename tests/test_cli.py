@@ -228,12 +228,12 @@ def test_verify_reports_stray_shards_without_failing(ckpt, capsys):
 
 
 def test_verify_checks_the_manifest_against_the_shard_headers(ckpt, capsys):
-    # a manifest that parses and whose checksums match, but that places a tensor 4 bytes off: loading would
-    # silently return wrong values, and only the shard's own safetensors header can tell
+    # a manifest that parses and whose checksums match, but that places the shard's first tensor 8 bytes early
+    # (into the header, overlapping no other record): loading would silently return wrong values, and only the
+    # shard's own safetensors header can tell
     doc = json.loads((ckpt / "manifest.json").read_text())
-    shard0 = doc["shards"][0]["nbytes"]
-    t = next(t for t in doc["tensors"] if t.get("shard") == 0 and t["offset"] + t["nbytes"] + 4 <= shard0)
-    t["offset"] += 4
+    t = min((t for t in doc["tensors"] if t.get("shard") == 0), key=lambda t: t["offset"])
+    t["offset"] -= 8
     (ckpt / "manifest.json").write_bytes(seal(doc))  # a consistent lie: its own checksum matches
     assert_error(call(capsys, "verify", ckpt), "safetensors header and the manifest")
 

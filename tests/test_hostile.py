@@ -655,3 +655,103 @@ def test_generated_states_round_trip(state: Any, chunk: int, shard: int, tmp_pat
         merged = target if isinstance(got, list) else type(target)({**target, **rest})
         assert same(merged, resolved(state))
     COUNTS["generated states"] = COUNTS.get("generated states", 0) + 1
+
+
+# ---------------------------------------------------------------- amplification (issue 18, item 13)
+
+BIG = {"big": torch.arange(2 << 20, dtype=torch.float32)}  # 8 MiB
+
+
+def amplified(tmp_path: Path, tamper: Callable[[Ckpt], Any], in_place: bool = False,
+              budget: int = 1 << 30) -> tuple[Any, Any, float]:
+    """Save BIG, let ``tamper`` rewrite the checkpoint, load it (into a zeroed BIG with ``in_place``) through an
+    engine with ``budget``; return what the load gave (or its CheckpointError), the in-place target (or None) and
+    the peak RSS growth in MiB."""
+    anyio.run(lambda: save(tmp_path / "amp", BIG, chunk_bytes=1 << 20, shard_bytes=64 << 20))
+    ck = Ckpt(tmp_path / "amp")
+    tamper(ck)
+    state = zeroed(BIG) if in_place else None
+
+    async def main() -> Any:
+        async with asyncckpt.CheckpointEngine(host_memory_budget=budget) as engine:
+            with anyio.fail_after(60):
+                return await engine.load(ck.path, state=state)
+
+    def run() -> Any:
+        try:
+            return anyio.run(main)
+        except CheckpointError as exc:
+            return exc
+
+    got, grown = with_peak_rss(run)
+    return got, state, grown / (1 << 20)
+
+
+def _twins(ck: Ckpt, n: int, shift: int) -> None:
+    """``n`` more tensor records over the big tensor's bytes, each ``shift`` bytes further on (0: the same span)."""
+    t = first(ck.doc, "tensors", own)
+    for j in range(n):
+        twin = dict(t, offset=t["offset"] + j * shift, shape=[t["shape"][0] - j * shift // 4],
+                    nbytes=t["nbytes"] - j * shift)
+        ck.doc["tensors"].append(twin)
+        ck.doc["tree"]["dict"].append([f"twin{j}", {"tensor": len(ck.doc["tensors"]) - 1}])
+    ck.write()
+
+
+def _huge_chunks(ck: Ckpt) -> None:
+    """One checksummed chunk claimed to be 484 MiB long over a file of 8 MiB (the checksum is right)."""
+    ck.doc["shards"][0]["chunk_bytes"] = 484 << 20
+    ck.rehash(0)
+    ck.write()
+
+
+def _byte_chunks(ck: Ckpt) -> None:
+    """The shard cut into 64-byte checksummed chunks: 131,072 of them."""
+    ck.doc["shards"][0]["chunk_bytes"] = 64
+    ck.rehash(0)
+    ck.write()
+
+
+def _shared_object(ck: Ckpt) -> None:
+    """600 object records over the same 1 MiB pickle, each in the structure."""
+    blob = io.BytesIO()
+    torch.save(torch.zeros(1 << 18), blob)
+    offset = ck.append(0, blob.getvalue())
+    for j in range(600):
+        ck.doc["objects"].append({"type": "torch.Tensor", "key": f"o{j}", "shard": 0, "offset": offset,
+                                  "nbytes": len(blob.getvalue())})
+        ck.doc["tree"]["dict"].append([f"o{j}", {"object": len(ck.doc["objects"]) - 1}])
+    ck.write()
+
+
+def test_one_tensor_under_many_names_is_held_once(tmp_path: Path) -> None:
+    """30 records sharing the big tensor's exact span (as one tensor saved under two names would) load in place
+    without a buffer each (+250 MiB before)."""
+    got, state, grown = amplified(tmp_path, lambda ck: _twins(ck, 30, 0), in_place=True)
+    assert not isinstance(got, Exception), type(got)
+    assert torch.equal(state["big"], BIG["big"])
+    assert all(torch.equal(got[f"twin{j}"], BIG["big"]) for j in range(30))
+    assert grown < 40, f"loading grew the peak RSS by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize("case", ["overlapping tensors", "object records sharing a span"])
+def test_records_claiming_the_same_bytes_are_refused(tmp_path: Path, case: str) -> None:
+    """Records overlapping each other (not one tensor under two names) are refused before anything is read:
+    30 tensors each 4 KiB further into one 8 MiB span, or 600 objects over one 1 MiB pickle (+625 MiB before)."""
+    tamper = (lambda ck: _twins(ck, 30, 4096)) if case == "overlapping tensors" else _shared_object
+    got, _, grown = amplified(tmp_path, tamper, in_place=case == "overlapping tensors")
+    assert isinstance(got, CorruptCheckpointError), type(got)
+    error = expect(got, CorruptCheckpointError, tmp_path / "amp")
+    assert "claim the same bytes" in str(error)
+    assert grown < 40, f"loading grew the peak RSS by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize("case", ["484 MiB chunks", "64-byte chunks"])
+def test_chunk_sizes_never_amplify_a_load(tmp_path: Path, case: str) -> None:
+    """A chunk size far beyond the file (+484 MiB before: a buffer per claimed chunk) or tiny chunks (131,072 of
+    them: a task and a page each before) load with memory bounded by the file, values exact."""
+    got, state, grown = amplified(tmp_path, _huge_chunks if case == "484 MiB chunks" else _byte_chunks,
+                                  in_place=True)
+    assert not isinstance(got, Exception), got
+    assert torch.equal(state["big"], BIG["big"])
+    assert grown < 48, f"loading grew the peak RSS by {grown:.0f} MiB"

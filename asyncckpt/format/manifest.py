@@ -523,6 +523,8 @@ def _validate(doc: dict[str, Any]) -> AnyManifest:
         key = o.get("key", "")
         _expect(isinstance(key, str), f"object {i} has a bad key")
         objects.append(ObjectRecord(o["type"], key, span))
+    _expect(_claims_disjoint([(t.span, True) for t in tensors if t.span is not None]
+                             + [(r.span, False) for r in (*storages, *objects)]), "two records claim the same bytes")
     _expect("tree" in doc, "no structure")
     producer, torch_version = doc.get("producer", ""), doc.get("torch", "")
     metadata, chain = doc.get("metadata"), doc.get("chain", 0)
@@ -531,6 +533,21 @@ def _validate(doc: dict[str, Any]) -> AnyManifest:
     return Manifest(save_id, doc["created_ns"], tuple(shards), tuple(tensors), tuple(storages), tuple(objects),
                     doc["tree"], producer if isinstance(producer, str) else "",
                     torch_version if isinstance(torch_version, str) else "", metadata, chain)
+
+
+def _claims_disjoint(claims: list[tuple[Span, bool]]) -> bool:
+    """Whether no two records claim overlapping bytes, except identical spans that both may share (one tensor
+    under two names). A load then holds each stored byte at most once however the records are arranged, so a
+    small hostile checkpoint cannot make it allocate many times its size."""
+    order = sorted((c for c in claims if c[0].nbytes), key=lambda c: (c[0].shard, c[0].offset, -c[0].nbytes))
+    last: tuple[Span, bool] | None = None
+    for span, shareable in order:
+        if last is not None and last[0].shard == span.shard and span.offset < last[0].end:
+            if not (span == last[0] and shareable and last[1]):
+                return False
+        if last is None or last[0].shard != span.shard or span.end > last[0].end:
+            last = (span, shareable)
+    return True
 
 
 def _ints(x: Any, n: int) -> bool:
@@ -625,6 +642,8 @@ def _validate_global(doc: dict[str, Any]) -> GlobalManifest:
         objects.append(ObjectRecord("", o["fqn"], _span(o, shards, f"object {o['fqn'][:80]!r}")))
     names = [t.fqn for t in tensors] + [o.key for o in objects]
     _expect(len(set(names)) == len(names), "an item is listed twice")
+    _expect(_claims_disjoint([(c.span, True) for t in tensors for c in t.chunks] + [(o.span, False) for o in objects]),
+            "two items claim the same bytes")
     version, producer, torch_version = doc.get("dcp_version"), doc.get("producer", ""), doc.get("torch", "")
     _expect(version is None or isinstance(version, str), "dcp_version is not a string")
     return GlobalManifest(save_id, doc["created_ns"], world, tuple(shards), tuple(tensors), tuple(objects),

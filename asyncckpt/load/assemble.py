@@ -128,10 +128,14 @@ def assemble(manifest: GlobalManifest, buffers: list[torch.Tensor], group_bytes:
                 _fill(out[at:at + t.logical_bytes], t, buffers)
             pending.clear()
 
+    copies: dict[Any, Span] = {}  # one tensor under two names is assembled once
     for t in manifest.tensors:
         whole = len(t.chunks) == 1 and t.chunks[0].sizes == t.shape
+        same = (t.dtype, t.shape, t.chunks)
         if whole:
             span = t.chunks[0].span
+        elif same in copies:
+            span = copies[same]
         else:
             nbytes = t.logical_bytes
             if used + nbytes > group_bytes and used:
@@ -140,6 +144,7 @@ def assemble(manifest: GlobalManifest, buffers: list[torch.Tensor], group_bytes:
             span = Span(group, used, nbytes)
             pending.append((len(tensors), used, t))
             used += -(-nbytes // ALIGN) * ALIGN
+            copies[same] = span
         tensors.append(TensorRecord(t.dtype, t.shape, "cpu", span=span, requires_grad=t.requires_grad))
     flush()
     objects = tuple(ObjectRecord("", o.key, o.span) for o in manifest.objects)

@@ -119,16 +119,21 @@ async def read_into_state(storage: Storage, path: str, display: str, manifest: M
     await check_sizes(storage, path, display, shards)  # every shard, even one no destination needs
     dests = destinations(manifest, target)
     by_record: dict[int, torch.Tensor] = {}
+    own: dict[Any, torch.Tensor] = {}  # records with no destination: one buffer per span (a tensor named twice)
     regions: list[list[Region]] = [[] for _ in shards]
     for j, r in enumerate(manifest.tensors):
         if r.span is not None:
-            by_record[id(r)] = dests[j] if j in dests else torch.empty(r.span.nbytes, dtype=torch.uint8)
+            by_record[id(r)] = dests[j] if j in dests else own.setdefault(
+                r.span, torch.empty(r.span.nbytes, dtype=torch.uint8))
     for rec in (*manifest.storages, *manifest.objects):
         by_record[id(rec)] = torch.empty(rec.span.nbytes, dtype=torch.uint8)
+    filled: set[int] = set()
     for rec in manifest.byte_records():
         assert rec.span is not None
-        if rec.span.nbytes:
-            regions[rec.span.shard].append((rec.span.offset, by_record[id(rec)]))
+        out = by_record[id(rec)]
+        if rec.span.nbytes and id(out) not in filled:
+            filled.add(id(out))
+            regions[rec.span.shard].append((rec.span.offset, out))
     damaged = " (the target may already hold part of this checkpoint)" if dests else ""
     await read_regions(storage, path, display, shards, verify, pool, regions, damaged)
 

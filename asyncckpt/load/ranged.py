@@ -75,7 +75,7 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
     await check_sizes(storage, path, display, tuple(s for s, w in zip(shards, wanted) if w))
 
     async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
-        size = shards[i].chunk_bytes
+        size = nbytes  # not chunk_bytes: a manifest may claim chunks far larger than the file
         pooled = size <= pool.budget
         buf = await pool.acquire(size) if pooled else mapped_buffer(size, resident=False)
         hung = False

@@ -45,6 +45,7 @@ async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[S
 
 ReadChunk = Callable[[Reader, int, int, int], Awaitable[str]]
 OPEN_SHARDS = 64  # shards open at once in one load (up to two descriptors each): far below a 1024-file ulimit
+SHARD_READS = 32  # chunk reads in flight per open shard: tasks stay bounded however small a manifest's chunks are
 
 
 async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...], verify: bool,
@@ -62,10 +63,16 @@ async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[S
             return
         async with open_shards:
             reader = await storage.open_reader(shard_path(storage, path, s))
+            todo = iter(chunks)
+
+            async def worker() -> None:
+                for k, offset, nbytes in todo:
+                    await one_chunk(reader, i, k, offset, nbytes)
+
             try:
                 async with anyio.create_task_group() as tg:
-                    for k, offset, nbytes in chunks:
-                        tg.start_soon(one_chunk, reader, i, k, offset, nbytes)
+                    for _ in range(min(len(chunks), SHARD_READS)):
+                        tg.start_soon(worker)
             finally:
                 await reader.close()
 
