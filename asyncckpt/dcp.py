@@ -66,6 +66,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from .concurrency.clock import CLOCK
 from .errors import CheckpointError, InvalidArgumentError, restate
 from .format.dtypes import DTYPES, dtype_name
 from .format.manifest import (
@@ -212,6 +213,7 @@ class RankPlan:
     rank: int
     world_size: int
     created_ns: int
+    sequence: int = 0  # orders the checkpoint among its siblings (asyncckpt.concurrency.clock)
 
 
 @dataclass(frozen=True)
@@ -480,7 +482,7 @@ def global_manifest(info: RankPlan, metadata: Metadata, results: list[list[Write
         "checkpoint_id": None if meta.checkpoint_id is None else str(meta.checkpoint_id),
         "save_id": meta.save_id, "modules": [str(m) for m in meta.modules]}
     return GlobalManifest(info.save_id, info.created_ns, len(results), tuple(shards), tuple(tensors),
-                          tuple(objects), planner_data, storage_meta, metadata.version)
+                          tuple(objects), planner_data, storage_meta, metadata.version, sequence=info.sequence)
 
 
 def to_metadata(manifest: GlobalManifest) -> Metadata:
@@ -595,7 +597,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator names the save (one id for every rank's files, and each rank's number) and, under
         ``async_save``, hands whole staged shards to ranks (:func:`balance`)."""
-        info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns())
+        info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next())
         self._saves[threading.get_ident()] = info
         plans = balance(plans)
         return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]

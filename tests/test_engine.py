@@ -502,3 +502,48 @@ def test_entry_names_stay_legal_safetensors_whatever_the_keys(tmp_path, keys) ->
         with safe_open(str(shard), "pt") as f:
             names = list(f.keys())
         assert len(names) == len(set(names)) and "__metadata__" not in names
+
+
+HOUR_NS = 3600 * 10 ** 9
+
+
+def test_latest_survives_the_wall_clock_stepping_back(tmp_path, monkeypatch) -> None:
+    """Item 11: a save made after an NTP step back of an hour is still the latest, within a process and in a
+    new process that listed the directory first (the wall clock of the second process is stepped back for real
+    in its interpreter: ``time.time_ns`` is the only clock a save reads). A manifest from before sequences
+    existed orders by its wall clock, which is the same scale."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"v": torch.tensor(1)}, tmp_path / "a").result()
+        real = time.time_ns
+        monkeypatch.setattr(time, "time_ns", lambda: real() - HOUR_NS)
+        engine.save({"v": torch.tensor(2)}, tmp_path / "b").result()
+        assert engine.latest(tmp_path) == str(tmp_path / "b")
+    monkeypatch.undo()
+    script = (
+        "import sys, time, torch, asyncckpt\n"
+        "real = time.time_ns\n"
+        f"time.time_ns = lambda: real() - 2 * {HOUR_NS}\n"
+        "with asyncckpt.SyncEngine() as engine:\n"
+        "    assert engine.latest(sys.argv[1]).endswith('b')\n"
+        "    engine.save({'v': torch.tensor(3)}, sys.argv[1] + '/c').result()\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert asyncckpt.latest(tmp_path) == str(tmp_path / "c")
+    with asyncckpt.SyncEngine() as engine:
+        assert engine.load(tmp_path / "c")["v"].item() == 3
+    # an old manifest (no sequence member) written now orders after all three: wall clock, same scale
+    from asyncckpt.format.manifest import seal
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"v": torch.tensor(4)}, tmp_path / "d").result()
+    doc = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert doc["sequence"] >= doc["created_ns"]
+    del doc["sequence"], doc["manifest_xxh3_64"]
+    (tmp_path / "d" / "manifest.json").write_bytes(seal(doc))
+    assert [os.path.basename(path) for path, _ in asyncckpt.committed(tmp_path)] == ["a", "b", "c", "d"]

@@ -199,6 +199,12 @@ class Manifest:
     torch_version: str = field(default_factory=lambda: torch.__version__)
     metadata: dict[str, Any] | None = None  # the caller's JSON data (the manager's step and metrics)
     chain: int = 0  # incremental saves since the last full one (0: this one holds all its bytes)
+    sequence: int = 0  # orders checkpoints of a directory (asyncckpt.concurrency.clock); 0: written before it existed
+
+    @property
+    def order(self) -> int:
+        """What listings sort by: the sequence, or the wall clock for manifests older than sequences."""
+        return self.sequence or self.created_ns
 
     @property
     def bases(self) -> set[str]:
@@ -228,6 +234,8 @@ class Manifest:
             doc["metadata"] = self.metadata
         if self.chain:
             doc["chain"] = self.chain
+        if self.sequence:
+            doc["sequence"] = self.sequence
         return seal(doc)
 
 
@@ -285,6 +293,7 @@ class GlobalManifest:
     dcp_version: str | None = None
     producer: str = f"asyncckpt {__version__}"
     torch_version: str = field(default_factory=lambda: torch.__version__)
+    sequence: int = 0  # as in :class:`Manifest`
 
     #: what a one-writer :class:`Manifest` has and a multi-rank checkpoint never does (no caller metadata, no
     #: incremental chain), so code that lists checkpoints reads both kinds alike
@@ -300,6 +309,10 @@ class GlobalManifest:
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
+    @property
+    def order(self) -> int:
+        return self.sequence or self.created_ns
+
     def byte_spans(self) -> set[Span]:
         """Every run of shard bytes the manifest refers to (chunks of one tensor saved twice share one)."""
         return {c.span for t in self.tensors for c in t.chunks} | {o.span for o in self.objects}
@@ -313,6 +326,7 @@ class GlobalManifest:
             "tensors": [t.to_json() for t in self.tensors],
             "objects": [{"fqn": o.key, **o.span.to_json()} for o in self.objects],
             "planner_data": self.planner_data, "storage_meta": self.storage_meta, "dcp_version": self.dcp_version,
+            **({"sequence": self.sequence} if self.sequence else {}),
         })
 
 
@@ -495,6 +509,7 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
 def _header(doc: dict[str, Any]) -> tuple[str, list[ShardRecord]]:
     """The members every version shares: save id, timestamp, shards."""
     _expect(_is_int(doc.get("created_ns")), "created_ns is not a timestamp")
+    _expect(_is_int(doc.get("sequence", 0)) and doc.get("sequence", 0) < MAX_INDEX, "sequence is not a count")
     save_id = doc.get("save_id", "")
     _expect(isinstance(save_id, str) and len(save_id) <= 64, "save_id is not a string")
     _expect(isinstance(doc.get("shards"), list), "shards is not a list")
@@ -532,7 +547,7 @@ def _validate(doc: dict[str, Any]) -> AnyManifest:
     _expect(_is_int(chain), "chain is not a count")
     return Manifest(save_id, doc["created_ns"], tuple(shards), tuple(tensors), tuple(storages), tuple(objects),
                     doc["tree"], producer if isinstance(producer, str) else "",
-                    torch_version if isinstance(torch_version, str) else "", metadata, chain)
+                    torch_version if isinstance(torch_version, str) else "", metadata, chain, doc.get("sequence", 0))
 
 
 def _claims_disjoint(claims: list[tuple[Span, bool]]) -> bool:
@@ -649,4 +664,4 @@ def _validate_global(doc: dict[str, Any]) -> GlobalManifest:
     return GlobalManifest(save_id, doc["created_ns"], world, tuple(shards), tuple(tensors), tuple(objects),
                           _planner_data(doc.get("planner_data")), _storage_meta(doc.get("storage_meta")), version,
                           producer if isinstance(producer, str) else "",
-                          torch_version if isinstance(torch_version, str) else "")
+                          torch_version if isinstance(torch_version, str) else "", doc.get("sequence", 0))

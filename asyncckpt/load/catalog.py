@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
+from ..concurrency.clock import CLOCK
 from ..errors import CheckpointError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, AnyManifest, parse
 from ..io.contract import Storage
@@ -14,7 +15,8 @@ log = logging.getLogger("asyncckpt")
 
 async def committed(storage: Storage, directory: str, known: Mapping[str, AnyManifest] | None = None
                     ) -> list[tuple[str, AnyManifest]]:
-    """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest snapshot first.
+    """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest first (by sequence,
+    see :mod:`asyncckpt.concurrency.clock`).
 
     ``known`` gives manifests the caller read before (by name): those are not read again, so a caller that lists
     after every save pays for the new entries only. Entries without a valid manifest are skipped and never stop the
@@ -27,7 +29,7 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
             continue
         if known is not None and name in known:
             manifest = known[name]
-            found.append((manifest.created_ns, name, manifest))
+            found.append((manifest.order, name, manifest))
             continue
         try:
             raw = await storage.read_bytes(storage.join(directory, name, MANIFEST_NAME), MAX_MANIFEST_BYTES)
@@ -38,6 +40,8 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
         except (OSError, CheckpointError, MemoryError) as exc:  # a manifest is there but unusable: worth a look
             log.warning("skipping %s: %s", storage.join(directory, name), exc)
             continue
-        found.append((manifest.created_ns, name, manifest))
+        found.append((manifest.order, name, manifest))
     found.sort(key=lambda x: (x[0], x[1]))
+    if found:
+        CLOCK.observe(found[-1][0])  # a save after this listing orders after everything in it
     return [(name, manifest) for _, name, manifest in found]

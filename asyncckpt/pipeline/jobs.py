@@ -22,6 +22,7 @@ import anyio
 import torch
 
 from ..concurrency import Runtime
+from ..concurrency.clock import CLOCK
 from ..errors import CheckpointError, NewerFormatError, restate
 from ..format.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardRecord, looks_sealed, parse,
                                shard_name)
@@ -276,7 +277,8 @@ class SaveJob(ShardJob):
     def __init__(self, *args: Any, fsync: bool, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, fsync=fsync, **kwargs)
         self.metadata = metadata
-        self.created_ns = time.time_ns()  # when the snapshot was taken: orders checkpoints by the state they hold
+        self.created_ns = time.time_ns()  # when the snapshot was taken
+        self.sequence = CLOCK.next()  # orders checkpoints by the state they hold, even if the wall clock steps back
         self.committer = Committer(self.storage, self.path, fsync)
 
     async def start(self) -> None:
@@ -308,7 +310,8 @@ class SaveJob(ShardJob):
             await self.previous.handle.settled()
         tensors, storages, objects = self.plan.records()
         manifest = Manifest(self.save_id, self.created_ns, (*self.records, *self.plan.external), tensors,
-                            storages, objects, self.plan.tree, metadata=self.metadata, chain=self.plan.chain)
+                            storages, objects, self.plan.tree, metadata=self.metadata, chain=self.plan.chain,
+                            sequence=self.sequence)
         size = await self.committer.commit(manifest, self.in_flight)
         return SaveResult(self.display, self.plan.total_bytes + size, self.snapshot_seconds, self.write_seconds(),
                           len(manifest.shards), len(tensors))
