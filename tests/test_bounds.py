@@ -160,3 +160,38 @@ def test_saving_stays_within_the_host_budget(tmp_path: Path, kind: str, allowed:
     assert done.returncode == 0, done.stderr[-2000:]
     grew = int(done.stdout.split()[-1])
     assert grew <= allowed, f"saving grew the peak RSS by {grew} MiB with a 4 MiB budget (allowed {allowed})"
+
+
+@pytest.mark.parametrize("case", ["65 dimensions", "empty(0, 2**62)", "nested 257 deep"])
+def test_save_refuses_what_load_would_refuse_before_writing(tmp_path: Path, case: str) -> None:
+    """Item 8: every limit the loader enforces is checked by ``save`` itself, naming the key, before anything is
+    written."""
+    value: object = {"t": torch.zeros([1] * 65)} if case == "65 dimensions" else {"t": torch.empty(0, 2 ** 62)}
+    if case == "nested 257 deep":
+        value = 1
+        for _ in range(257):
+            value = {"k": value}
+    with asyncckpt.SyncEngine() as engine:
+        with pytest.raises(CheckpointError) as info:
+            engine.save(value, tmp_path / "c")
+    assert ("the tensor at t" in str(info.value)) if case != "nested 257 deep" else "256 levels" in str(info.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_integers_too_long_for_json_round_trip_under_weights_only_loading(tmp_path: Path) -> None:
+    """Item 8: a 5000-digit int (as a value and as a key) was pickled, so the default weights-only load refused
+    the checkpoint save had committed (and a key that long made save raise a raw ValueError); it is now a hex
+    node of the structure, in a version 4 manifest, and loads as itself."""
+    import json
+
+    big = 10 ** 5000 + 7
+    state = {"n": big, "neg": -big, big: "key", "small": 2 ** 70}
+    with asyncckpt.SyncEngine() as engine:
+        engine.save(state, tmp_path / "c").result()
+        out = engine.load(tmp_path / "c")
+    assert out == state
+    doc = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert doc["version"] == 4 and doc["objects"] == []
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"n": 3}, tmp_path / "plain").result()
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["version"] == 1

@@ -20,13 +20,14 @@ import xxhash
 from ..errors import CorruptCheckpointError, NewerFormatError
 from ..version import __version__
 from .dtypes import DTYPES
-from .tree import decode
+from .tree import decode, has_int_nodes
 
 FORMAT = "asyncckpt"
 VERSION = 1  # written unless a feature of a later version is used
 REFERENCES_VERSION = 2  # shards held by another checkpoint (incremental saves)
 GLOBAL_VERSION = 3  # many ranks: DCP's items, each tensor in chunks written by any rank (docs/format.md)
-READABLE_VERSIONS = (1, 2, 3)
+INT_NODES_VERSION = 4  # one writer, and the structure holds integers too long for JSON numbers ({"int": hex})
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_NAME = "manifest.json"
 TEMP_INFIX = ".tmp-"  # a manifest being written is ``manifest.json.tmp-<random>``
 #: shard files: ``shard-<save id>-<index>.safetensors`` (one writer) or ``shard-<save id>-r<rank>-<index>`` (ranks)
@@ -202,6 +203,13 @@ class Manifest:
     sequence: int = 0  # orders checkpoints of a directory (asyncckpt.concurrency.clock); 0: written before it existed
 
     @property
+    def version(self) -> int:
+        """The lowest format version that has every feature this manifest uses."""
+        if has_int_nodes(self.tree):
+            return INT_NODES_VERSION
+        return REFERENCES_VERSION if self.bases else VERSION
+
+    @property
     def order(self) -> int:
         """What listings sort by: the sequence, or the wall clock for manifests older than sequences."""
         return self.sequence or self.created_ns
@@ -224,8 +232,7 @@ class Manifest:
     def seal(self) -> bytes:
         """The manifest's bytes (see :func:`seal`)."""
         doc: dict[str, Any] = {
-            "format": FORMAT, "version": REFERENCES_VERSION if self.bases else VERSION, "producer": self.producer,
-            "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,
+            "format": FORMAT, "version": self.version, "producer": self.producer, "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,
             "shards": [s.to_json() for s in self.shards], "tensors": [t.to_json() for t in self.tensors],
             "storages": [s.to_json() for s in self.storages], "objects": [o.to_json() for o in self.objects],
             "tree": self.tree,

@@ -9,6 +9,7 @@ counted the same way when saving and loading (a container's items, a dict's keys
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +18,34 @@ from typing import Any, Callable
 from ..errors import CorruptCheckpointError
 
 MAX_DEPTH = 256
+_HEX = re.compile(r"-?0x[0-9a-f]+")
 
 
 def encode_float(x: float) -> Any:
     return x if math.isfinite(x) else {"float": repr(x)}
+
+
+#: integers longer than this many bits are ``{"int": hex}`` nodes: JSON readers refuse decimal numbers of more
+#: digits than Python's default conversion limit (4300), and a hex string converts in linear time at any length
+JSON_INT_BITS = 4096
+
+
+def encode_int(x: int) -> Any:
+    return x if x.bit_length() <= JSON_INT_BITS else {"int": hex(x)}
+
+
+def has_int_nodes(node: Any) -> bool:
+    """Whether an encoded structure holds an ``{"int": …}`` node (a manifest with one needs version 4)."""
+    todo = [node]  # iterative: a structure 256 levels deep is three times as many containers
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            if "int" in node:
+                return True
+            todo.extend(node.values())
+    return False
 
 
 def encode_plain(value: Any, depth: int = 0) -> Any:
@@ -28,8 +53,10 @@ def encode_plain(value: Any, depth: int = 0) -> Any:
     planner's data; anything else raises ``TypeError`` naming its type."""
     if depth > MAX_DEPTH:
         raise TypeError(f"it nests deeper than {MAX_DEPTH} levels")
-    if value is None or type(value) in (bool, int, str):
+    if value is None or type(value) in (bool, str):
         return value
+    if type(value) is int:
+        return encode_int(value)
     if type(value) is float:
         return encode_float(value)
     if type(value) in (dict, OrderedDict):
@@ -42,7 +69,8 @@ def encode_plain(value: Any, depth: int = 0) -> Any:
 
 def key_path(path: str, key: Any) -> str:
     """The dotted name of ``key`` under ``path``: the names used in shard headers, errors and the CLI."""
-    part = key if isinstance(key, str) else repr(key)
+    part = key if isinstance(key, str) else f"<int of {key.bit_length()} bits>" if (
+        type(key) is int and key.bit_length() > JSON_INT_BITS) else repr(key)
     return f"{path}.{part}" if path else part
 
 
@@ -83,6 +111,10 @@ def decode(node: Any, tensor: Callable[[int], Any], obj: Callable[[int], Any], d
         if body not in ("nan", "inf", "-inf"):
             raise CorruptCheckpointError(f"manifest float node has invalid value {body!r}")
         return float(body)
+    if kind == "int":
+        if not isinstance(body, str) or _HEX.fullmatch(body) is None:
+            raise CorruptCheckpointError(f"manifest int node has invalid value {str(body)[:40]!r}")
+        return int(body, 16)
     if kind in ("tensor", "object"):
         if not isinstance(body, int) or isinstance(body, bool):
             raise CorruptCheckpointError(f"manifest {kind} reference is not an index")

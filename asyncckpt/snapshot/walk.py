@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..format.manifest import MAX_DIMS, MAX_INDEX, shape_problem
-from ..format.tree import MAX_DEPTH, encode_float, key_path
+from ..format.tree import MAX_DEPTH, encode_float, encode_int, key_path
 
 Preparer = Callable[["Walker", Any, str, int], Any]
 
@@ -95,11 +95,7 @@ def plain(w: Walker, value: Any, path: str, depth: int) -> Any:
 
 
 def integer(w: Walker, value: int, path: str, depth: int) -> Any:
-    # JSON readers refuse integers of more digits than Python's conversion limit: store those pickled
-    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)() or 4300
-    if value.bit_length() > 3 * limit:
-        return object_leaf(w, value, path, depth)
-    return value
+    return encode_int(value)  # a huge one as a hex string: never pickled (weights-only loading refuses those)
 
 
 def floating(w: Walker, value: float, path: str, depth: int) -> Any:
