@@ -253,6 +253,8 @@ LIES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "view of 2**80 elements with stride 0": lambda d: first(d, "tensors", lambda t: "base" in t).update(
         shape=[2 ** 40, 2 ** 40], stride=[0, 0]),
     "view names no storage": lambda d: first(d, "tensors", lambda t: "base" in t).update(base=99),
+    "empty view far past its storage": lambda d: first(d, "tensors", lambda t: "base" in t).update(
+        shape=[0], stride=[1], storage_offset=2 ** 61),
     "storage past the shard": lambda d: d["storages"][0].update(nbytes=10 ** 9),
     "shard name ../../etc/passwd": lambda d: d["shards"][0].update(file="../../etc/passwd"),
     "absolute shard name": lambda d: d["shards"][0].update(file="/etc/passwd"),
@@ -467,6 +469,19 @@ def test_symlinked_shard_pointing_outside(ckpt: Ckpt, tmp_path: Path) -> None:
 
     anyio.run(main)
     assert outside.read_bytes() == b"p" * 1000
+
+
+@pytest.mark.parametrize("which", ["shard", "manifest"])
+def test_a_file_linked_outside_the_checkpoint_is_never_read(ckpt: Ckpt, tmp_path: Path, which: str) -> None:
+    """Item 18: a shard or manifest replaced by a link to an identical copy elsewhere is refused as a link (bytes
+    that happen to match do not make another directory's file part of this checkpoint)."""
+    inside = ckpt.shard(0) if which == "shard" else ckpt.path / MANIFEST_NAME
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(inside.read_bytes())
+    inside.unlink()
+    inside.symlink_to(outside)
+    error = expect(load_sync(ckpt.path), CheckpointError, ckpt.path)
+    assert "symbolic link" in str(error) or "symlink" in str(error), error
 
 
 # ---------------------------------------------------------------- fuzz: random mutations of a manifest
@@ -757,3 +772,28 @@ def test_chunk_sizes_never_amplify_a_load(tmp_path: Path, case: str) -> None:
     assert not isinstance(got, Exception), got
     assert torch.equal(state["big"], BIG["big"])
     assert grown < 48, f"loading grew the peak RSS by {grown:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", ["F128", ["F32"], {"F32": 1}, "nested"])
+def test_verify_reports_a_shard_header_with_a_hostile_dtype(ckpt: Ckpt, dtype: Any) -> None:
+    """Item 18: ``verify`` reports a shard header whose dtype is unknown, not a string, or nested past what JSON
+    parsing can take, as a damaged header of that shard, and raises nothing."""
+    shard = ckpt.shard(0)
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8:8 + n]))
+    name = next(k for k in header if k != "__metadata__")
+    if dtype == "nested":  # deeper than any JSON parser's recursion, and longer than the header: append room
+        raw = json.dumps(header).replace(json.dumps(header[name]["dtype"]), "[" * 100_000 + "]" * 100_000, 1)
+        body = raw.encode()
+        data = bytearray(len(body).to_bytes(8, "little")) + body + data[8 + n:]
+    else:
+        header[name]["dtype"] = dtype
+        body = json.dumps(header, separators=(",", ":")).encode()
+        assert len(body) <= n, "the test's header does not fit in the original's padding"
+        data[8:8 + n] = body.ljust(n)
+    shard.write_bytes(bytes(data))
+    ckpt.rehash(0)  # sizes and checksums agree with the file: only the header is wrong
+    ckpt.write()
+    report = asyncckpt.verify(ckpt.path)
+    assert any(shard.name in p and "header" in p for p in report.problems), report.problems

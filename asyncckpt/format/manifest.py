@@ -503,6 +503,8 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
         if numel:
             last = t["storage_offset"] + sum((d - 1) * s for d, s in zip(shape, stride))
             _expect((last + 1) * itemsize <= storages[t["base"]].span.nbytes, f"{what} views past its storage")
+        else:  # torch asserts on an empty view that starts past its storage's end
+            _expect(t["storage_offset"] * itemsize <= storages[t["base"]].span.nbytes, f"{what} starts past its storage")
         view = View(t["base"], t["storage_offset"], tuple(stride))
         return TensorRecord(t["dtype"], tuple(shape), t["device"], view=view, requires_grad=requires_grad,
                             parameter=parameter, digest=digest)

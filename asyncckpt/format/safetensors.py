@@ -88,7 +88,7 @@ def parse_header(body: bytes) -> list[tuple[int, int]]:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(f"entry {name[:60]!r} is not a tensor description")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
             raise HeaderError(f"entry {name[:60]!r} has unknown dtype {str(dtype)[:20]!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise HeaderError(f"entry {name[:60]!r} has a bad shape")
