@@ -1,0 +1,96 @@
+"""Lightning's sharded strategies made asynchronous: ``asyncckpt.lightning.AsyncModelParallelStrategy`` and
+``AsyncFSDPStrategy`` (issue 13, "Sharded strategies").
+
+Real ranks: the fork server of tests/dist_worker.py forks 2 processes on a gloo group (CPU) that run
+tests/sharded_scenarios.py — a real ``Trainer`` with FSDP2 ``fully_shard`` for the model-parallel strategy (fit,
+top-k removal, resume from ``ckpt_path="last"``), and for FSDP, which Lightning refuses on the CPU, the strategy set
+up by hand around an FSDP1 module. Values are compared bit for bit, as digests of their bytes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from .helpers import Ranks  # noqa: E402
+
+PACKAGES = [name for name in ("lightning.pytorch", "pytorch_lightning")
+            if importlib.util.find_spec(name.split(".")[0]) is not None]
+if not PACKAGES:
+    pytest.skip("needs lightning or pytorch_lightning", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    server = Ranks(tmp_path_factory.mktemp("ranks"), ("sharded_scenarios",))
+    yield server
+    server.close()
+
+
+def shards_of_both_ranks(files: list[str]) -> bool:
+    return {f.split("-")[2] for f in files if f.startswith("shard-")} == {"r00000", "r00001"}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_model_parallel_fit_keeps_lightnings_layout_and_resumes_bit_exact_from_last(ranks, tmp_path, package):
+    out = tmp_path / "ckpts"
+    results = ranks.run("sharded_scenarios:fit_and_resume", out=str(out), package=package, timeout=120, wait_s=240)
+    for r in results:
+        assert r["resumed_step"] == 6
+        assert r["resumed"] == r["ended"], "the resumed state differs from the state the run ended with"
+    listing = results[0]["listing"]
+    assert sorted(listing) == ["last.ckpt", "step=4.ckpt", "step=6.ckpt"]  # top-2: step=2 removed
+    for name, files in listing.items():
+        assert "manifest.json" in files and "meta.pt" in files and ".metadata" not in files, (name, files)
+        assert shards_of_both_ranks(files), (name, files)
+    meta = results[0]["meta"]
+    assert meta["global_step"] == 6 and meta["epoch"] == 0
+    assert "state_dict" not in meta["keys"] and "optimizer_states" not in meta["keys"]
+    assert results[0]["plain"] == results[0]["ended_model"]  # load_from_checkpoint: a whole, plain module
+    assert not [t for t in results[0]["threads"] if t.startswith("asyncckpt")]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_model_parallel_pending_saves_removal_load_and_failures(ranks, tmp_path, package):
+    slow = 1.0
+    results = ranks.run("sharded_scenarios:pending", out=str(tmp_path), package=package, slow=slow, timeout=120,
+                        wait_s=240)
+    for rank, r in enumerate(results):
+        assert r["threads_after_fit"] == [], r["threads_after_fit"]  # teardown at the end of fit joins ours
+        assert r["save_returned_s"] < slow, r["save_returned_s"]  # one copy, then back to training
+        if rank == 0:
+            assert r["pending_layout"] == [True, False]  # the directory at once, meta.pt only after the commit
+            assert r["remove_waited_s"] >= slow  # it waited for the pending save ...
+        assert r["a_exists_after"] is False  # ... so nothing of it came back after the removal
+        assert r["changed_differs"]
+        assert r["loaded"] == r["expected"]  # the load waited and restored the values of the moment of the save
+        assert r["meta_step"] == 2
+        assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
+        assert r["teardown_error"] is not None and "c.ckpt" in r["teardown_error"], r["teardown_error"]
+        assert "No space left" in r["teardown_error"]
+        assert r["c_has_meta"] is False  # a failed save is never taken for a checkpoint
+        assert r["threads_left"] == [], r["threads_left"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_fsdp_sharded_save_pending_removal_and_load_by_hand(ranks, tmp_path, package):
+    slow = 1.0
+    results = ranks.run("sharded_scenarios:fsdp", out=str(tmp_path), package=package, slow=slow, timeout=120,
+                        wait_s=240)
+    for rank, r in enumerate(results):
+        assert r["dtensors"]  # the default device mesh: FSDP's sharded state dicts are DTensors, staged in one copy
+        assert r["save_returned_s"] < slow, r["save_returned_s"]
+        if rank == 0:
+            assert r["remove_waited_s"] >= slow
+            assert r["meta_file"] == ["epoch", "global_step"]
+            assert r["read_keys"] == ["epoch", "global_step", "optimizer_states", "state_dict"]
+        assert r["a_exists_after"] is False
+        assert r["changed_differs"] and r["loaded"] == r["expected"]
+        assert r["meta"] == {"epoch": 1, "global_step": 5}
+        assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
