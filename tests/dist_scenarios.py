@@ -22,7 +22,7 @@ ENGINE = {"chunk_bytes": 64 << 10, "host_memory_budget": 64 << 20}  # small chun
 def digest(t: torch.Tensor) -> str:
     if isinstance(t, DTensor):
         t = t.full_tensor()
-    t = t.detach().contiguous()
+    t = t.detach().cpu().contiguous()
     return f"{t.dtype}{list(t.shape)}:" + xxhash.xxh3_64_hexdigest(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 

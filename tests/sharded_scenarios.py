@@ -264,3 +264,64 @@ def fsdp(rank: int, world: int, out: str, package: str, slow: float) -> dict[str
         result["read_keys"] = sorted(whole)
     strategy.teardown()
     return result
+
+
+def stock_then_links(rank: int, world: int, out: str, package: str) -> dict[str, Any]:
+    """A checkpoint of Lightning's own ModelParallelStrategy resumes under ours; then save_last="link" with top-1
+    removals: the link goes to the newest pending directory at once, and removing a link leaves its target."""
+    L, ours = lightning(package)
+    Sharded = module_class(package)
+    seen: dict[str, Any] = {}
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen["step"] = trainer.global_step
+            seen["digests"] = state_digests(module, trainer.optimizers[0])
+
+    stock_dir, our_dir = os.path.join(out, "stock"), os.path.join(out, "ours")
+    stock = trainer(package, out, L.strategies.ModelParallelStrategy(), max_steps=2,
+                    callbacks=[L.callbacks.ModelCheckpoint(dirpath=stock_dir, save_last=True)])
+    model = Sharded(0)
+    stock.fit(model)
+    ended = state_digests(model, stock.optimizers[0])
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=our_dir, filename="{step}", monitor="step", mode="max", save_top_k=1,
+                                       every_n_train_steps=2, save_last="link")
+    again = trainer(package, out, ours.AsyncModelParallelStrategy(), max_steps=6, callbacks=[Record(), ckpt])
+    again.fit(Sharded(1), ckpt_path=os.path.join(stock_dir, "last.ckpt"))
+    last = os.path.join(our_dir, "last.ckpt")
+    return {"stock_files": sorted(os.listdir(os.path.join(stock_dir, "last.ckpt"))), "ended": ended,
+            "resumed": seen["digests"], "resumed_step": seen["step"], "listing": sorted(os.listdir(our_dir)),
+            "link": os.readlink(last) if os.path.islink(last) else None,
+            "target_files": sorted(os.listdir(os.path.realpath(last)))}
+
+
+def cuda_fit(rank: int, world: int, out: str, package: str, kind: str) -> dict[str, Any]:
+    """A real Trainer on one CUDA device (run with world 0: Lightning makes its own process group): fit with
+    sharded checkpoints, then resume from ckpt_path="last" bit-exact."""
+    L, ours = lightning(package)
+    Sharded = module_class(package)  # configure_model does nothing under FSDP (no device mesh): FSDP1 wraps it
+    seen: dict[str, Any] = {}
+
+    def make() -> Any:
+        if kind == "fsdp":
+            return ours.AsyncFSDPStrategy(state_dict_type="sharded")
+        return ours.AsyncModelParallelStrategy()
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen["step"] = trainer.global_step
+            seen["digests"] = state_digests(trainer.strategy.model, trainer.optimizers[0])
+
+    def run(steps: int, model: Any, **fit: Any) -> Any:
+        t = L.Trainer(accelerator="cuda", devices=1, strategy=make(), max_steps=steps, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                      callbacks=[Record(), L.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=2,
+                                                                       save_last=True)])
+        t.fit(model, **fit)
+        return t
+
+    first = run(4, Sharded(0))
+    ended = state_digests(first.strategy.model, first.optimizers[0])
+    run(6, Sharded(1), ckpt_path="last")
+    return {"ended": ended, "resumed": seen["digests"], "resumed_step": seen["step"],
+            "files": sorted(os.listdir(os.path.join(out, "last.ckpt")))}

@@ -10,6 +10,7 @@ up by hand around an FSDP1 module. Values are compared bit for bit, as digests o
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -94,3 +95,28 @@ def test_fsdp_sharded_save_pending_removal_and_load_by_hand(ranks, tmp_path, pac
         assert r["changed_differs"] and r["loaded"] == r["expected"]
         assert r["meta"] == {"epoch": 1, "global_step": 5}
         assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_model_parallel_resumes_lightnings_own_checkpoint_and_links_last(ranks, tmp_path, package):
+    results = ranks.run("sharded_scenarios:stock_then_links", out=str(tmp_path), package=package, timeout=120,
+                        wait_s=240)
+    for r in results:
+        assert ".metadata" in r["stock_files"]  # torch's own FileSystemWriter layout, written by Lightning
+        assert r["resumed_step"] == 2 and r["resumed"] == r["ended"]
+    r = results[0]
+    assert r["listing"] == ["last.ckpt", "step=6.ckpt"]  # top-1: step=2 and step=4 removed, the old links too
+    assert os.path.basename(r["link"]) == "step=6.ckpt"
+    assert "manifest.json" in r["target_files"] and "meta.pt" in r["target_files"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["model_parallel", "fsdp"])
+def test_a_real_trainer_on_cuda_resumes_bit_exact(ranks, tmp_path, kind):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    r, = ranks.run("sharded_scenarios:cuda_fit", world=0, out=str(tmp_path), package=PACKAGES[0], kind=kind,
+                   timeout=240, wait_s=300)
+    assert r["resumed_step"] == 4 and r["resumed"] == r["ended"]
+    assert "manifest.json" in r["files"] and "meta.pt" in r["files"]
