@@ -66,7 +66,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from .errors import BudgetExceededError, CheckpointError, InvalidArgumentError, restate
+from .errors import CheckpointError, InvalidArgumentError, restate
 from .format.dtypes import DTYPES, dtype_name
 from .format.manifest import (
     ChunkedTensor,
@@ -660,10 +660,9 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         plan, index = prepare_items(locals_, [], self.options.file_shard_bytes, self.options.chunk_bytes,
                                     [(shared, size)] if shared else None)
         if plan.total_bytes > core.pool.budget:
-            raise BudgetExceededError(
+            raise CheckpointError(
                 f"dcp.async_save copies this rank's {plan.total_bytes} bytes at once, more than host_memory_budget "
-                f"({core.pool.budget}); raise the budget or use dcp.save, which streams through any budget",
-                needed=plan.total_bytes, budget=core.pool.budget)
+                f"({core.pool.budget}); raise the budget or use dcp.save, which streams through any budget")
         buffers: list[torch.Tensor] = []
         try:
             for size in plan.shard_sizes:

@@ -33,16 +33,16 @@ def lightning(package: str) -> tuple[Any, Any]:
     return PACKAGES[package], (al if package == "lightning.pytorch" else al.pl)
 
 
-def module_class(package: str) -> type:
+def module_class(package: str, width: int = 32) -> type:
     L = PACKAGES[package]
 
     class Sharded(L.LightningModule):
-        """16 -> 32 -> 4, each Linear sharded with fully_shard over the tensor-parallel mesh dimension."""
+        """16 -> width -> 4, each Linear sharded with fully_shard over the tensor-parallel mesh dimension."""
 
         def __init__(self, seed: int = 0) -> None:
             super().__init__()
             torch.manual_seed(seed)
-            self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
 
         def configure_model(self) -> None:
             from torch.distributed.fsdp import fully_shard
@@ -195,19 +195,25 @@ def pending(rank: int, world: int, out: str, package: str, slow: float) -> dict[
     return result
 
 
-def fsdp(rank: int, world: int, out: str, package: str, slow: float) -> dict[str, Any]:
+def fsdp(rank: int, world: int, out: str, package: str, slow: float, mesh: bool = True) -> dict[str, Any]:
     """AsyncFSDPStrategy(state_dict_type="sharded") set up by hand (Lightning refuses FSDP on the CPU, torch's
-    FSDP1 runs there): save, pending removal, load into a changed model, meta.pt, FSDP1 state as DTensors."""
+    FSDP1 runs there): save, pending removal, load into a changed model, meta.pt, FSDP1 state as DTensors — or,
+    with ``mesh=False`` (a process group given), as ShardedTensors, which are saved synchronously."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.tensor import DTensor
 
     L, ours = lightning(package)
+    caught = warnings.catch_warnings(record=True)
+    warned = caught.__enter__()
+    warnings.simplefilter("always")
     fabric = "lightning.fabric" if package == "lightning.pytorch" else "lightning_fabric"
     env = importlib.import_module(fabric + ".plugins.environments").LightningEnvironment()
     cpu = torch.device("cpu")
     strategy = ours.AsyncFSDPStrategy(state_dict_type="sharded", cluster_environment=env,
                                       parallel_devices=[cpu] * world,
-                                      accelerator=importlib.import_module(package + ".accelerators").CPUAccelerator())
+                                      accelerator=importlib.import_module(package + ".accelerators").CPUAccelerator(),
+                                      **({} if mesh else {"process_group": dist.group.WORLD}))
     Plain = module_class(package)
     module = Plain(0)
     strategy.connect(module)
@@ -237,7 +243,8 @@ def fsdp(rank: int, world: int, out: str, package: str, slow: float) -> dict[str
         s = state()
         return {"state_dict": s["model"], "optimizer_states": [s["optim"]], "epoch": 1, "global_step": 5}
 
-    result: dict[str, Any] = {"dtensors": all(isinstance(v, DTensor) for v in state()["model"].values())}
+    result: dict[str, Any] = {"dtensors": all(isinstance(v, DTensor) for v in state()["model"].values()),
+                              "kinds": sorted({type(v).__name__ for v in state()["model"].values()})}
     slow_writes(slow)
     a, b = os.path.join(out, "a.ckpt"), os.path.join(out, "b.ckpt")
     t0 = time.monotonic()
@@ -263,6 +270,9 @@ def fsdp(rank: int, world: int, out: str, package: str, slow: float) -> dict[str
         whole = al.read_checkpoint(b)  # the consolidated view: keys as Lightning's consolidate_checkpoint makes
         result["read_keys"] = sorted(whole)
     strategy.teardown()
+    caught.__exit__(None, None, None)
+    result["warnings"] = [str(w.message) for w in warned if issubclass(w.category, UserWarning)
+                          and "streams through the budget" in str(w.message)]
     return result
 
 
@@ -325,3 +335,26 @@ def cuda_fit(rank: int, world: int, out: str, package: str, kind: str) -> dict[s
     run(6, Sharded(1), ckpt_path="last")
     return {"ended": ended, "resumed": seen["digests"], "resumed_step": seen["step"],
             "files": sorted(os.listdir(os.path.join(out, "last.ckpt")))}
+
+
+def over_budget(rank: int, world: int, out: str, package: str) -> dict[str, Any]:
+    """Shards larger than host_memory_budget: the save streams synchronously, with a warning, and loads back."""
+    L, ours = lightning(package)
+    Sharded = module_class(package, width=2048)  # about 260 KiB of parameters and Adam state per rank
+    strategy = ours.AsyncModelParallelStrategy(engine_options={"host_memory_budget": 64 << 10,
+                                                               "chunk_bytes": 16 << 10})
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        t = trainer(package, out, strategy, max_steps=2,
+                    callbacks=[L.callbacks.ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=2)])
+        model = Sharded(0)
+        t.fit(model)
+    ended = state_digests(model, t.optimizers[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0)
+    t.strategy.load_checkpoint(os.path.join(out, "last.ckpt"))
+    loaded = state_digests(model, t.optimizers[0])
+    t.strategy.teardown()
+    return {"ended": ended, "loaded": loaded,
+            "warnings": [str(w.message) for w in warned if "streams through the budget" in str(w.message)]}

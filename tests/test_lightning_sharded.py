@@ -9,6 +9,7 @@ up by hand around an FSDP1 module. Values are compared bit for bit, as digests o
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -86,6 +87,7 @@ def test_fsdp_sharded_save_pending_removal_and_load_by_hand(ranks, tmp_path, pac
                         wait_s=240)
     for rank, r in enumerate(results):
         assert r["dtensors"]  # the default device mesh: FSDP's sharded state dicts are DTensors, staged in one copy
+        assert r["warnings"] == []
         assert r["save_returned_s"] < slow, r["save_returned_s"]
         if rank == 0:
             assert r["remove_waited_s"] >= slow
@@ -120,3 +122,48 @@ def test_a_real_trainer_on_cuda_resumes_bit_exact(ranks, tmp_path, kind):
                    timeout=240, wait_s=300)
     assert r["resumed_step"] == 4 and r["resumed"] == r["ended"]
     assert "manifest.json" in r["files"] and "meta.pt" in r["files"]
+
+
+@pytest.mark.parametrize("package", PACKAGES[:1])
+def test_fsdp_sharded_tensors_are_saved_synchronously_with_a_warning(ranks, tmp_path, package):
+    results = ranks.run("sharded_scenarios:fsdp", out=str(tmp_path), package=package, slow=0.2, mesh=False,
+                        timeout=120, wait_s=240)
+    for rank, r in enumerate(results):
+        assert r["kinds"] == ["ShardedTensor"]  # a process group given: FSDP's own sharded state dict
+        assert len(r["warnings"]) == 2 and "ShardedTensor" in r["warnings"][0], r["warnings"]  # a and b
+        if rank == 0:
+            assert r["remove_waited_s"] < 0.2  # nothing was pending any more: the save had blocked
+        assert r["a_exists_after"] is False
+        assert r["changed_differs"] and r["loaded"] == r["expected"]
+        assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
+
+
+def test_shards_larger_than_the_staging_budget_are_saved_synchronously(ranks, tmp_path):
+    results = ranks.run("sharded_scenarios:over_budget", out=str(tmp_path), package=PACKAGES[0], timeout=120,
+                        wait_s=240)
+    for r in results:
+        assert r["warnings"] and "more than host_memory_budget" in r["warnings"][0], r["warnings"]
+        assert r["loaded"] == r["ended"]
+
+
+@pytest.mark.parametrize("name", ["AsyncFSDPStrategy", "AsyncModelParallelStrategy"])
+def test_bad_options_fail_when_the_strategy_is_made(name):
+    import asyncckpt.lightning as al
+    from asyncckpt import InvalidArgumentError
+
+    cls = getattr(al, name)
+    with pytest.raises(InvalidArgumentError, match="max_pending_saves"):
+        cls(max_pending_saves=0)
+    with pytest.raises(InvalidArgumentError):
+        cls(engine_options={"host_memory_budget": -1})
+
+
+@pytest.mark.parametrize("name", ["AsyncFSDPStrategy", "AsyncModelParallelStrategy"])
+def test_each_package_gets_strategies_of_its_own(name):
+    import asyncckpt.lightning as al
+
+    for package, ours in (("lightning.pytorch", al), ("pytorch_lightning", getattr(al, "pl"))):
+        if package not in PACKAGES:
+            continue
+        base = getattr(importlib.import_module(package + ".strategies"), name[len("Async"):])
+        assert issubclass(getattr(ours, name), base)
