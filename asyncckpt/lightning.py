@@ -234,7 +234,8 @@ class _Reservation:
             return None
 
     def release(self, *_: Any) -> None:
-        """Remove the placeholder if it is still ours and empty (on the engine's loop: quick, never raises)."""
+        """Remove the placeholder if it is still ours and empty (on the engine's loop or a strategy's checkpoint
+        thread, as the save settles: quick, never raises)."""
         try:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) != self._id:
@@ -684,12 +685,12 @@ class _ShardedSavesImpl:
         self._landed(lambda i, _: self._max_pending is not None and i <= pending - self._max_pending)
         state = {self._model_key: checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        meta = None
+        meta, reservation = None, None
         if self.global_rank == 0:  # type: ignore[attr-defined]
             if path.is_file():  # a single-file checkpoint of that name is replaced, as Lightning does
                 self._settle(path)
                 path.unlink()
-            path.mkdir(parents=True, exist_ok=True)  # the path exists from now on
+            reservation = _Reservation.make(path, True)  # the path exists from now on; gone again if the save fails
             buf = io.BytesIO()
             torch.save(checkpoint, buf)  # the rest as it is now: training may change it from here on
             meta = buf.getvalue()
@@ -702,6 +703,8 @@ class _ShardedSavesImpl:
                           UserWarning, stacklevel=2)
             staged = state
         future = self._thread().submit(self._write, writer, staged, group, meta)
+        if reservation is not None:
+            future.add_done_callback(reservation.release)
         _landings.issued(_path_key(path), future)
         self._pending.append((_path_key(path), future))
         if staged is state:

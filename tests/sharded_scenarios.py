@@ -190,7 +190,7 @@ def pending(rank: int, world: int, out: str, package: str, slow: float) -> dict[
         result["teardown_error"] = f"{type(exc).__name__}: {exc}"
     local.LocalSink._write = write
     strategy.teardown()  # reported once: a second teardown is quiet
-    result["c_has_meta"] = os.path.exists(os.path.join(c, "meta.pt"))
+    result["c_exists"] = os.path.exists(c)
     result["threads_left"] = sorted({th.name for th in threading.enumerate()} - threads_before)
     return result
 

@@ -76,7 +76,7 @@ def test_model_parallel_pending_saves_removal_load_and_failures(ranks, tmp_path,
         assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
         assert r["teardown_error"] is not None and "c.ckpt" in r["teardown_error"], r["teardown_error"]
         assert "No space left" in r["teardown_error"]
-        assert r["c_has_meta"] is False  # a failed save is never taken for a checkpoint
+        assert r["c_exists"] is False  # a failed save leaves no directory Lightning could take for a checkpoint
         assert r["threads_left"] == [], r["threads_left"]
 
 
