@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import stat
 import sys
 import threading
@@ -29,12 +30,13 @@ from typing import Any, Optional
 
 from .io.paths import is_local, local_path, to_url
 
-__all__ = ["AsyncCheckpointIO", "NativeCheckpointIO", "is_native_checkpoint", "read_checkpoint",  # noqa: F822
-           "load_from_checkpoint", "pl"]
+__all__ = ["AsyncCheckpointIO", "NativeCheckpointIO", "AsyncFSDPStrategy",  # noqa: F822
+           "AsyncModelParallelStrategy", "is_native_checkpoint", "read_checkpoint", "load_from_checkpoint", "pl"]
 
 log = logging.getLogger("asyncckpt")
 
 _PLUGINS = ("AsyncCheckpointIO", "NativeCheckpointIO")
+_STRATEGIES = ("AsyncFSDPStrategy", "AsyncModelParallelStrategy")  # Lightning's strategy of the name after "Async"
 _FLAVOURS = {  # distribution -> (trainer package, fabric package)
     "lightning": ("lightning.pytorch", "lightning.fabric"),
     "pytorch_lightning": ("pytorch_lightning", "lightning_fabric"),
@@ -232,7 +234,8 @@ class _Reservation:
             return None
 
     def release(self, *_: Any) -> None:
-        """Remove the placeholder if it is still ours and empty (on the engine's loop: quick, never raises)."""
+        """Remove the placeholder if it is still ours and empty (on the engine's loop or a strategy's checkpoint
+        thread, as the save settles: quick, never raises)."""
         try:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) != self._id:
@@ -262,6 +265,13 @@ def _local_link(path: Any) -> Optional[str]:
     if is_local(url) and os.path.islink(local_path(url)):
         return local_path(url)
     return None
+
+
+def _check_max_pending(value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"max_pending_saves must be a positive int or None, not {value!r}")
 
 
 class _AsyncCheckpointIOImpl:
@@ -298,10 +308,7 @@ class _AsyncCheckpointIOImpl:
         if isinstance(base, _AsyncCheckpointIOImpl):
             raise ValueError(f"{type(base).__name__} is already asynchronous and cannot be the base of "
                              f"{type(self).__name__}; pass it to the Trainer directly")
-        if max_pending_saves is not None and (not isinstance(max_pending_saves, int) or max_pending_saves < 1):
-            from .errors import InvalidArgumentError
-
-            raise InvalidArgumentError(f"max_pending_saves must be a positive int or None, not {max_pending_saves!r}")
+        _check_max_pending(max_pending_saves)
         from .options import EngineOptions
 
         EngineOptions.from_kwargs(engine_options)  # bad options fail here, not at the first save mid-training
@@ -538,6 +545,343 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
         return self.engine.load(path, state=state, map_location=map_location, weights_only=weights_only, **kwargs)
 
 
+# ---------------------------------------------------------------- sharded strategies
+
+_META_FILE = "meta.pt"  # in a sharded strategy's checkpoint: all but the tensors (Lightning's _METADATA_FILENAME)
+
+# the part of the sharded strategies' docstrings they share
+_SHARDED = """
+
+    Sharded saves go through ``torch.distributed.checkpoint`` with asyncckpt's ``StorageWriter`` and return after
+    one copy into staging.
+
+    A save keeps Lightning's layout — a directory at the checkpoint's path, made at once on rank 0 (so
+    ``save_last="link"`` and ``ModelCheckpoint``'s ``-vN`` checks see it while it is pending), holding every rank's
+    shards and ``meta.pt`` (the rest of the checkpoint, serialized when the save is issued) — but writes ``meta.pt``
+    only after the global commit: Lightning takes a directory with ``meta.pt`` for a checkpoint. The DCP saves run
+    one after another in a thread of the strategy's, on a gloo process group of their own (their collectives never
+    meet the training's); at most ``max_pending_saves`` are in flight. Removing a checkpoint waits for its pending
+    save, loading waits for every pending save (on every rank: ``meta.pt`` lands last, on rank 0) and reads through
+    asyncckpt's ``StorageReader``; sharded checkpoints written by Lightning's own strategy still load.
+    ``teardown`` (the end of ``fit``) waits for all of them. Each background failure is raised once, by the next
+    save, load, removal or the teardown.
+
+    Args:
+        *args, **kwargs: Lightning's strategy arguments.
+        max_pending_saves: sharded saves in flight at once; the next one waits for the oldest (each holds a copy of
+            this rank's shards in staging memory). ``None``: only ``host_memory_budget`` bounds them.
+        engine_options: options for the engine the saves and loads use (``host_memory_budget``, ``fsync``, ...);
+            it is closed by ``teardown``.
+"""
+
+
+def _failure(future: Any) -> Optional[BaseException]:
+    """Wait for ``future``; its exception, or None."""
+    try:
+        future.result()
+    except BaseException as exc:  # noqa: B036 — reported by the caller
+        return exc
+    return None
+
+
+class _ShardedSavesImpl:
+    """What the asynchronous sharded strategies add to Lightning's (see ``_SHARDED``)."""
+
+    _flavour = "lightning"
+    _model_key = "state_dict"  # the key of the module's state in the DCP checkpoint, as Lightning names it
+
+    def __init__(self, *args: Any, max_pending_saves: Optional[int] = 2,
+                 engine_options: Optional[dict[str, Any]] = None, **kwargs: Any):
+        _check_max_pending(max_pending_saves)
+        from .options import EngineOptions
+
+        EngineOptions.from_kwargs(dict(engine_options or {}))  # bad options fail here, not at the first save
+        super().__init__(*args, **kwargs)
+        self._max_pending, self._engine_options = max_pending_saves, dict(engine_options or {})
+        self._pending: collections.deque[tuple[str, Any]] = collections.deque()  # (path key, future), oldest first
+        self._ckpt_engine: Any = None
+        self._ckpt_thread: Any = None
+        self._ckpt_group: Any = None
+
+    # ------------------------------------------------------------ what differs between the strategies
+
+    def _saves_sharded(self) -> bool:
+        raise NotImplementedError
+
+    def _load_sharded(self, path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ parts
+
+    def _lightning(self, name: str) -> Any:
+        """A module of this class's Lightning package (``name`` relative to the trainer's or, with ``fabric.``, to
+        the fabric's package)."""
+        trainer, fabric = _FLAVOURS[self._flavour]
+        return importlib.import_module(fabric + name[6:] if name.startswith("fabric") else trainer + name)
+
+    def _engine(self) -> Any:
+        if self._ckpt_engine is None:
+            from .sync_engine import SyncEngine
+
+            self._ckpt_engine = SyncEngine(**self._engine_options)
+        return self._ckpt_engine
+
+    def _group(self) -> Any:
+        """The gloo process group of the checkpoint thread's collectives (made by every rank at its first save)."""
+        if self._ckpt_group is None:
+            import torch.distributed as dist
+
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
+
+    def _thread(self) -> Any:
+        if self._ckpt_thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ckpt_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-dcp")
+        return self._ckpt_thread
+
+    def _landed(self, pick: Any) -> None:
+        """Wait for the pending saves ``pick(index, key)`` selects, forget every landed one, and raise the first
+        failure among them."""
+        error: Optional[BaseException] = None
+        left: collections.deque[tuple[str, Any]] = collections.deque()
+        for i, (key, future) in enumerate(self._pending):
+            if pick(i, key) or future.done():
+                error = error or _failure(future)
+            else:
+                left.append((key, future))
+        self._pending = left
+        if error is not None:
+            raise error
+
+    def _settle(self, path: Any) -> None:
+        """Let pending saves of ``path`` land: this strategy's, then those of plugins of this process."""
+        for key in _settle_paths(path):
+            self._landed(lambda _, k: k == key)
+            _landings.wait_here(key)
+
+    # ------------------------------------------------------------ Lightning's API
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
+                        ) -> None:
+        if not self._saves_sharded():  # one file through the CheckpointIO, as Lightning does
+            self._settle(filepath)
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+            return
+        if storage_options is not None:
+            raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported: "
+                            "sharded saves do not use the CheckpointIO")
+        import io
+        from pathlib import Path
+
+        import torch
+
+        from .dcp import StorageWriter
+        from .errors import CheckpointError
+
+        path = Path(self.broadcast(filepath))  # type: ignore[attr-defined]
+        pending = len(self._pending)
+        self._landed(lambda i, _: self._max_pending is not None and i <= pending - self._max_pending)
+        state = {self._model_key: checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        meta, reservation = None, None
+        if self.global_rank == 0:  # type: ignore[attr-defined]
+            if path.is_file():  # a single-file checkpoint of that name is replaced, as Lightning does
+                self._settle(path)
+                path.unlink()
+            reservation = _Reservation.make(path, True)  # the path exists from now on; gone again if the save fails
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)  # the rest as it is now: training may change it from here on
+            meta = buf.getvalue()
+        writer = StorageWriter(path, engine=self._engine())
+        group = self._group()
+        try:
+            staged = writer.stage(state)  # this rank's one copy
+        except CheckpointError as exc:  # too large for the staging budget, or tensors it cannot stage
+            warnings.warn(f"{path}: {exc}; this save streams through the budget and blocks until it is written",
+                          UserWarning, stacklevel=2)
+            staged = state
+        future = self._thread().submit(self._write, writer, staged, group, meta)
+        if reservation is not None:
+            future.add_done_callback(reservation.release)
+        _landings.issued(_path_key(path), future)
+        self._pending.append((_path_key(path), future))
+        if staged is state:
+            self._landed(lambda i, k: True)  # it was the last one in: all of them
+
+    @staticmethod
+    def _write(writer: Any, state: Any, group: Any, meta: Optional[bytes]) -> None:
+        """In the checkpoint thread: the DCP save (every rank's shards, then the global manifest), then meta.pt."""
+        import torch.distributed.checkpoint as dcp
+
+        from .dcp import unwrapped
+
+        with unwrapped():
+            dcp.save(state, storage_writer=writer, process_group=group)
+        if meta is not None:
+            target = writer.target()
+            writer.engine.run(target.storage.put_atomic, target.storage.join(target.path, _META_FILE), meta,
+                              writer.options.fsync)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove the checkpoint once its pending save has landed (rank 0); a symlink is removed itself."""
+        if not self.is_global_zero:  # type: ignore[attr-defined]
+            return
+        try:
+            self._settle(filepath)
+        finally:
+            link = _local_link(filepath)
+            if link is not None:
+                os.remove(link)
+            else:
+                super().remove_checkpoint(filepath)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Any:
+        from pathlib import Path
+
+        from .format.manifest import MANIFEST_NAME
+
+        path = Path(self.broadcast(checkpoint_path))  # type: ignore[attr-defined]
+        self._landed(lambda i, k: True)  # every pending save: the load's collectives must not meet theirs
+        for key in _settle_paths(path):
+            _landings.wait(key)  # on every rank: rank 0 writes meta.pt last
+        if (path / MANIFEST_NAME).is_file() and (path / _META_FILE).is_file():
+            return self._load_sharded(path, weights_only)
+        return super().load_checkpoint(path, weights_only)  # type: ignore[misc]
+
+    def _dcp_load(self, state: dict[str, Any], path: Any, weights_only: Optional[bool]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from .dcp import unwrapped
+
+        with unwrapped():
+            dcp.load(state, storage_reader=self._reader(path, weights_only))
+
+    def _reader(self, path: Any, weights_only: Optional[bool]) -> Any:
+        from .dcp import StorageReader
+
+        return StorageReader(path, engine=self._engine(), weights_only=weights_only is not False)
+
+    def wait(self) -> None:
+        """Block until every pending sharded save has landed; raise the first failure not reported yet."""
+        self._landed(lambda i, k: True)
+
+    def teardown(self) -> None:
+        """Wait for every pending save, stop the checkpoint thread, close the engine, then Lightning's teardown;
+        raise the first failure not reported yet."""
+        try:
+            self.wait()
+        finally:
+            thread, engine, group = self._ckpt_thread, self._ckpt_engine, self._ckpt_group
+            self._ckpt_thread = self._ckpt_engine = self._ckpt_group = None
+            try:
+                if thread is not None:
+                    thread.shutdown(wait=True)
+                if group is not None:
+                    import torch.distributed as dist
+
+                    if dist.is_initialized():
+                        dist.destroy_process_group(group)
+                if engine is not None:
+                    engine.close()
+            finally:
+                super().teardown()  # type: ignore[misc]
+
+
+class _AsyncModelParallelStrategyImpl(_ShardedSavesImpl):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2, tensor parallel) saving its distributed checkpoints
+    asynchronously through asyncckpt."""
+
+    __doc__ = (__doc__ or "").rstrip() + _SHARDED
+
+    def _saves_sharded(self) -> bool:
+        return bool(self._save_distributed_checkpoint)  # type: ignore[attr-defined]
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Lightning's, but not offloaded to the CPU for a sharded save: staging is the one copy off the device."""
+        if not self._saves_sharded():
+            return super().lightning_module_state_dict()  # type: ignore[misc,no-any-return]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions())  # type: ignore[attr-defined]
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Lightning's, not offloaded to the CPU for a sharded save (see :meth:`lightning_module_state_dict`)."""
+        if not self._saves_sharded():
+            return super().optimizer_state(optimizer)  # type: ignore[misc,no-any-return]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions())  # type: ignore[attr-defined]
+
+    def _load_sharded(self, path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+        """Lightning's sharded load (``fabric.strategies.model_parallel._load_checkpoint``), read through
+        asyncckpt: the module and every optimizer in one DCP load."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        module = self.model  # type: ignore[attr-defined]
+        optimizers = list(self.optimizers)  # type: ignore[attr-defined]
+        state = {self._model_key: get_model_state_dict(module)}
+        state.update({f"optimizer_{i}": get_optimizer_state_dict(module, o) for i, o in enumerate(optimizers)})
+        self._dcp_load(state, path, weights_only)
+        module.load_state_dict(state[self._model_key], strict=self.lightning_module.strict_loading)  # type: ignore
+        for i, optimizer in enumerate(optimizers):
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _META_FILE, weights_only=weights_only)  # type: ignore[no-any-return]
+
+
+class _AsyncFSDPStrategyImpl(_ShardedSavesImpl):
+    """Lightning's ``FSDPStrategy`` saving ``state_dict_type="sharded"`` checkpoints asynchronously through
+    asyncckpt (``"full"`` ones go through the CheckpointIO as in Lightning: pass ``plugins=[AsyncCheckpointIO()]``
+    to make those asynchronous)."""
+
+    __doc__ = (__doc__ or "").rstrip() + _SHARDED
+    _model_key = "model"
+
+    def _saves_sharded(self) -> bool:
+        return self._state_dict_type == "sharded"  # type: ignore[attr-defined,no-any-return]
+
+    def setup_environment(self) -> None:
+        """Lightning's, then (sharded saves, one-dimensional sharding, no mesh or group given) a device mesh over
+        all ranks for FSDP: the same sharding, but state dicts of DTensors, which a save stages in one copy
+        (FSDP's ShardedTensors cannot be staged: such a save streams and blocks, with a warning)."""
+        super().setup_environment()  # type: ignore[misc]
+        kwargs = self.kwargs  # type: ignore[attr-defined]
+        if (self._saves_sharded() and "device_mesh" not in kwargs and "process_group" not in kwargs
+                and self.sharding_strategy.name in ("FULL_SHARD", "SHARD_GRAD_OP")):  # type: ignore[attr-defined]
+            from torch.distributed.device_mesh import init_device_mesh
+
+            kwargs["device_mesh"] = init_device_mesh(self.root_device.type,  # type: ignore[attr-defined]
+                                                     (self.world_size,))  # type: ignore[attr-defined]
+
+    def _load_sharded(self, path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+        """Lightning's sharded load (``pytorch.strategies.fsdp.FSDPStrategy.load_checkpoint``), read through
+        asyncckpt."""
+        import torch
+        from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = self.model  # type: ignore[attr-defined]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        fitting = module.trainer.state.fn == self._lightning(".trainer.states").TrainerFn.FITTING
+        with self._lightning("fabric.strategies.fsdp")._get_sharded_state_dict_context(model):
+            state = {self._model_key: model.state_dict()}
+            self._dcp_load(state, path, weights_only)
+            model.load_state_dict(state[self._model_key], strict=module.strict_loading)
+            if fitting and self.optimizers:  # type: ignore[attr-defined]
+                reader = self._reader(path, weights_only)
+                for i, optimizer in enumerate(self.optimizers):  # type: ignore[attr-defined]
+                    loaded = load_sharded_optimizer_state_dict(model_state_dict=state[self._model_key],
+                                                               optimizer_key=f"optimizer_{i}", storage_reader=reader)
+                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(
+                        optim_state_dict=loaded[f"optimizer_{i}"], model=model, optim=optimizer))
+        return torch.load(path / _META_FILE, weights_only=weights_only)  # type: ignore[no-any-return]
+
+
 # ---------------------------------------------------------------- native checkpoints outside the Trainer
 
 
@@ -551,11 +895,26 @@ def is_native_checkpoint(path: Any, storage_options: Optional[dict] = None) -> b
 def read_checkpoint(path: Any, *, map_location: Any = "cpu", weights_only: Optional[bool] = None,
                     storage_options: Optional[dict] = None) -> dict[str, Any]:
     """Read a checkpoint written by :class:`NativeCheckpointIO` (checksums verified; pickled values only with
-    ``weights_only=False``, as in ``torch.load``)."""
+    ``weights_only=False``, as in ``torch.load``), or by a sharded strategy (``AsyncModelParallelStrategy``,
+    ``AsyncFSDPStrategy``): its tensors assembled whole and, with its ``meta.pt``, laid out as a Trainer's
+    checkpoint (``state_dict``, ``optimizer_states``), as Lightning's ``consolidate_checkpoint`` makes it."""
     from .sync_engine import SyncEngine
 
     with SyncEngine(storage_options=storage_options) as engine:
-        return engine.load(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = engine.load(path, map_location=map_location, weights_only=weights_only)
+    url = to_url(path)
+    meta = os.path.join(local_path(url), _META_FILE) if is_local(url) else None
+    if meta is None or not os.path.isfile(meta):
+        return checkpoint
+    import torch
+
+    checkpoint.update(torch.load(meta, map_location=map_location, weights_only=weights_only))
+    if "state_dict" not in checkpoint and "model" in checkpoint:  # FSDPStrategy's name for it
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    count = sum(1 for key in checkpoint if re.fullmatch(r"optimizer_[0-9]+", str(key)))
+    if count:
+        checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{i}") for i in range(count)]
+    return checkpoint
 
 
 def load_from_checkpoint(cls: type, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
@@ -603,22 +962,34 @@ _built: dict[tuple[str, str], type] = {}
 
 
 def _build(kind: str, flavour: str, module: str) -> type:
+    """The plugin (a virtual subclass of the other package's wrapping plugin too) or the strategy (of this
+    flavour's package only: a strategy runs on its own package's internals) named ``kind``."""
     with _lock:
         if (kind, flavour) not in _built:
-            impl = _AsyncCheckpointIOImpl if kind == "AsyncCheckpointIO" else _NativeCheckpointIOImpl
-            cls = type(kind, (impl, _wrapping(flavour)), {"__module__": module, "__qualname__": kind,
-                                                          "__doc__": impl.__doc__, "_flavour": flavour})
+            impl: type = _IMPLS[kind]
+            if kind in _STRATEGIES:
+                strategies = importlib.import_module(_FLAVOURS[flavour][0] + ".strategies")
+                base = getattr(strategies, kind[len("Async"):])
+            else:
+                base = _wrapping(flavour)
+            cls = type(kind, (impl, base), {"__module__": module, "__qualname__": kind,
+                                            "__doc__": impl.__doc__, "_flavour": flavour})
             for other in _FLAVOURS:
-                if other != flavour and _installed(other):
+                if kind in _PLUGINS and other != flavour and _installed(other):
                     with contextlib.suppress(ImportError):  # a broken second installation must not break the first
                         _wrapping(other).register(cls)
             _built[kind, flavour] = cls
         return _built[kind, flavour]
 
 
+_IMPLS: dict[str, type] = {"AsyncCheckpointIO": _AsyncCheckpointIOImpl, "NativeCheckpointIO": _NativeCheckpointIOImpl,
+                           "AsyncFSDPStrategy": _AsyncFSDPStrategyImpl,
+                           "AsyncModelParallelStrategy": _AsyncModelParallelStrategyImpl}
+
+
 def _lazy(module: Any, flavour: Any) -> Any:
     def __getattr__(name: str) -> type:
-        if name not in _PLUGINS:
+        if name not in _IMPLS:
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
         cls = _build(name, flavour(), module.__name__)
         setattr(module, name, cls)
@@ -634,8 +1005,8 @@ def _default_flavour() -> str:
                       "(pip install 'asyncckpt[lightning]')")
 
 
-pl = types.ModuleType(__name__ + ".pl", "The plugin classes built on pytorch_lightning's hierarchy.")
-pl.__all__ = list(_PLUGINS)
+pl = types.ModuleType(__name__ + ".pl", "The plugins and strategies built on pytorch_lightning's hierarchy.")
+pl.__all__ = [*_PLUGINS, *_STRATEGIES]
 pl.__getattr__ = _lazy(pl, lambda: "pytorch_lightning")
 sys.modules.setdefault(pl.__name__, pl)
 __getattr__ = _lazy(sys.modules[__name__], _default_flavour)

@@ -12,6 +12,7 @@ import xxhash
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from asyncckpt.dcp import StorageReader, StorageWriter, unwrapped
@@ -22,7 +23,9 @@ ENGINE = {"chunk_bytes": 64 << 10, "host_memory_budget": 64 << 20}  # small chun
 def digest(t: torch.Tensor) -> str:
     if isinstance(t, DTensor):
         t = t.full_tensor()
-    t = t.detach().contiguous()
+    if isinstance(t, ShardedTensor):  # FSDP1's own sharded state: this rank's shards, with where they lie
+        return ";".join(f"{s.metadata.shard_offsets}:{digest(s.tensor)}" for s in t.local_shards())
+    t = t.detach().cpu().contiguous()
     return f"{t.dtype}{list(t.shape)}:" + xxhash.xxh3_64_hexdigest(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 

@@ -1,12 +1,13 @@
 """Child side of the multi-rank tests (tests/test_dcp.py): a fork server that runs process groups of real ranks.
 
-Run as ``python dist_worker.py serve``. It imports torch, torch.distributed and asyncckpt once, then reads
-commands from stdin, one JSON object per line, and answers one line each:
+Run as ``python dist_worker.py [MODULE...]``. It imports torch, torch.distributed, asyncckpt and the scenario
+modules named (``dist_scenarios`` always) once, then reads commands from stdin, one JSON object per line, and
+answers one line each:
 
 ``{"cmd": "start", "scenario": name, "world": n, "args": {...}, "timeout": s, "dir": path}``  fork ``n`` ranks;
     answer ``{"pids": [...]}`` at once. Each rank joins a gloo group (a fresh file store in a new directory under
-    ``dir``, the test's own temporary directory) and runs ``dist_scenarios.<name>(rank, world, **args)``; what it
-    returns is its result.
+    ``dir``, the test's own temporary directory) and runs ``dist_scenarios.<name>(rank, world, **args)`` (or, for
+    a name ``module:function``, that module's function); what it returns is its result.
 ``{"cmd": "wait", "pids": [...], "timeout": s}``  reap them (killing any still running when the time is up);
     answer ``{"rcs": [...], "results": [...]}`` — a result is the scenario's return value, or
     ``{"error": traceback}``. Once every rank of a start is reaped its directory is removed; the server removes
@@ -19,6 +20,7 @@ default test run. The server itself starts no thread (forking a threaded process
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -45,6 +47,8 @@ import torch.distributed.tensor  # noqa: E402,F401
 import asyncckpt.dcp  # noqa: E402,F401
 import dist_scenarios  # noqa: E402
 
+SCENARIOS = {"dist_scenarios": dist_scenarios}
+
 
 def rank_main(scenario: str, rank: int, world: int, store: str, out: str, args: dict, timeout: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
@@ -54,7 +58,8 @@ def rank_main(scenario: str, rank: int, world: int, store: str, out: str, args: 
         if world:
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout))
-        result = getattr(dist_scenarios, scenario)(rank, world, **args)
+        module, _, name = scenario.rpartition(":")
+        result = getattr(SCENARIOS[module or "dist_scenarios"], name)(rank, world, **args)
     except BaseException:  # noqa: B036 — a rank reports everything
         result, code = {"error": traceback.format_exc()}, 1
     with open(out + ".tmp", "w") as f:
@@ -148,4 +153,6 @@ def handle(cmd: dict, running: dict[int, str], groups: dict[str, set[int]]) -> d
 
 
 if __name__ == "__main__":
+    for name in sys.argv[1:]:  # before any fork, so no rank pays for the import
+        SCENARIOS[name] = importlib.import_module(name)
     serve()

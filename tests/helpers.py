@@ -4,6 +4,7 @@ fork servers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,4 +35,29 @@ class LineServer:
         self.proc.wait(timeout=30)
 
 
-__all__ = ["LineServer", "assert_same", "lightning_state", "mixed_state", "same", "tiny_model"]
+class Ranks(LineServer):
+    """The fork server of tests/dist_worker.py, with the scenario modules ``modules`` imported before it forks."""
+
+    def __init__(self, scratch: Path, modules: tuple[str, ...] = ()) -> None:
+        self.scratch = scratch  # every group's file store and results go under it (the server removes them)
+        here = Path(__file__).resolve().parent
+        env = {**os.environ, "PYTHONPATH": str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        super().__init__(here / "dist_worker.py", list(modules), here.parent, env)
+
+    def start(self, scenario: str, world: int = 2, timeout: float = 60, **args: Any) -> list[int]:
+        return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout,
+                         dir=str(self.scratch))["pids"]
+
+    def wait(self, pids: list[int], timeout: float = 120) -> tuple[list[int], list[Any]]:
+        answer = self.call(cmd="wait", pids=pids, timeout=timeout)
+        return answer["rcs"], answer["results"]
+
+    def run(self, scenario: str, world: int = 2, timeout: float = 60, wait_s: float = 120, **args: Any
+            ) -> list[Any]:
+        rcs, results = self.wait(self.start(scenario, world, timeout, **args), wait_s)
+        for rank, (rc, result) in enumerate(zip(rcs, results)):
+            assert rc == 0, f"rank {rank} failed (rc={rc}):\n{(result or {}).get('error', result)}"
+        return results
+
+
+__all__ = ["LineServer", "Ranks", "assert_same", "lightning_state", "mixed_state", "same", "tiny_model"]

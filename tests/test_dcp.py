@@ -40,33 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dist_scenarios  # noqa: E402
 
-from .helpers import LineServer  # noqa: E402
-
-ENV = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-class Ranks(LineServer):
-    """The fork server of tests/dist_worker.py."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch  # every group's file store and results go under it (the server removes them)
-        super().__init__(HERE / "dist_worker.py", [], HERE.parent, ENV)
-
-    def start(self, scenario: str, world: int = 2, timeout: float = 60, **args: Any) -> list[int]:
-        return self.call(cmd="start", scenario=scenario, world=world, args=args, timeout=timeout,
-                         dir=str(self.scratch))["pids"]
-
-    def wait(self, pids: list[int], timeout: float = 120) -> tuple[list[int], list[Any]]:
-        answer = self.call(cmd="wait", pids=pids, timeout=timeout)
-        return answer["rcs"], answer["results"]
-
-    def run(self, scenario: str, world: int = 2, timeout: float = 60, wait_s: float = 120, **args: Any
-            ) -> list[Any]:
-        rcs, results = self.wait(self.start(scenario, world, timeout, **args), wait_s)
-        for rank, (rc, result) in enumerate(zip(rcs, results)):
-            assert rc == 0, f"rank {rank} failed (rc={rc}):\n{(result or {}).get('error', result)}"
-        return results
-
+from .helpers import Ranks  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):

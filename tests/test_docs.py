@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -88,6 +89,19 @@ def test_block_parser_honours_the_marker(tmp_path):
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: p.name)
 def test_examples_run(page, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
+    environ = dict(os.environ)
+    try:
+        run_page(page, monkeypatch, request)
+    finally:  # a page that ran a Trainer on a process group (the sharded recipes) leaves neither behind
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+
+
+def run_page(page: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     namespace: dict = {"__name__": "__docs__"}
     for block in runnable(page):
         if block.s3:
