@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -94,7 +95,9 @@ class MotoServer:
 
 
 class GCSEmulator:
-    """``gcp-storage-emulator`` (a Google Cloud Storage emulator, in memory) on a free loopback port."""
+    """``gcp-storage-emulator`` (a Google Cloud Storage emulator, in memory) on a free loopback port. gcsfs should be
+    imported with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` in the environment: otherwise it probes each bucket
+    over gRPC, which the emulator does not answer, for 60 s."""
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.port = free_port()
@@ -107,13 +110,33 @@ class GCSEmulator:
         """storage_options for gcsfs: the emulator's endpoint, no credentials."""
         return {"endpoint_url": endpoint or self.url, "token": "anon", "project": "asyncckpt-test"}
 
+    def _json(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
+        import json
+
+        req = urllib.request.Request(self.url + path, method=method, data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=30) as reply:
+            data = reply.read()
+        return json.loads(data) if data else None
+
     def create_bucket(self, name: str) -> None:
         import json
 
-        req = urllib.request.Request(f"{self.url}/storage/v1/b?project=asyncckpt-test", method="POST",
-                                     data=json.dumps({"name": name}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=10).close()
+        self._json("POST", "/storage/v1/b?project=asyncckpt-test", json.dumps({"name": name}).encode())
+
+    def names(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object name under ``prefix`` (listed over the JSON API, independently of gcsfs)."""
+        query = urllib.parse.urlencode({"prefix": prefix})
+        return sorted(o["name"] for o in self._json("GET", f"/storage/v1/b/{bucket}/o?{query}").get("items", []))
+
+    def put(self, bucket: str, name: str, data: bytes) -> None:
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        self._json("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data, "application/octet-stream")
+
+    def get(self, bucket: str, name: str) -> bytes:
+        quoted = urllib.parse.quote(name, safe="")
+        with urllib.request.urlopen(f"{self.url}/download/storage/v1/b/{bucket}/o/{quoted}?alt=media",
+                                    timeout=30) as reply:
+            return reply.read()
 
     def stop(self) -> None:
         _stop(self.proc, self._log)
