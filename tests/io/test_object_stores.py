@@ -139,19 +139,20 @@ def test_latest_skips_an_uncommitted_save(store: Store) -> None:
 
 
 def test_transient_faults_are_retried(store: Store, proxy: FaultProxy) -> None:
-    """503s, 500s and reset connections on a quarter of all requests: the save and the load still succeed."""
+    """503s, 500s, reset connections and replies cut off after the request was served (a chunk the store holds but
+    the client never heard of, sent again) on a quarter of all requests: the save and the load still succeed."""
     state = state_of(2)
 
     async def main() -> Any:
         async with engine(store.options(proxy, retry=FAST)) as eng:
-            proxy.configure(0.25, ("503", "500", "reset"))
+            proxy.configure(0.25, ("503", "500", "reset", "truncate"))
             await (await eng.save(state, store.url("ckpt")))
             out = await eng.load(store.url("ckpt"))
             proxy.configure(0.0)
             return out
 
     assert_same(asyncio.run(main()), state)
-    assert sum(proxy.injected.values()) >= 5, proxy.injected
+    assert sum(proxy.injected.values()) >= 5 and proxy.injected["truncate"] >= 1, proxy.injected
     assert store.names("ckpt/")[0] == "ckpt/manifest.json"
 
 
