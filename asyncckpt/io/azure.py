@@ -14,7 +14,7 @@ import errno
 import socket
 import uuid
 import weakref
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
@@ -25,7 +25,7 @@ from ..format.parts import PartRules
 from ..memory.buffers import as_memoryview
 from ..options import RetryPolicy
 from .fsspec import FsspecStorage, filesystem_options
-from .retry import retrying
+from .retry import causes, retrying
 
 MiB = 1 << 20
 MAX_BLOCK = 4000 * MiB
@@ -43,12 +43,10 @@ HINTS = {
 
 def _status(exc: BaseException) -> tuple[str | None, int | None]:
     """The Azure error code and HTTP status of a failed request, when the service answered."""
-    seen, current = 0, exc
-    while current is not None and seen < 8:
+    for current in causes(exc):
         status = getattr(current, "status_code", None)
         if isinstance(status, int):
             return getattr(current, "error_code", None), status
-        current, seen = current.__cause__ or current.__context__, seen + 1
     return None, None
 
 
@@ -59,13 +57,8 @@ def is_transient(exc: BaseException) -> bool:
     _, status = _status(exc)
     if status is not None:
         return status in TRANSIENT_STATUSES
-    seen, current = 0, exc
-    while current is not None and seen < 8:
-        if isinstance(current, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError,
-                                asyncio.TimeoutError, socket.timeout)):
-            return True
-        current, seen = current.__cause__ or current.__context__, seen + 1
-    return False
+    return any(isinstance(current, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError,
+                                    asyncio.TimeoutError, socket.timeout)) for current in causes(exc))
 
 
 def failure(exc: BaseException, op: str, where: str, attempts: int, seconds: float, transient: bool) -> StorageError:
@@ -118,7 +111,8 @@ class AzureStorage(FsspecStorage):
         return await self.request(name, args[0] if args else None,
                                   lambda: FsspecStorage.call(self, name, *args, **kwargs))
 
-    async def request(self, op: str, path: Any, fn: Any, policy: RetryPolicy | None = None) -> Any:
+    async def request(self, op: str, path: Any, fn: Callable[[], Awaitable[Any]],
+                      policy: RetryPolicy | None = None) -> Any:
         """``await fn()`` (one Azure request), retried per the policy; ``op`` and ``path`` name it in errors."""
         where = self.where(path)
         return await retrying(f"{op} on {where}", fn, policy or self.retry, transient=is_transient,
@@ -187,7 +181,7 @@ class AzureSink:
             self.staged.add(index)
         return sig
 
-    async def _send(self, op: str, request: Any, policy: RetryPolicy | None = None) -> Any:
+    async def _send(self, op: str, request: Callable[[], Awaitable[Any]], policy: RetryPolicy | None = None) -> Any:
         async def once() -> Any:
             async with self.storage.io.limiter:
                 return await request()

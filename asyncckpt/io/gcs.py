@@ -12,7 +12,7 @@ import errno
 import inspect
 import socket
 import types
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
@@ -23,7 +23,7 @@ from ..format.parts import PartRules
 from ..memory.buffers import as_memoryview
 from ..options import RetryPolicy
 from .fsspec import FsspecStorage, filesystem_options
-from .retry import retrying
+from .retry import causes, retrying
 
 MULTIPLE = 256 << 10  # every chunk of a resumable upload but the last is a whole multiple of 256 KiB
 CONTENT_TYPE = "application/octet-stream"
@@ -39,27 +39,27 @@ def is_transient(exc: BaseException) -> bool:
     and timeouts."""
     from gcsfs.retry import is_retriable
 
-    seen, current = 0, exc
-    while current is not None and seen < 8:
+    for current in causes(exc):
         if isinstance(current, (FileNotFoundError, PermissionError)):
             return False
         if is_retriable(current) or isinstance(current, (ConnectionError, TimeoutError, asyncio.TimeoutError,
                                                           socket.timeout)):
             return True
-        current, seen = current.__cause__ or current.__context__, seen + 1
     return False
 
 
 def failure(exc: BaseException, op: str, where: str, attempts: int, seconds: float, transient: bool) -> StorageError:
     """The StorageError that reports ``exc``: gcsfs's own words, and what to do about it."""
-    status = getattr(exc, "code", None)
-    what = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
+    code = str(getattr(exc, "code", ""))  # an HttpError's status, an int or a str
     detail = str(exc).strip() or type(exc).__name__
+    # gcsfs raises a bare OSError("Forbidden: ...") for a 403
+    status = int(code) if code.isdigit() else 403 if detail.startswith("Forbidden") else None
+    what = f"HTTP {status}" if status is not None else type(exc).__name__
     if transient:
         msg = (f"GCS {op} on {where} kept failing ({what}: {detail}) after {attempts} attempts over {seconds:.1f}s; "
                "the store is throttling or unreachable — retry later or raise RetryPolicy.attempts")
     else:
-        hint = HINTS.get(status if isinstance(status, int) else 403 if "Forbidden" in detail else 0, "")
+        hint = HINTS.get(status, "") if status is not None else ""
         msg = f"GCS {op} on {where} failed: {what}: {detail}" + (f" — {hint}" if hint else "") + " (not retried)"
     return StorageError(msg, operation=op, code=None if status is None else str(status), attempts=attempts)
 
@@ -98,7 +98,8 @@ class GCSStorage(FsspecStorage):
         return await self.request(name, args[0] if args else None,
                                   lambda: FsspecStorage.call(self, name, *args, **kwargs))
 
-    async def request(self, op: str, path: Any, fn: Any, policy: RetryPolicy | None = None) -> Any:
+    async def request(self, op: str, path: Any, fn: Callable[[], Awaitable[Any]],
+                      policy: RetryPolicy | None = None) -> Any:
         """``await fn()`` (one GCS request), retried per the policy; ``op`` and ``path`` name it in errors."""
         where = self.where(path)
         return await retrying(f"{op} on {where}", fn, policy or self.retry, transient=is_transient,
@@ -123,7 +124,7 @@ class GCSStorage(FsspecStorage):
                 raise StorageError(f"GCS get_bucket on gs://{bucket} failed: HTTP 404 — {HINTS[404]}",
                                    operation="get_bucket", code="404") from None
             except StorageError as exc:
-                if exc.code != "403" and "Forbidden" not in str(exc):  # writers may lack storage.buckets.get
+                if exc.code != "403":  # writers may lack storage.buckets.get
                     raise
             self._buckets_checked.add(bucket)
         return False
@@ -174,7 +175,7 @@ class GCSSink:
             self.completed = True
         return sig
 
-    async def _limited(self, request: Any) -> Any:
+    async def _limited(self, request: Awaitable[Any]) -> Any:
         async with self.storage.io.limiter:
             return await request
 

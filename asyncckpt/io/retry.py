@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import anyio
 
@@ -13,6 +13,16 @@ from ..errors import CheckpointError
 from ..options import RetryPolicy
 
 log = logging.getLogger("asyncckpt.io")
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during, innermost last (at most 8: clients re-raise their
+    transport's errors as their own, and a store's answer may sit a few levels down)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 async def retrying(where: str, fn: Callable[[], Awaitable[Any]], policy: RetryPolicy, *,

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from ...errors import S3Error
 from ...options import RetryPolicy
-from ..retry import retrying as retry_loop
+from ..retry import causes, retrying as retry_loop
 
 HINTS = {
     "NoSuchBucket": "the bucket does not exist (asyncckpt never creates buckets); create it or fix the URL",
@@ -69,13 +69,7 @@ def _transient() -> tuple[frozenset[str], frozenset[int], tuple[type[BaseExcepti
 
 def _client_error(exc: BaseException | None) -> Any:
     """The botocore ClientError behind ``exc`` (s3fs re-raises them as OSError subclasses), or None."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(getattr(exc, "response", None), dict):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    return next((e for e in causes(exc) if isinstance(getattr(e, "response", None), dict)), None)
 
 
 def error_code(exc: BaseException) -> tuple[str | None, int | None]:
@@ -96,14 +90,8 @@ def is_transient(exc: BaseException) -> bool:
     code, status = error_code(exc)
     if code is not None or status is not None:
         return code in codes or status in statuses
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, types) and not isinstance(current, (FileNotFoundError, PermissionError)):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+    return any(isinstance(current, types) and not isinstance(current, (FileNotFoundError, PermissionError))
+               for current in causes(exc))
 
 
 def is_missing_key(exc: BaseException) -> bool:
