@@ -146,6 +146,11 @@ class RetryPolicy:
         """Seconds to sleep before retry number ``retry`` (from 0)."""
         return random.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** retry)))
 
+    def for_cleanup(self) -> "RetryPolicy":
+        """This policy cut to 4 attempts and 2 s sleeps: clean-up after a failed save must not outlast it."""
+        return RetryPolicy(attempts=min(self.attempts, 4), base_delay=self.base_delay,
+                           max_delay=min(self.max_delay, 2.0))
+
     @classmethod
     def coerce(cls, value: Any) -> "RetryPolicy":
         """A policy from ``storage_options["retry"]``: None (the defaults), a policy, or a dict of its fields."""

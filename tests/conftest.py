@@ -14,13 +14,16 @@ import os
 import sys
 import uuid
 
-import pytest
+# gcsfs otherwise probes every bucket over gRPC for zonal/HNS features (60 s against the emulator); read on import
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import faultfs  # noqa: E402
 
-from asyncckpt.testing import MotoServer  # noqa: E402
+from asyncckpt.testing import Azurite, GCSEmulator, MotoServer  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,3 +69,41 @@ def bucket(s3):
 @pytest.fixture
 def options(moto):
     return moto.options()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    server = GCSEmulator()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs):
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def gcs_options(gcs):
+    return gcs.options()
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    server = Azurite()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def az_container(azurite):
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    azurite.client().create_container(name)
+    return name
+
+
+@pytest.fixture
+def az_options(azurite):
+    return azurite.options()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from asyncckpt.testing.emulators import MotoServer
+import pytest
+
+from asyncckpt.testing.emulators import Azurite, MotoServer
 
 
 def test_the_moto_server_keeps_answering_after_its_log_outgrows_a_pipe():
@@ -20,3 +22,10 @@ def test_the_moto_server_keeps_answering_after_its_log_outgrows_a_pipe():
         urllib.request.urlopen(server.url + "/moto-api/", timeout=20).close()
     finally:
         server.stop()
+
+
+def test_azurite_that_cannot_be_installed_is_an_error_that_says_why(tmp_path, monkeypatch):
+    """The Azure tests fail (never skip) where Azurite cannot start: no npm here, a fresh cache."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="Azurite needs node and npm on PATH"):
+        Azurite(cache=tmp_path / "cache")

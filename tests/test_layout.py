@@ -86,3 +86,17 @@ def test_a_tensor_beyond_the_part_count_is_refused_with_the_way_out():
 def test_a_chunk_larger_than_a_part_is_refused():
     with pytest.raises(InvalidArgumentError, match="chunk_bytes.*lower chunk_bytes"):
         prepare({"t": torch.zeros(4)}, 1 << 40, 2 * CHUNK, rules=PartRules(max_part=CHUNK))
+
+
+def test_parts_in_whole_multiples_grow_by_whole_multiples():
+    """GCS takes resumable-upload chunks in whole 256 KiB: a header's spill grows a 32 MiB chunk by 256 KiB (not a
+    page), and a chunk_bytes that is not a multiple is refused with one that is."""
+    gcs_like = PartRules(multiple=CHUNK)
+    state = {"t": torch.zeros(2 * 128 * CHUNK, dtype=torch.uint8)}  # two 32 MiB chunks and a header
+    plan = prepare(state, 1 << 40, 128 * CHUNK, rules=gcs_like)
+    assert plan.shard_chunks == [129 * CHUNK] and len(plan.chunks) == 2
+    assert prepare(state, 1 << 40, 128 * CHUNK, rules=NO_RULES).shard_chunks[0] == 128 * CHUNK + 4096
+    small = prepare(state, 1 << 40, 4 * CHUNK, rules=gcs_like)  # 1/64 of 1 MiB is no whole multiple: no growth
+    assert small.shard_chunks == [4 * CHUNK] and all(c.nbytes == 4 * CHUNK for c in small.chunks[:-1])
+    with pytest.raises(InvalidArgumentError, match=f"not a whole multiple of the {CHUNK} bytes.*such as {CHUNK}"):
+        prepare(state, 1 << 40, CHUNK + 4096, rules=gcs_like)

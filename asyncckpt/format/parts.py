@@ -6,8 +6,9 @@ keep the cut right for every store by construction:
 * a shard never needs a chunk for a few spilled bytes: a shard of whole chunks plus its header gets chunks that
   larger by a few pages (:func:`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor
   with its header is one chunk of 32 MiB + 4 KiB: one PUT);
-* a store's part limits (:class:`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them) bound the
-  shard and chunk sizes the plan makes, so a layout the store would refuse is never made.
+* a store's part limits (:class:`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them; GCS takes
+  resumable-upload chunks in whole 256 KiB) bound the shard and chunk sizes the plan makes, so a layout the store
+  would refuse is never made.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ class PartRules:
         min_part: bytes every part but a file's last must have; smaller chunks are gathered into whole multiples.
         max_part: bytes a part may have at most.
         max_parts: parts one file may have.
+        multiple: every part but a file's last is a whole multiple of this many bytes (GCS: 256 KiB), so a chunk
+            grows by whole multiples of it, and ``chunk_bytes`` must be one.
     """
 
     min_part: int = 0
     max_part: int | None = None
     max_parts: int | None = None
+    multiple: int = PAGE
 
     def part_bytes(self, chunk_bytes: int) -> int:
         """The size of a full part when chunks have ``chunk_bytes``: whole chunks, at least ``min_part``."""
@@ -48,21 +52,21 @@ class PartRules:
 NO_RULES = PartRules()
 
 
-def headroom(chunk_bytes: int, limit: int | None) -> int:
-    """Bytes a shard's chunks may grow by: 1/64 of a chunk in whole pages (none below 256 KiB chunks, where a page
-    is too much), never past ``limit`` bytes a chunk."""
-    room = chunk_bytes // GROWTH // PAGE * PAGE
+def headroom(chunk_bytes: int, limit: int | None, multiple: int = PAGE) -> int:
+    """Bytes a shard's chunks may grow by: 1/64 of a chunk in whole ``multiple``s (pages: none below 256 KiB
+    chunks, where a page is too much), never past ``limit`` bytes a chunk."""
+    room = chunk_bytes // GROWTH // multiple * multiple
     if limit is not None:
         room = min(room, limit - chunk_bytes)
     return max(0, room)
 
 
-def shard_chunk(size: int, chunk_bytes: int, room: int) -> int:
+def shard_chunk(size: int, chunk_bytes: int, room: int, multiple: int = PAGE) -> int:
     """The chunk size of a shard of ``size`` bytes: ``chunk_bytes``, or, when the shard spills a few bytes (its
-    header, typically) past whole chunks, chunks grown by the fewest whole pages (at most ``room``) that take the
-    spill, so the shard keeps its count of whole chunks and no last part of a few bytes."""
+    header, typically) past whole chunks, chunks grown by the fewest whole ``multiple``s (pages; at most ``room``)
+    that take the spill, so the shard keeps its count of whole chunks and no last part of a few bytes."""
     whole, spill = divmod(size, chunk_bytes)
     if not whole or not spill:
         return chunk_bytes
-    grow = -(-(-(-spill // whole)) // PAGE) * PAGE
+    grow = -(-(-(-spill // whole)) // multiple) * multiple
     return chunk_bytes + grow if grow <= room else chunk_bytes

@@ -21,6 +21,11 @@ BUILTIN: dict[str, str] = {
     "local": "asyncckpt.io.local:LocalStorage",
     "s3": "asyncckpt.io.s3:S3Storage",
     "s3a": "asyncckpt.io.s3:S3Storage",
+    "gs": "asyncckpt.io.gcs:GCSStorage",
+    "gcs": "asyncckpt.io.gcs:GCSStorage",
+    "az": "asyncckpt.io.azure:AzureStorage",
+    "abfs": "asyncckpt.io.azure:AzureStorage",
+    "abfss": "asyncckpt.io.azure:AzureStorage",
 }
 GENERIC = "asyncckpt.io.fsspec:FsspecStorage"
 

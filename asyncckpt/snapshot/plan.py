@@ -332,8 +332,12 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
     if rules.max_part is not None and chunk_bytes > rules.max_part:
         raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is more than the {rules.max_part} bytes this store "
                                    "takes in one part; lower chunk_bytes")
+    if chunk_bytes % rules.multiple:
+        raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is not a whole multiple of the {rules.multiple} bytes "
+                                   f"this store takes parts in; use a multiple (such as "
+                                   f"{max(1, chunk_bytes // rules.multiple) * rules.multiple})")
     limit = chunk_limit if rules.max_part is None else min(rules.max_part, chunk_limit or rules.max_part)
-    room = headroom(chunk_bytes, limit)
+    room = headroom(chunk_bytes, limit, rules.multiple)
     max_file = rules.max_file(chunk_bytes)
     cap = shard_bytes if max_file is None else min(shard_bytes, max_file)
     tensors, storages, entries, cuda = _tensor_entries(walker)
@@ -405,7 +409,7 @@ def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_byte
             e.shard, e.offset = index, pos
             pos += e.nbytes
         plan.shard_sizes.append(pos)
-        chunk = shard_chunk(pos, chunk_bytes, room)
+        chunk = shard_chunk(pos, chunk_bytes, room, rules.multiple)
         if rules.max_parts is not None and rules.parts(pos, chunk) > rules.max_parts:
             big = max(members, key=lambda e: e.nbytes)
             raise CheckpointError(

@@ -1,5 +1,6 @@
 """The storage contract (asyncckpt/io/contract.py), checked the same way on every backend: local disk, fsspec's
-``memory://`` (the generic fsspec backend, ordered sinks) and S3 on the moto server (multipart sinks).
+``memory://`` (the generic fsspec backend, ordered sinks), S3 on the moto server (multipart sinks), GCS on
+gcp-storage-emulator (resumable uploads, ordered) and Azure Blob Storage on Azurite (block lists).
 
 A new backend joins by adding a case to ``BACKENDS``; every test here then runs against it.
 """
@@ -38,7 +39,7 @@ class Backend:
         return self.storage.join(self.root, *names)
 
 
-BACKENDS = ["local", "memory", "s3"]
+BACKENDS = ["local", "memory", "s3", "gcs", "azure"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -47,9 +48,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
         url, options = str(tmp_path / "root"), None
     elif request.param == "memory":
         url, options = f"memory://conformance-{uuid.uuid4().hex}", None
-    else:
+    elif request.param == "s3":
         bucket = request.getfixturevalue("bucket")
         url, options = f"s3://{bucket}/root", request.getfixturevalue("options")
+    elif request.param == "gcs":
+        url, options = f"gs://{request.getfixturevalue('gcs_bucket')}/root", request.getfixturevalue("gcs_options")
+    else:
+        url, options = f"az://{request.getfixturevalue('az_container')}/root", request.getfixturevalue("az_options")
     runtime = Runtime(workers=8)
     io = runtime.call(IoRunner, runtime, 4)
 

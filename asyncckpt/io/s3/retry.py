@@ -1,4 +1,4 @@
-"""Which S3 failures are worth retrying, and the one retry loop every request runs under.
+"""Which S3 failures are worth retrying, and how a final one reads (the loop itself is :mod:`asyncckpt.io.retry`).
 
 Retrying happens once, here. Left alone, botocore retries each request (5 attempts) and s3fs retries again around
 it (5 more on throttling), so attempts multiply to 25 and the back-off is not configurable; the storage turns both
@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import socket
-import time
 from typing import Any, Awaitable, Callable
 
-import anyio
-
-from ...errors import CheckpointError, S3Error
+from ...errors import S3Error
 from ...options import RetryPolicy
-
-log = logging.getLogger("asyncckpt.s3")
+from ..retry import causes, retrying as retry_loop
 
 HINTS = {
     "NoSuchBucket": "the bucket does not exist (asyncckpt never creates buckets); create it or fix the URL",
@@ -74,13 +69,7 @@ def _transient() -> tuple[frozenset[str], frozenset[int], tuple[type[BaseExcepti
 
 def _client_error(exc: BaseException | None) -> Any:
     """The botocore ClientError behind ``exc`` (s3fs re-raises them as OSError subclasses), or None."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(getattr(exc, "response", None), dict):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    return next((e for e in causes(exc) if isinstance(getattr(e, "response", None), dict)), None)
 
 
 def error_code(exc: BaseException) -> tuple[str | None, int | None]:
@@ -101,14 +90,8 @@ def is_transient(exc: BaseException) -> bool:
     code, status = error_code(exc)
     if code is not None or status is not None:
         return code in codes or status in statuses
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, types) and not isinstance(current, (FileNotFoundError, PermissionError)):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+    return any(isinstance(current, types) and not isinstance(current, (FileNotFoundError, PermissionError))
+               for current in causes(exc))
 
 
 def is_missing_key(exc: BaseException) -> bool:
@@ -140,19 +123,6 @@ def failure(exc: BaseException, op: str, bucket: str, key: str, attempts: int, s
 
 async def retrying(op: str, bucket: str, key: str, fn: Callable[[], Awaitable[Any]], policy: RetryPolicy) -> Any:
     """``await fn()``, retried per ``policy`` while it fails transiently."""
-    t0 = time.monotonic()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return await fn()
-        except Exception as exc:
-            if is_missing_key(exc) or isinstance(exc, (CheckpointError, ValueError, TypeError)):
-                raise
-            transient = is_transient(exc)
-            if transient and attempt < policy.attempts:
-                pause = policy.delay(attempt - 1)
-                log.warning("retrying %s on s3://%s/%s in %.2fs (attempt %d of %d): %r", op, bucket, key, pause,
-                            attempt, policy.attempts, exc)
-                await anyio.sleep(pause)
-                continue
-            raise failure(exc, op, bucket, key, attempt, time.monotonic() - t0, transient) from exc
-    raise AssertionError("unreachable")
+    return await retry_loop(f"{op} on s3://{bucket}/{key}", fn, policy, transient=is_transient, passes=is_missing_key,
+                            fail=lambda exc, attempts, seconds, transient: failure(exc, op, bucket, key, attempts,
+                                                                                   seconds, transient))

@@ -14,7 +14,6 @@ import torch
 from ...errors import S3Error
 from ...format.checksum import digest
 from ...memory.buffers import as_memoryview
-from ...options import RetryPolicy
 
 if TYPE_CHECKING:
     from .storage import S3Storage
@@ -146,8 +145,7 @@ class S3Sink:
 
     async def abort(self) -> None:
         """Abort the upload (its parts are dropped) and delete the object if it was completed; never raises."""
-        quick = RetryPolicy(attempts=min(self.storage.retry.attempts, 4), base_delay=self.storage.retry.base_delay,
-                            max_delay=min(self.storage.retry.max_delay, 2.0))
+        quick = self.storage.retry.for_cleanup()
         with self.storage.io.shielded():  # ends after io_timeout on a hung store
             if self.upload_id is not None and not self.completed:
                 try:
