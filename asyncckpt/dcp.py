@@ -207,13 +207,15 @@ def unwrapped() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """The ``storage_data`` the coordinator gives each rank's save plan: the save's id and the rank's number."""
+    """The ``storage_data`` the coordinator gives each rank's save plan: the save's id, the rank's number, and the
+    keys of the replicated tensors cut into pieces (:func:`assign`)."""
 
     save_id: str
     rank: int
     world_size: int
     created_ns: int
     sequence: int = 0  # orders the checkpoint among its siblings (asyncckpt.concurrency.clock)
+    pieces: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -316,25 +318,66 @@ def _replicated(t: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class LocalStaging:
-    """The ``storage_data`` of a rank's local plan under ``dcp.async_save``: which staged shard holds each item,
+    """The ``storage_data`` of a rank's local plan: the bytes of each whole plain tensor it holds (other ranks may
+    hold the same ones: DDP's replicated state) and, under ``dcp.async_save``, which staged shard holds each item
     and each shard's size, so the coordinator can give whole shards to one rank each (written without a copy)."""
 
     shard_of: dict[MetadataIndex, int]
     nbytes: dict[int, int]
+    tensors: dict[MetadataIndex, int] = dataclasses.field(default_factory=dict)
 
 
-def balance(plans: list[SavePlan]) -> list[SavePlan]:
-    """Move items between ranks (only to ranks that hold and staged them) so that each staged shard is written
-    whole by one rank, shards held by several ranks going to the one with the fewest bytes so far. What no shard
-    covers stays where DCP put it."""
+#: a piece of a replicated tensor cut by rows: (offsets, sizes) of its chunk of the whole
+Piece = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _cut(item: WriteItem, holders: int) -> list[Piece]:
+    """``item``'s tensor cut by rows into ``holders`` pieces of (nearly) equal size."""
+    assert item.tensor_data is not None
+    size = tuple(item.tensor_data.size)
+    n = min(holders, size[0])
+    bounds = [size[0] * i // n for i in range(n + 1)]
+    return [((lo,) + (0,) * (len(size) - 1), (hi - lo,) + size[1:]) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _piece_item(item: WriteItem, piece: Piece) -> WriteItem:
+    assert item.tensor_data is not None
+    offsets, sizes = piece
+    chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
+    return WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                     tensor_data=dataclasses.replace(item.tensor_data, chunk=chunk))
+
+
+def assign(plans: list[SavePlan], split_bytes: int | None) -> tuple[list[SavePlan], dict[str, list[Piece]]]:
+    """Decide which rank writes what, so that every rank writes about as many bytes.
+
+    Items move only between ranks that hold them. Under ``dcp.async_save``, each staged shard is first given
+    whole to one of the ranks that staged it (written straight from staging, no copy). Then the whole plain tensors
+    several ranks hold go, largest first, to the holder with the fewest bytes so far, and one of at least
+    ``split_bytes`` bytes (None: never) is cut by rows into a piece per holder (DCP alone writes each replicated
+    tensor whole on one rank). Returns the plans and, by key, the pieces of the tensors that were cut. What no rank
+    reported holding (a custom planner's items, objects) stays where DCP put it.
+    """
     stagings = [p.storage_data for p in plans]
     if not all(isinstance(s, LocalStaging) for s in stagings):
-        return plans
-    owner: dict[MetadataIndex, int] = {}
-    items: dict[MetadataIndex, WriteItem] = {}
+        return plans, {}
+    holders: dict[MetadataIndex, list[int]] = {}
+    for r, staging in enumerate(stagings):
+        for index in staging.tensors:
+            holders.setdefault(index, []).append(r)
+    items: dict[MetadataIndex, tuple[int, WriteItem]] = {}
     for r, p in enumerate(plans):
         for it in p.items:
-            owner[it.index], items[it.index] = r, it
+            items[it.index] = (r, it)
+
+    def cut(index: MetadataIndex) -> bool:
+        it = items[index][1]
+        size = it.tensor_data.size if it.tensor_data is not None else ()
+        return (split_bytes is not None and len(holders.get(index, ())) > 1 and len(size) > 0 and size[0] > 1
+                and (it.tensor_storage_size() or 0) >= split_bytes)
+
+    load = [0] * len(plans)
+    chosen: dict[MetadataIndex, int] = {}
     signatures: dict[frozenset[MetadataIndex], list[tuple[int, int]]] = {}
     for r, staging in enumerate(stagings):
         members: dict[int, set[MetadataIndex]] = {}
@@ -342,19 +385,35 @@ def balance(plans: list[SavePlan]) -> list[SavePlan]:
             members.setdefault(k, set()).add(index)
         for k, indices in members.items():
             signatures.setdefault(frozenset(indices), []).append((r, staging.nbytes[k]))
-    load = [0] * len(plans)
-    chosen: dict[MetadataIndex, int] = {}
-    for signature, holders in sorted(signatures.items(), key=lambda kv: (len(kv[1]) > 1, -kv[1][0][1])):
-        if any(i in chosen or i not in owner for i in signature):
+    for signature, owners in sorted(signatures.items(), key=lambda kv: (len(kv[1]) > 1, -kv[1][0][1])):
+        if any(i in chosen or i not in items for i in signature) or (len(signature) == 1 and cut(*signature)):
             continue
-        rank, nbytes = min(holders, key=lambda h: (load[h[0]], h[0]))
+        rank, nbytes = min(owners, key=lambda h: (load[h[0]], h[0]))
         load[rank] += nbytes
         for i in signature:
             chosen[i] = rank
-    moved: list[list[WriteItem]] = [[] for _ in plans]
-    for index, it in items.items():
-        moved[chosen.get(index, owner[index])].append(it)
-    return [dataclasses.replace(p, items=m) for p, m in zip(plans, moved)]
+    out: list[list[WriteItem]] = [[] for _ in plans]
+    movable: list[WriteItem] = []
+    for index, (r, it) in items.items():
+        if index in chosen:
+            out[chosen[index]].append(it)
+        elif it.type == WriteItemType.TENSOR and len(holders.get(index, ())) > 1:
+            movable.append(it)
+        else:
+            out[r].append(it)
+            load[r] += it.tensor_storage_size() or 0
+    pieces: dict[str, list[Piece]] = {}
+    for it in sorted(movable, key=lambda it: -(it.tensor_storage_size() or 0)):
+        held = sorted(holders[it.index], key=lambda r: (load[r], r))
+        if cut(it.index):
+            pieces[it.index.fqn] = _cut(it, len(held))
+            for r, piece in zip(held, pieces[it.index.fqn]):
+                out[r].append(_piece_item(it, piece))
+                load[r] += math.prod(piece[1]) * it.tensor_data.properties.dtype.itemsize  # type: ignore[union-attr]
+        else:
+            out[held[0]].append(it)
+            load[held[0]] += it.tensor_storage_size() or 0
+    return [dataclasses.replace(p, items=m) for p, m in zip(plans, out)], pieces
 
 
 def _local(t: torch.Tensor, path: str) -> torch.Tensor:
@@ -529,6 +588,10 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         storage_options: for URL targets (credentials, endpoint), as fsspec takes them.
         engine: a :class:`~asyncckpt.SyncEngine` to use; by default the process shares one engine per set of
             engine options (:func:`shared_engine`), so staging buffers are reused by every save.
+        split_bytes: a plain tensor that several ranks hold (DDP's replicated state) and that has at least this
+            many bytes is cut by rows into one piece per rank holding it, so each rank writes about its share
+            (DCP alone writes it whole on one rank); ``None`` never cuts. Smaller ones go whole to the rank with
+            the fewest bytes so far.
         **engine_options: :class:`~asyncckpt.EngineOptions` (``host_memory_budget``, ``chunk_bytes``,
             ``shard_bytes``, ``fsync``, ``write_concurrency``…).
 
@@ -541,12 +604,16 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     _synchronize_after_execute = False  # stage() has finished its copy when it returns
 
     def __init__(self, path: Any = None, *, storage_options: Mapping[str, Any] | None = None,
-                 engine: SyncEngine | None = None, **engine_options: Any) -> None:
+                 engine: SyncEngine | None = None, split_bytes: int | None = 16 << 20, **engine_options: Any) -> None:
         super().__init__(path, storage_options, engine, engine_options)
+        if split_bytes is not None and (not isinstance(split_bytes, int) or split_bytes < 1):
+            raise InvalidArgumentError(f"split_bytes must be a positive number of bytes or None, not {split_bytes!r}")
         self.rank = 0
         self.is_coordinator = True
         self._staged: "weakref.WeakSet[_Staged]" = weakref.WeakSet()
-        self._saves: dict[int, RankPlan] = {}  # coordinator: the save being planned, by the thread running it
+        self.split_bytes = split_bytes
+        self._saves: dict[int, tuple[RankPlan, dict[str, list[Piece]]]] = {}  # coordinator: saves being planned,
+        # by the thread running each
         self.bytes_written = 0  # this rank's shard bytes in its last save (per-rank reports)
         self.files_written = 0  # this rank's shard files in its last save
         self.tensors_written = 0  # tensor items this rank wrote in its last save
@@ -579,27 +646,29 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         return StorageMeta(checkpoint_id=self.path)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        """Under ``async_save``: say which staged shard holds each item (by DCP's key paths), for :func:`balance`."""
+        """Say which whole plain tensors this rank holds and, under ``async_save``, which staged shard holds each
+        item (by DCP's key paths), for :func:`assign`."""
+        tensors = {item.index: item.tensor_storage_size() or 0 for item in plan.items
+                   if item.type == WriteItemType.TENSOR}
         staged = next((s for s in sorted(self._staged, key=lambda s: s.serial) if not s.claimed), None)
         mapping = plan.planner_data
-        if staged is None or not isinstance(mapping, Mapping):
-            return plan
-        staged.claimed = True
         shard_of = {}
-        for item in plan.items:
-            path = mapping.get(item.index.fqn)
-            k = staged.by_path.get(tuple(path)) if isinstance(path, (tuple, list)) else None
-            if k is not None and item.type != WriteItemType.BYTE_IO:
-                shard_of[item.index] = k
-        nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())}
-        return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes))
+        if staged is not None and isinstance(mapping, Mapping):
+            staged.claimed = True
+            for item in plan.items:
+                path = mapping.get(item.index.fqn)
+                k = staged.by_path.get(tuple(path)) if isinstance(path, (tuple, list)) else None
+                if k is not None and item.type != WriteItemType.BYTE_IO:
+                    shard_of[item.index] = k
+        nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())} if staged is not None else {}
+        return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes, tensors))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """The coordinator names the save (one id for every rank's files, and each rank's number) and, under
-        ``async_save``, hands whole staged shards to ranks (:func:`balance`)."""
-        info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next())
-        self._saves[threading.get_ident()] = info
-        plans = balance(plans)
+        """The coordinator names the save (one id for every rank's files, and each rank's number) and evens out the
+        bytes each rank writes (:func:`assign`)."""
+        plans, pieces = assign(plans, self.split_bytes)
+        info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next(), frozenset(pieces))
+        self._saves[threading.get_ident()] = (info, pieces)
         return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -611,7 +680,13 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         tensors: list[tuple[WriteItem, torch.Tensor]] = []
         objects: list[tuple[WriteItem, bytes]] = []
         for item in plan.items:
-            data = planner.resolve_data(item)
+            if item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a replicated tensor
+                whole = MetadataIndex(item.index.fqn, torch.Size([0] * len(item.tensor_data.size)))
+                chunk = item.tensor_data.chunk
+                data = planner.resolve_data(dataclasses.replace(item, index=whole, type=WriteItemType.TENSOR))
+                data = data.narrow(0, chunk.offsets[0], chunk.sizes[0])
+            else:
+                data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 objects.append((item, data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
             else:
@@ -624,9 +699,14 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         """The coordinator commits: one global manifest naming every rank's files, written atomically once all of
         them are durable (DCP gathers results after every rank's ``write_data`` returned), then older files of
         this path are swept."""
-        info = self._saves.pop(threading.get_ident(), None)
-        if info is None:
+        planned = self._saves.pop(threading.get_ident(), None)
+        if planned is None:
             raise CheckpointError("finish() before prepare_global_plan(): this StorageWriter did not plan the save")
+        info, pieces = planned
+        for fqn, cut in pieces.items():  # DCP's metadata names the whole tensor; the ranks wrote it in pieces
+            md = metadata.state_dict_metadata[fqn]
+            assert isinstance(md, TensorStorageMetadata)
+            md.chunks = [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)) for offsets, sizes in cut]
         manifest = global_manifest(info, metadata, results)
         parse(manifest.seal(), str(self.path))  # never publish what a reader would refuse
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
@@ -654,7 +734,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         _tensor_leaves(state_dict, (), leaves)
         locals_ = [(".".join(map(str, path)), _local(t, ".".join(map(str, path)))) for path, t in leaves]
         # Items other ranks also hold get shards of their own, a few per rank, laid out alike on every holder:
-        # the coordinator can then give each such shard whole to one of them (balance), and no rank copies twice.
+        # the coordinator can then give each such shard whole to one of them (assign), and no rank copies twice.
         shared = [i for i, (_, t) in enumerate(leaves) if _replicated(t)]
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total = sum(locals_[i][1].nbytes for i in shared)

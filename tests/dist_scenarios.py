@@ -120,6 +120,43 @@ def ddp_adam(rank: int, world: int, path: str, mode: str = "sync", reference: st
             "from_staging": writer.bytes_from_staging, "read": stats(reader)}
 
 
+def ddp_large(rank: int, world: int, path: str, mode: str = "sync", split_bytes: int | None = 256 << 10
+              ) -> dict[str, Any]:
+    """DDP with a large embedding and Adam: its weight and both moments (1 MiB each) are cut across the ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    net = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    for i in range(2):
+        torch.manual_seed(100 + 10 * rank + i)
+        net(torch.randint(0, 4096, (32,))).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(net, opt)
+    state = {"model": msd, "optim": osd}
+    expected = digests(state)
+
+    def mutate() -> None:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1000.0)
+
+    writer = save(state, path, mode, mutate, split_bytes=split_bytes)
+    torch.manual_seed(1)
+    fresh = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh(torch.randint(0, 4096, (4,))).sum().backward()
+    fresh_opt.step()  # Adam's state exists to load into
+    msd2, osd2 = get_state_dict(fresh, fresh_opt)
+    target = {"model": msd2, "optim": osd2}
+    load(target, path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    msd3, osd3 = get_state_dict(fresh, fresh_opt)
+    return {"expected": expected, "loaded": digests({"model": msd3, "optim": osd3}),
+            "bytes_written": writer.bytes_written}
+
+
 def fsdp2(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any]:
     """FSDP2 (fully_shard on a CPU mesh) + Adam, through get_state_dict / set_state_dict."""
     from torch.distributed.fsdp import fully_shard

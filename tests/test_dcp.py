@@ -100,6 +100,37 @@ def test_ddp_model_and_adam_round_trip_and_load_on_one_process(ranks, tmp_path, 
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
+def test_large_replicated_tensors_are_cut_so_each_rank_writes_its_share(ranks, tmp_path, mode):
+    path = tmp_path / "ddp-large"
+    results = ranks.run("ddp_large", path=str(path), mode=mode)
+    for r in results:
+        same(r)
+    written = [r["bytes_written"] for r in results]
+    # three 1 MiB items (the embedding and its two Adam moments): written whole, one rank would write two of them
+    assert max(written) <= 1.1 * min(written), f"bytes written per rank: {written}"
+    manifest = parse((path / MANIFEST_NAME).read_bytes(), str(path))
+    cut = {t.fqn: {manifest.shards[c.span.shard].file.split("-")[2] for c in t.chunks}
+           for t in manifest.tensors if len(t.chunks) > 1}
+    assert cut == {k: {"r00000", "r00001"} for k in ("model.0.weight", "optim.state.0.weight.exp_avg",
+                                                      "optim.state.0.weight.exp_avg_sq")}, cut
+    # the pieces are rows of one tensor: a plain process loads it whole
+    whole = asyncckpt.SyncEngine().load(path)
+    assert tuple(whole["model"]["0.weight"].shape) == (4096, 64)
+    assert dist_scenarios.digest(whole["model"]["0.weight"]) == results[0]["expected"][".model.0.weight"]
+
+
+def test_replicated_tensors_stay_whole_when_cutting_is_off(ranks, tmp_path):
+    path = tmp_path / "ddp-whole"
+    results = ranks.run("ddp_large", path=str(path), split_bytes=None)
+    for r in results:
+        same(r)
+    manifest = parse((path / MANIFEST_NAME).read_bytes(), str(path))
+    assert all(len(t.chunks) == 1 for t in manifest.tensors)
+    written = sorted(r["bytes_written"] for r in results)
+    assert written[1] >= 1.8 * written[0], written  # two of the three large items on one rank
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_fsdp2_fully_shard_round_trips_through_get_and_set_state_dict(ranks, tmp_path, mode):
     results = ranks.run("fsdp2", path=str(tmp_path / "fsdp"), mode=mode)
     for r in results:
