@@ -144,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "checksums": found.checksums, "problems": found.problems, "warnings": found.warnings,
                           "seconds": found.seconds}, indent=2))
         return 0 if found.ok else 1
-    for w in found.warnings:
+    for w in found.warnings if not args.quiet else []:
         print(f"asyncckpt: warning: {found.path}: {w}", file=sys.stderr)
     for p in found.problems[:50]:
         print(f"asyncckpt: error: {_one_line(p)}", file=sys.stderr)
@@ -174,7 +174,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if (to == "native") != (kind == "file"):
         raise CheckpointError(f"{src} is a directory; --to native converts a torch.save file" if to == "native" else
                               f"{src} is a file; --to {to} converts a native checkpoint (directory)")
-    if args.unsafe and to != "safetensors":
+    if args.unsafe and to != "safetensors" and not args.quiet:
         print("asyncckpt: warning: --unsafe unpickles with weights_only=False, which can run arbitrary code; "
               "use it only on files you trust", file=sys.stderr)
     common: dict[str, Any] = dict(overwrite=args.force, storage_options=opts, progress=terminal_progress(args.progress))
@@ -195,7 +195,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps({"src": result.src, "dst": result.dst, "to": result.to, "files": result.files,
                           "bytes": result.bytes_written, "tensors": result.tensors, "notes": result.notes}, indent=2))
         return 0
-    for note in result.notes:
+    for note in result.notes if not args.quiet else []:
         print(f"asyncckpt: note: {note}", file=sys.stderr)
     files = f" in {len(result.files)} files" if len(result.files) > 1 else ""
     kind_name = {"native": "native checkpoint", "torch": "torch.save file", "safetensors": "safetensors"}[to]
@@ -264,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncckpt", description="Inspect, verify, convert and find asyncckpt checkpoints.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"asyncckpt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback when a command fails")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log what the engine does (-v: each save, retries and fallbacks; -vv: details)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only (no warnings or notes)")
+    talk = argparse.ArgumentParser(add_help=False)  # before or after the command; SUPPRESS: after keeps before's
+    for p, default in ((parser, True), (talk, False)):
+        p.add_argument("-v", "--verbose", action="count", default=0 if default else argparse.SUPPRESS,
+                       help="log what the engine does (-v: each save, retries and fallbacks; -vv: details)")
+        p.add_argument("-q", "--quiet", action="store_true", default=False if default else argparse.SUPPRESS,
+                       help="print errors only (no warnings or notes)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     machine = argparse.ArgumentParser(add_help=False)
     machine.add_argument("--json", action="store_true", help="print one JSON document (exit status as without it)")
@@ -285,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="never show a progress bar")
 
     def command(name: str, func: Any, parents: list[Any], help: str, description: str, **kw: Any) -> Any:
-        p = sub.add_parser(name, parents=parents, help=help, description=description, epilog=EPILOG, **kw)
+        p = sub.add_parser(name, parents=[*parents, talk], help=help, description=description, epilog=EPILOG, **kw)
         p.set_defaults(func=func)
         return p
 
@@ -365,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as exc:
         print(f"asyncckpt {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _failed(args, str(exc), 2)
     except KeyboardInterrupt:
         print("asyncckpt: interrupted", file=sys.stderr)
         return 130
@@ -384,4 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             message = f"{type(exc).__name__}: {exc} (run with --debug for a traceback)"
         print(f"asyncckpt: error: {_one_line(message)}", file=sys.stderr)
-        return 1
+        return _failed(args, message, 1)
+
+
+def _failed(args: argparse.Namespace, message: str, status: int) -> int:
+    """``status``; with --json, the error is also the JSON document on stdout (``{"error": ..., "status": ...}``)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": _one_line(message), "status": status}))
+    return status

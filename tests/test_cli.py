@@ -427,6 +427,10 @@ def test_text_progress_bar_without_tqdm(ckpt, tmp_path):
     proc = run("verify", ckpt, "--progress", code=code)
     assert proc.returncode == 0, proc.stderr
     assert "verify" in proc.stderr and "[" in proc.stderr and "100%" in proc.stderr
+    for dst in (tmp_path / "c.pt", tmp_path / "back"):  # convert both ways
+        proc = run("convert", ckpt if dst.suffix else tmp_path / "c.pt", dst, "--progress", code=code)
+        assert proc.returncode == 0, proc.stderr
+        assert "100%" in proc.stderr, proc.stderr
 
 
 def test_bench_measures_the_target_and_never_imports_the_working_directory(tmp_path):
@@ -451,6 +455,58 @@ def test_bench_measures_the_target_and_never_imports_the_working_directory(tmp_p
     text = run("bench", target, "--size", "4MiB", "--repeats", "1")
     assert text.returncode == 0, text.stderr
     assert "storage alone" in text.stdout and "engine" in text.stdout and "bottleneck" in text.stdout
+
+
+
+# ---------------------------------------------------------------- one convention: --json, -v/-q, exit statuses
+
+def test_every_command_prints_json_with_the_documented_exit_status(ckpt, tmp_path, capsys):
+    def as_json(*args: object, status: int) -> dict:
+        proc = call(capsys, *args)
+        assert proc.returncode == status, (args, proc.stdout, proc.stderr)
+        return json.loads(proc.stdout)
+
+    assert as_json("inspect", ckpt, "--json", status=0)["totals"]["tensors"] > 0
+    found = as_json("verify", ckpt, "--json", status=0)
+    assert found["ok"] is True and found["problems"] == [] and found["checksums"] > 0
+    made = as_json("convert", ckpt, tmp_path / "c.pt", "--json", status=0)
+    assert made["to"] == "torch" and made["bytes"] == (tmp_path / "c.pt").stat().st_size
+    assert as_json("latest", ckpt.parent, "--json", status=0)["latest"] == str(ckpt)
+    (tmp_path / "bench").mkdir()
+    assert as_json("bench", tmp_path / "bench", "--size", "1MiB", "--repeats", "1", "--json",
+                   status=0)["bytes"] >= 1 << 20
+    # a check that fails: 1, and still one JSON document
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert as_json("latest", empty, "--json", status=1)["latest"] is None
+    data = bytearray(_shard(ckpt).read_bytes())
+    data[-1] ^= 0xFF
+    _shard(ckpt).write_bytes(bytes(data))
+    found = as_json("verify", ckpt, "--json", status=1)
+    assert found["ok"] is False and "checksum mismatch" in found["problems"][0]
+    # an operation that cannot be done (1) and a usage error found after parsing (2): the error as JSON too
+    for args, status in ((["inspect", tmp_path / "nowhere"], 1), (["convert", ckpt, tmp_path / "c.pt"], 1),
+                         (["inspect", ckpt, "-o", "no-equals-sign"], 2)):
+        failed = as_json(*args, "--json", status=status)
+        assert failed["status"] == status and failed["error"], failed
+    # argparse's own usage errors: 2, before any command runs
+    assert run("verify", "--json").returncode == 2
+
+
+def test_verbose_and_quiet_on_every_command(ckpt, tmp_path, capsys):
+    torch.save({"w": torch.ones(3)}, tmp_path / "w.pt")
+    for args in (["-v", "convert", tmp_path / "w.pt", tmp_path / "a"], ["convert", tmp_path / "w.pt",
+                                                                         tmp_path / "b", "-v"]):
+        proc = call(capsys, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert "asyncckpt: info: saved " in proc.stderr and "durable after" in proc.stderr, proc.stderr
+    (ckpt / "shard-0123456789abcdef-00000.safetensors").write_bytes(b"leftover")
+    assert "stray shard file" in call(capsys, "verify", ckpt).stderr
+    for args in (["-q", "verify", ckpt], ["verify", ckpt, "-q"]):
+        proc = call(capsys, *args)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    for command in ("inspect", "verify", "convert", "latest", "bench"):
+        assert "-q, --quiet" in run(command, "--help").stdout, command
 
 
 # ---------------------------------------------------------------- in-process: fsspec URLs and the Python API

@@ -1,10 +1,11 @@
 """The documentation works: its Python examples run, and the site builds with ``mkdocs build --strict``.
 
 Every ```python block in docs/*.md and README.md runs, in order, in one namespace per page, in a fresh temporary
-directory.  A block that cannot run here (it needs a Trainer, S3, XLA, or is a fragment) is marked with an HTML
-comment on the line just before its opening fence::
+directory.  A block with ``await`` at its top level runs as the body of one coroutine (``asyncio.run``), as in
+``python -m asyncio``.  A block that cannot run here (it needs a GPU or a cloud account) is marked with an HTML
+comment on the line just before its opening fence, which says why::
 
-    <!-- no-run -->
+    <!-- no-run: needs 8 CUDA GPUs -->
     ```python
     trainer.fit(model)
     ```
@@ -16,6 +17,8 @@ user with real credentials.
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import importlib.util
 import inspect
 import os
@@ -29,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [p for p in [ROOT / "README.md"] if p.exists()]
-NO_RUN = "<!-- no-run -->"
+NO_RUN = re.compile(r"^<!-- no-run(?::\s*(.*?))? -->$")
 S3 = "<!-- run: s3 -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 
@@ -40,8 +43,12 @@ class Block:
     line: int  # 1-based line of the opening fence
     lang: str
     code: str
-    run: bool
+    no_run: str | None  # why the block does not run ("" when the marker gives no reason); None: it runs
     s3: bool = False
+
+    @property
+    def run(self) -> bool:
+        return self.no_run is None
 
 
 def blocks(page: Path) -> list[Block]:
@@ -61,7 +68,9 @@ def blocks(page: Path) -> list[Block]:
         while i < len(lines) and not lines[i].strip().startswith(fence):
             body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
             i += 1
-        out.append(Block(page, start + 1, lang.lower(), "\n".join(body) + "\n", previous != NO_RUN, previous == S3))
+        marker = NO_RUN.match(previous)
+        out.append(Block(page, start + 1, lang.lower(), "\n".join(body) + "\n",
+                         None if marker is None else marker.group(1) or "", previous == S3))
         previous = ""
         i += 1
     return out
@@ -78,12 +87,28 @@ def test_pages_found():
 
 def test_block_parser_honours_the_marker(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- no-run -->\n```python\nimport lightning\n```\n"
-                    "```bash\nls\n```\n    ```python\n    y = 2\n    ```\n")
+    page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- no-run: needs a GPU -->\n```python\nimport lightning\n```\n"
+                    "```bash\nls\n```\n    ```python\n    y = 2\n    ```\n<!-- no-run -->\n```python\nz\n```\n")
     found = blocks(page)
-    assert [(b.lang, b.run, b.line) for b in found] == [("python", True, 3), ("python", False, 8),
-                                                        ("bash", True, 11), ("python", True, 14)]
+    assert [(b.lang, b.no_run, b.line) for b in found] == [("python", None, 3), ("python", "needs a GPU", 8),
+                                                           ("bash", None, 11), ("python", None, 14),
+                                                           ("python", "", 18)]
     assert found[3].code == "y = 2\n"
+
+
+def test_every_block_that_does_not_run_says_why():
+    silent = [f"{b.page.relative_to(ROOT)}:{b.line}" for page in PAGES for b in blocks(page) if b.no_run == ""]
+    assert not silent, f"no-run markers without a reason (write <!-- no-run: why -->): {silent}"
+
+
+def test_top_level_await_runs_in_one_coroutine(tmp_path, monkeypatch, request):
+    page = tmp_path / "p.md"
+    page.write_text("```python\nimport asyncio\nx = 1\n```\n\n```python\nawait asyncio.sleep(0)\n"
+                    "y = x + 1\n```\n\n```python\nassert y == 2\n```\n")
+    run_page(page, monkeypatch, request)
+    page.write_text("```python\nimport asyncio\nawait asyncio.sleep(0)\nassert False, 'ran'\n```\n")
+    with pytest.raises(AssertionError, match="line 1 fails: AssertionError: ran"):
+        run_page(page, monkeypatch, request)
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: p.name)
@@ -114,12 +139,17 @@ def run_page(page: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
             client = moto.client()
             if "my-bucket" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
                 client.create_bucket(Bucket="my-bucket")
+        where = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
         try:
-            exec(compile(block.code, f"{page.relative_to(ROOT)}:{block.line}", "exec"), namespace)
+            code = compile(block.code, f"{where}:{block.line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if code.co_flags & inspect.CO_COROUTINE:
+                asyncio.run(eval(code, namespace))  # top-level await: the block is one coroutine's body
+            else:
+                exec(code, namespace)
         except Exception as exc:
             raise AssertionError(
-                f"the example at {page.relative_to(ROOT)} line {block.line} fails: {type(exc).__name__}: {exc}\n"
-                f"(mark it with {NO_RUN} on the line before its fence if it is not meant to run)") from exc
+                f"the example at {where} line {block.line} fails: {type(exc).__name__}: {exc}\n"
+                f"(mark it with <!-- no-run: why --> on the line before its fence if it cannot run here)") from exc
 
 
 def test_configuration_page_lists_every_engine_option():
@@ -132,6 +162,19 @@ def test_configuration_page_lists_every_engine_option():
     for name in options:
         assert f"| `{name}` |" in text, f"docs/configuration.md does not describe {name}"
 
+
+def test_api_reference_covers_every_public_name():
+    import asyncckpt
+    import asyncckpt.dcp
+    import asyncckpt.lightning
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    listed = set(re.findall(r"^::: (\S+)", text, re.M))  # generated from the docstrings
+    listed |= set(re.findall(r"^- `(asyncckpt\.lightning\.\w+)", text, re.M))  # built at run time: described
+    listed |= set(re.findall(r"`(asyncckpt\.__version__)`", text))
+    missing = [f"{module.__name__}.{name}" for module in (asyncckpt, asyncckpt.dcp, asyncckpt.lightning)
+               for name in module.__all__ if f"{module.__name__}.{name}" not in listed]
+    assert not missing, f"docs/api.md has no entry for {missing}"
 
 def test_cli_page_covers_every_command():
     from asyncckpt.cli import build_parser

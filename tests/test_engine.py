@@ -48,6 +48,26 @@ async def test_lightning_checkpoint_round_trip_matches_torch_save(tmp_path):
     assert_same(loaded, state)
 
 
+def test_each_committed_save_is_one_info_record_and_nothing_is_said_by_default(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    silent = ("import logging, asyncckpt; log = logging.getLogger('asyncckpt'); "
+              "assert log.level == logging.NOTSET and not log.handlers and not logging.getLogger().handlers")
+    assert subprocess.run([sys.executable, "-c", silent], timeout=120).returncode == 0  # silent unless configured
+    caplog.set_level("INFO", logger="asyncckpt")
+    with asyncckpt.SyncEngine(shard_bytes=4096) as engine:
+        result = engine.save({"a": torch.ones(1024), "b": torch.ones(1024)}, tmp_path / "ck").result()
+        with pytest.raises(CheckpointError):
+            engine.save({"a": torch.ones(2)}, tmp_path / "ck" / "manifest.json" / "x").result()
+    saved = [r for r in caplog.records if r.getMessage().startswith("saved ")]
+    assert len(saved) == 1 and saved[0].levelname == "INFO" and saved[0].name == "asyncckpt"
+    message = saved[0].getMessage()
+    assert message.startswith(f"saved {result.path}: {result.bytes_written} bytes in {result.shards} shards, ")
+    assert f"blocked {result.snapshot_seconds:.3f} s" in message
+    assert f"durable after {result.snapshot_seconds + result.write_seconds:.3f} s" in message
+
+
 async def test_mutation_after_save_returns_does_not_reach_checkpoint(tmp_path):
     model = tiny_model()
     expected = {k: v.clone() for k, v in model.state_dict().items()}

@@ -246,8 +246,10 @@ def test_latest_ignores_uncommitted_prefix(s3, bucket, options):
 # ---------------------------------------------------------------- faults
 
 
-def test_transient_faults_are_retried(s3, bucket, proxy, proxy_options):
-    """Throttling, 500s, resets and cut-off replies on a quarter of all requests: saves and loads still succeed."""
+def test_transient_faults_are_retried(s3, bucket, proxy, proxy_options, caplog):
+    """Throttling, 500s, resets and cut-off replies on a quarter of all requests: saves and loads still succeed;
+    each retry is a WARNING of the ``asyncckpt`` logger, the committed save an INFO."""
+    caplog.set_level("INFO", logger="asyncckpt")
     state = big_state()
     opts = dict(proxy_options, retry=FAST)
 
@@ -266,6 +268,10 @@ def test_transient_faults_are_retried(s3, bucket, proxy, proxy_options):
     assert_same(again, state)
     assert sum(proxy.injected.values()) >= 5 and proxy.injected["truncate"] >= 1, proxy.injected
     assert uploads(s3, bucket) == []
+    retries = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "retrying" in r.getMessage()]
+    assert retries and all(f"s3://{bucket}/" in m and " of 12)" in m for m in retries), retries
+    assert any(r.levelname == "INFO" and r.getMessage().startswith(f"saved s3://{bucket}/ckpt: ")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_failures_that_never_stop_commit_nothing(s3, bucket, proxy, proxy_options):
