@@ -17,6 +17,26 @@ def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) 
 
     Directories without a valid manifest (saves that crashed or are still running, hidden directories, foreign
     data, special files) are skipped, so they can never be mistaken for a checkpoint.
+
+    Args:
+        directory: the directory or URL prefix (``s3://bucket/run``) holding checkpoints.
+        storage_options: fsspec options for a URL target (credentials, endpoint, ``retry``).
+
+    Returns:
+        ``(path, manifest)`` pairs, ordered by when each save was called; a manifest is a
+        :class:`~asyncckpt.Manifest`, or a :class:`~asyncckpt.GlobalManifest` for a multi-rank checkpoint. Its
+        ``metadata`` holds what the save was given (a :class:`~asyncckpt.CheckpointManager`'s step and metrics).
+
+    Raises:
+        InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
+        CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`).
+        OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
+
+    Example:
+        ```python
+        for path, manifest in asyncckpt.committed("ckpts"):
+            print(path, manifest.total_bytes, manifest.metadata)
+        ```
     """
     with SyncEngine(storage_options=storage_options) as engine:
         core = engine.core
@@ -27,6 +47,26 @@ def latest(directory: Any, storage_options: Mapping[str, Any] | None = None) -> 
     """The newest committed checkpoint directly under ``directory``, or None if there is none.
 
     Newest means the most recent snapshot (when ``save`` was called), not the last to finish writing.
+
+    Args:
+        directory: the directory or URL prefix (``s3://bucket/run``) holding checkpoints.
+        storage_options: fsspec options for a URL target (credentials, endpoint, ``retry``).
+
+    Returns:
+        Its path (a URL for URL targets), or None.
+
+    Raises:
+        InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
+        CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`).
+        OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
+
+    Example:
+        ```python
+        path = asyncckpt.latest("ckpts")
+        if path is not None:
+            with asyncckpt.SyncEngine() as engine:
+                engine.load(path, state=state)
+        ```
     """
     found = committed(directory, storage_options)
     return found[-1][0] if found else None

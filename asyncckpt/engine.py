@@ -73,7 +73,12 @@ class EngineBase:
 
     @property
     def core(self) -> EngineCore:
-        """The running engine (raises :class:`CheckpointError` when it is not running or was closed)."""
+        """The running engine, for integrations that drive it directly.
+
+        Raises:
+            CheckpointError: the engine is not running (a :class:`CheckpointEngine` outside its ``async with``),
+                was closed, or belongs to the parent of this forked process.
+        """
         if self._core is None:
             raise CheckpointError(self._not_running)
         self._core.check()
@@ -83,7 +88,12 @@ class EngineBase:
 
     @property
     def staging(self) -> StagingPool:
-        """The staging pool (``allocated_bytes``, ``in_use_bytes``, ``allocations``), readable after close too."""
+        """The staging pool: ``allocated_bytes`` and ``in_use_bytes`` (bytes of host memory held, and lent to saves
+        now) and ``allocations`` (buffers allocated so far). Readable after close too.
+
+        Raises:
+            CheckpointError: the engine was never started (a :class:`CheckpointEngine` before ``async with``).
+        """
         if self._core is None:
             raise CheckpointError(self._not_running)
         return self._core.pool
@@ -130,7 +140,14 @@ class EngineBase:
         return plan
 
     def check(self) -> None:
-        """Raise the first failure of a finished save that nobody has seen yet (without waiting)."""
+        """Raise the first failure of a finished save that nobody has seen yet, without waiting for pending ones.
+
+        A training loop that never waits on its handles can call this each step to learn of a failed save early.
+
+        Raises:
+            CheckpointError: that save's error (a subclass such as :class:`~asyncckpt.S3Error` or
+                :class:`~asyncckpt.StorageTimeoutError` where it fits), raised once; or the engine is not running.
+        """
         self.core.raise_unobserved()
 
     def _warm(self, state: Any, target: Target | None) -> int:
@@ -150,7 +167,20 @@ class EngineBase:
 
 
 class CheckpointEngine(EngineBase):
-    """Asynchronous checkpoint engine for asyncio and trio programs (see :class:`EngineBase` for the options)."""
+    """Asynchronous checkpoint engine for asyncio and trio programs (see :class:`EngineBase` for the options).
+
+    Use it as an async context manager: leaving the block waits for pending saves (or aborts them when the task is
+    cancelled) and raises the first failure nobody has seen.
+
+    Example:
+        ```python
+        async with asyncckpt.CheckpointEngine() as engine:
+            handle = await engine.save({"model": model.state_dict(), "step": 100}, "ckpts/step-100")
+            ...  # training goes on while the checkpoint is written
+            result = await handle  # durable and committed: result.bytes_written, result.write_seconds
+            state = await engine.load("ckpts/step-100")
+        ```
+    """
 
     _not_running = "the engine is not running; use `async with CheckpointEngine() as engine:`"
 
@@ -224,6 +254,11 @@ class CheckpointEngine(EngineBase):
         returned handle for the :class:`SaveResult` (the checkpoint is then durable and committed).
 
         Args:
+            state: what to save: tensors, modules' and optimizers' state dicts, and dicts, lists, tuples and plain
+                values nesting them (anything else is pickled). Tensors may be on any device.
+            path: the checkpoint directory: a local path or an fsspec URL (``s3://bucket/run/step-100``). An earlier
+                checkpoint there is replaced when this one commits, never before.
+            storage_options: fsspec options for this save's URL target (default: the engine's).
             base: an incremental save: a committed checkpoint next to ``path`` (same parent directory) whose bytes
                 are referenced, not written again, for every tensor whose bytes it already holds under the same key.
             metadata: a JSON object stored in the manifest (``Manifest.metadata``).
@@ -236,9 +271,18 @@ class CheckpointEngine(EngineBase):
                 returns after planning; ``await handle.snapshotted()`` is the fence for changes outside an
                 optimizer step.
 
+        Returns:
+            The save's handle: ``await handle`` gives the :class:`SaveResult` once the checkpoint is committed, or
+            raises the save's error (a :class:`CheckpointError` naming the path, such as
+            :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+
         Raises:
-            CheckpointError: the state cannot be saved (an unpicklable value, a meta tensor, a cycle), or an
-                earlier save failed and nobody has seen its error yet.
+            InvalidArgumentError: a bad argument: ``path`` not a str or path, ``metadata`` not JSON or over 1 MiB,
+                an unknown ``snapshot`` mode, a ``base`` that is not a committed sibling of ``path``; or, on an
+                engine with a ``process_group``, any of ``base``, ``metadata``, ``digests``, ``trust_versions`` or
+                a deferred snapshot.
+            CheckpointError: the state cannot be saved (an unpicklable value, a meta tensor, a cycle), the engine
+                is not running, or an earlier save failed and nobody has seen its error yet (that error is raised).
         """
         core = self.core
         core.raise_unobserved()
@@ -262,8 +306,18 @@ class CheckpointEngine(EngineBase):
     async def prepare(self, state: Any, path: Any = None, *, storage_options: Mapping[str, Any] | None = None
                       ) -> None:
         """Plan ``state`` and allocate its staging buffers ahead of the first save (at set-up), so that save costs
-        what a steady one does; a state of the same structure saved later reuses both. Pass the ``path`` saves will
-        go to (any checkpoint path on the same store) when it is not local disk: the layout depends on the store."""
+        what a steady one does; a state of the same structure saved later reuses both.
+
+        Args:
+            state: the state later saves will take (only its structure, dtypes and sizes matter here).
+            path: a checkpoint path on the store saves will go to; the layout depends on the store, so pass it
+                when that is not local disk. None: local disk.
+            storage_options: fsspec options for ``path`` (default: the engine's).
+
+        Raises:
+            InvalidArgumentError: ``path`` is not a usable path.
+            CheckpointError: the engine is not running, or the state cannot be saved (see :meth:`save`).
+        """
         async with self._snapshot_lock:
             target = None if path is None else await self.core.target_async(path, storage_options)
             self._warm(state, target)
@@ -274,6 +328,22 @@ class CheckpointEngine(EngineBase):
         ``copy`` has the state's structure with tensors on the host (views of staging memory). This is how a foreign
         serializer, such as a Lightning ``CheckpointIO``, runs in the pipeline. If ``fn`` keeps tensors of ``copy``
         after it returns, their buffers become its own and are not reused, so it keeps the values it was handed.
+
+        Args:
+            state: what to copy, as for :meth:`save`.
+            fn: called once with the copy, in a worker thread; it writes ``path`` itself (its return value is
+                ignored; what it raises fails the save).
+            path: the path ``fn`` writes: saves and waits on the same path run in order.
+
+        Returns:
+            The save's handle; it settles when ``fn`` has returned (its :class:`SaveResult` has ``shards=0``).
+
+        Raises:
+            BudgetExceededError: the copy needs more than ``host_memory_budget`` bytes at once (it cannot stream:
+                ``fn`` gets the whole state).
+            InvalidArgumentError: ``path`` is not a usable path.
+            CheckpointError: the state cannot be copied, the engine is not running, or an earlier save failed
+                and nobody has seen its error yet.
         """
         core = self.core
         core.raise_unobserved()
@@ -286,12 +356,25 @@ class CheckpointEngine(EngineBase):
 
     async def wait_for(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Wait until no save of ``path`` is pending (whatever their outcome): for work that a foreign serializer
-        does on the same path, such as deleting it."""
+        does on the same path, such as deleting it.
+
+        Args:
+            path: the checkpoint path, as given to :meth:`save` or :meth:`save_with`.
+            storage_options: fsspec options for ``path`` (default: the engine's).
+
+        Raises:
+            InvalidArgumentError: ``path`` is not a usable path.
+            CheckpointError: the engine is not running.
+        """
         core = self.core
         await core.runtime.call_async(core.after_pending, await core.target_async(path, storage_options))
 
     async def wait(self) -> None:
-        """Wait for every pending save; raise the first failure nobody has seen yet."""
+        """Wait for every pending save; raise the first failure nobody has seen yet.
+
+        Raises:
+            CheckpointError: the first unseen save failure (raised once), or the engine is not running.
+        """
         core = self.core
         if self._ranks is not None:
             await self._ranks.wait()
@@ -307,11 +390,37 @@ class CheckpointEngine(EngineBase):
         With ``state`` restores into its tensors / modules / optimizers in place and returns the top-level entries
         it could not apply. Pickled values load with torch's weights-only rules unless ``weights_only=False``.
 
+        Args:
+            path: the checkpoint directory or URL.
+            state: restore into this structure in place (its tensors, modules, optimizers and dicts of them)
+                instead of building new tensors; bytes stream straight into its CPU tensors where they fit.
+            map_location: where tensors go, as for ``torch.load``: a device or device name, a dict from saved to
+                new device names, or a callable ``(storage, location) -> storage or None``. None: their saved
+                devices.
+            strict: with ``state``, refuse (raise) when keys are missing on either side; ``False`` restores what
+                matches and logs the keys it skipped. A shape or dtype mismatch is refused either way.
+            weights_only: unpickle non-tensor values with torch's weights-only rules (None and True). ``False``
+                allows any pickle, which can run code: only for checkpoints you trust.
+            verify: check every chunk's checksum (None: the engine's ``verify`` option).
+            storage_options: fsspec options for this URL target (default: the engine's).
+
+        Returns:
+            Without ``state``, the saved structure. With ``state``, for a dict state, the dict of top-level entries
+            of the checkpoint it did not apply (such as plain values, or keys the state lacks); otherwise None,
+            or the loaded value when it could not be applied at all.
+
         Raises:
+            InvalidArgumentError: an unusable ``map_location`` or ``path``; or, on an engine with a
+                ``process_group``, a ``map_location``, or a ``state`` that is not a dict.
             IncompleteCheckpointError: ``path`` holds shards but no manifest (its save never finished).
-            CorruptCheckpointError: the checkpoint is damaged.
+            CorruptCheckpointError: the checkpoint is damaged (a checksum mismatch, a truncated or missing shard, a
+                manifest that contradicts itself).
+            NewerFormatError: a newer asyncckpt wrote it; upgrade to load it.
+            CheckpointReplacedError: another process kept overwriting ``path`` while it was being read.
             UnsafeCheckpointError: a pickled value needs ``weights_only=False``.
-            CheckpointError: anything else (no checkpoint there, an I/O error, a target that does not match).
+            StorageTimeoutError: a storage operation took longer than ``io_timeout`` seconds.
+            CheckpointError: anything else: no checkpoint there, a store error (:class:`~asyncckpt.S3Error` for
+                S3), a ``state`` that does not match (see ``strict``), the engine is not running.
         """
         check_map_location(map_location)
         core = self.core
@@ -326,19 +435,62 @@ class CheckpointEngine(EngineBase):
 
     async def remove(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:
         """Delete the checkpoint at ``path`` (after any pending save of it): manifest first, so it never
-        half-loads. If ``path`` is a symbolic link, only the link goes."""
+        half-loads. If ``path`` is a symbolic link, only the link goes. Nothing there: nothing happens.
+
+        Args:
+            path: the checkpoint directory or URL.
+            storage_options: fsspec options for this URL target (default: the engine's).
+
+        Raises:
+            InvalidArgumentError: ``path`` is not a usable path.
+            CheckpointError: ``path`` is not an asyncckpt checkpoint (a file, a directory holding anything else),
+                incremental checkpoints still reference its shards (remove them first), a store error, or the
+                engine is not running.
+        """
         core = self.core
         await core.runtime.call_async(core.remove, await core.target_async(path, storage_options))
 
     async def committed(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None
                         ) -> list[str]:
-        """Paths of the committed checkpoints directly under ``directory``, oldest snapshot first."""
+        """Paths of the committed checkpoints directly under ``directory``, oldest snapshot first.
+
+        Entries without a valid manifest (saves that crashed or still run, foreign data) are left out.
+
+        Args:
+            directory: the directory or URL prefix holding checkpoints.
+            storage_options: fsspec options for this URL target (default: the engine's).
+
+        Returns:
+            Their paths (URLs for URL targets), ordered by when each save was called, not when it finished.
+
+        Raises:
+            InvalidArgumentError: ``directory`` is not a usable path.
+            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+                engine is not running.
+            OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
+                empty.
+        """
         core = self.core
         found = await core.runtime.call_async(core.committed, await core.target_async(directory, storage_options))
         return [p for p, _ in found]
 
     async def latest(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
-        """The newest committed checkpoint directly under ``directory``, or None."""
+        """The newest committed checkpoint directly under ``directory``: the last of :meth:`committed`.
+
+        Args:
+            directory: the directory or URL prefix holding checkpoints.
+            storage_options: fsspec options for this URL target (default: the engine's).
+
+        Returns:
+            Its path, or None when there is none.
+
+        Raises:
+            InvalidArgumentError: ``directory`` is not a usable path.
+            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+                engine is not running.
+            OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
+                empty.
+        """
         found = await self.committed(directory, storage_options=storage_options)
         return found[-1] if found else None
 

@@ -207,7 +207,10 @@ class ManagerBase:
     Args:
         directory: a directory or fsspec URL; checkpoints live at ``directory/step-<zero-padded step>``.
         keep_last: keep the newest this many (None: keep all).
-        keep_best: also keep the best this many by ``best_metric`` (``best_mode`` ``"min"`` or ``"max"``).
+        keep_best: also keep the best this many by ``best_metric`` (None: none kept for their metric).
+        best_metric: the name of the metric in ``save(..., metrics=)`` that ranks checkpoints for ``keep_best``
+            and :meth:`best_step`.
+        best_mode: ``"min"`` (lower is better, as for a loss) or ``"max"``.
         keep_every_steps: also keep every checkpoint whose step is a multiple of this.
         incremental: tensors unchanged since the previous checkpoint reference its bytes instead of being written.
         full_every: at most this many incremental saves in a row; then a full one.
@@ -216,6 +219,16 @@ class ManagerBase:
         trust_versions: with ``incremental``, skip hashing tensors whose storage and ``_version`` did not change
             (frozen weights); see :meth:`CheckpointEngine.save`.
         engine: an engine to share (not closed by the manager); otherwise one is made from ``engine_options``.
+            A :class:`CheckpointManager` takes a :class:`~asyncckpt.CheckpointEngine`, a
+            :class:`SyncCheckpointManager` a :class:`~asyncckpt.SyncEngine`.
+        **engine_options: the options of the engine the manager makes (see :class:`~asyncckpt.EngineOptions`).
+
+    Retention runs after each commit: what the rules above do not keep is deleted, except the newest checkpoint,
+    saves still being written and whatever a kept incremental checkpoint references.
+
+    Raises:
+        InvalidArgumentError: an option is out of range (a count below 1, an unknown ``best_mode`` or
+            ``if_busy``, ``keep_best`` without ``best_metric``), or both ``engine`` and ``engine_options`` are given.
     """
 
     def __init__(self, directory: Any, *, keep_last: int | None = 3, keep_best: int | None = None,
@@ -238,14 +251,28 @@ class ManagerBase:
         return self._preemption.preempted
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending."""
+        """The steps of the committed checkpoints the manager knows, as of its last save or retention.
+
+        Returns:
+            Those steps, ascending.
+        """
         return sorted(self.state.entries)
 
     def latest_step(self) -> int | None:
+        """The newest committed step the manager knows.
+
+        Returns:
+            That step, or None when there is none.
+        """
         steps = self.steps()
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
+        """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the newer).
+
+        Returns:
+            That step, or None without a ``best_metric`` or when no checkpoint recorded it.
+        """
         best = self.state.policy.best(self.state.entries)
         return best[0] if best else None
 
@@ -285,7 +312,23 @@ RESTORE_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError)
 
 
 class CheckpointManager(ManagerBase):
-    """The asyncio (and trio) manager: ``async with CheckpointManager(dir) as manager`` (see :class:`ManagerBase`)."""
+    """The asyncio (and trio) manager: ``async with CheckpointManager(dir) as manager`` (see :class:`ManagerBase`).
+
+    Entering it starts its engine (unless given one), reads the committed checkpoints under ``directory`` and
+    catches SIGTERM (see :attr:`preempted`); leaving it waits for every save and its retention.
+
+    Example:
+        ```python
+        async with asyncckpt.CheckpointManager("ckpts", keep_last=2) as manager:
+            start = await manager.restore(state) or 0
+            for step in range(start + 1, 1001):
+                train_step(state)
+                if step % 100 == 0 or manager.preempted:
+                    await manager.save(step, state, metrics={"loss": loss})
+                if manager.preempted:
+                    break
+        ```
+    """
 
     async def __aenter__(self) -> "CheckpointManager":
         from .engine import CheckpointEngine
@@ -307,7 +350,24 @@ class CheckpointManager(ManagerBase):
                 await self._engine.__aexit__(*exc)
 
     async def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None) -> SaveHandle | None:
-        """Snapshot ``state`` as ``step``; returns after the snapshot (None when skipped, ``if_busy="skip"``)."""
+        """Snapshot ``state`` as ``step`` and write it in the background; returns after the snapshot.
+
+        Args:
+            step: the training step, a non-negative integer: the checkpoint goes to ``directory/step-<step>``
+                (zero-padded to 6 digits) and a later save of the same step replaces it.
+            state: what to save, as for the engine's ``save``.
+            metrics: numbers recorded in the manifest with the step; ``keep_best`` ranks checkpoints by
+                ``metrics[best_metric]``.
+
+        Returns:
+            The save's handle (``await handle`` waits for the commit; retention runs after it), or None when the save was skipped
+            (``if_busy="skip"`` and the previous save is still being written).
+
+        Raises:
+            InvalidArgumentError: ``step`` is not a non-negative integer.
+            CheckpointError: the state cannot be saved, an earlier save or its retention failed and nobody has
+                seen the error yet (that error is raised), or the engine is not running.
+        """
         self._check_step(step)
         self.state.raise_failure()
         core = self._engine.core
@@ -323,13 +383,34 @@ class CheckpointManager(ManagerBase):
         return handle
 
     async def wait(self) -> None:
-        """Wait until every save and its retention have finished; raise the first failure nobody has seen."""
+        """Wait until every save and its retention have finished; raise the first failure nobody has seen.
+
+        Raises:
+            CheckpointError: the first save or retention failure nobody has seen (raised once).
+        """
         await self._engine.core.runtime.call_async(self.state.drain)
         await self._engine.wait()
         self.state.raise_failure()
 
     async def restore(self, state: Any) -> int | None:
-        """Restore the newest checkpoint that loads and verifies into ``state`` in place; its step, or None."""
+        """Restore the newest checkpoint that loads and verifies into ``state`` in place, after pending saves.
+
+        Checkpoints are tried newest first; one that is damaged or was never committed is logged and skipped. The
+        load is not strict (keys the state lacks or the checkpoint lacks are logged); plain values of a dict state
+        (a step counter, a config) are replaced by the saved ones.
+
+        Args:
+            state: the state to restore in place: tensors, modules, optimizers and dicts of them.
+
+        Returns:
+            The step restored, or None when no checkpoint could be restored (there is none, or all are damaged).
+
+        Raises:
+            NewerFormatError: a newer asyncckpt wrote the checkpoint tried (it is not skipped: upgrade to load it).
+            CheckpointError: a pending save or its retention failed and nobody has seen the error yet; a
+                checkpoint that cannot be applied to ``state`` (shapes or dtypes differ, a pickled value needs
+                ``weights_only=False``), a store error, or the engine is not running.
+        """
         await self.wait()
         for step in self._restore_order():
             try:
@@ -341,7 +422,23 @@ class CheckpointManager(ManagerBase):
 
 
 class SyncCheckpointManager(ManagerBase):
-    """The threaded manager: ``with SyncCheckpointManager(dir) as manager`` (see :class:`ManagerBase`)."""
+    """The threaded manager: ``with SyncCheckpointManager(dir) as manager`` (see :class:`ManagerBase`).
+
+    Entering it starts its engine (unless given one), reads the committed checkpoints under ``directory`` and
+    catches SIGTERM (see :attr:`preempted`); leaving it waits for every save and its retention.
+
+    Example:
+        ```python
+        with asyncckpt.SyncCheckpointManager("ckpts", keep_last=2) as manager:
+            start = manager.restore(state) or 0
+            for step in range(start + 1, 1001):
+                train_step(state)
+                if step % 100 == 0 or manager.preempted:
+                    manager.save(step, state, metrics={"loss": loss})
+                if manager.preempted:
+                    break
+        ```
+    """
 
     def __enter__(self) -> "SyncCheckpointManager":
         from .sync_engine import SyncEngine
@@ -362,7 +459,24 @@ class SyncCheckpointManager(ManagerBase):
                 self._engine.close()
 
     def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None) -> SaveHandle | None:
-        """Snapshot ``state`` as ``step``; returns after the snapshot (None when skipped); ``.result()`` waits."""
+        """Snapshot ``state`` as ``step`` on this thread and write it in the background; returns after the snapshot.
+
+        Args:
+            step: the training step, a non-negative integer: the checkpoint goes to ``directory/step-<step>``
+                (zero-padded to 6 digits) and a later save of the same step replaces it.
+            state: what to save, as for the engine's ``save``.
+            metrics: numbers recorded in the manifest with the step; ``keep_best`` ranks checkpoints by
+                ``metrics[best_metric]``.
+
+        Returns:
+            The save's handle (``handle.result()`` waits for the commit; retention runs after it), or None when the save was skipped
+            (``if_busy="skip"`` and the previous save is still being written).
+
+        Raises:
+            InvalidArgumentError: ``step`` is not a non-negative integer.
+            CheckpointError: the state cannot be saved, an earlier save or its retention failed and nobody has
+                seen the error yet (that error is raised), or the engine is not running.
+        """
         self._check_step(step)
         self.state.raise_failure()
         core = self._engine.core
@@ -378,13 +492,34 @@ class SyncCheckpointManager(ManagerBase):
         return handle
 
     def wait(self) -> None:
-        """Block until every save and its retention have finished; raise the first failure nobody has seen."""
+        """Block until every save and its retention have finished; raise the first failure nobody has seen.
+
+        Raises:
+            CheckpointError: the first save or retention failure nobody has seen (raised once).
+        """
         self._engine.core.runtime.call(self.state.drain)
         self._engine.wait()
         self.state.raise_failure()
 
     def restore(self, state: Any) -> int | None:
-        """Restore the newest checkpoint that loads and verifies into ``state`` in place; its step, or None."""
+        """Restore the newest checkpoint that loads and verifies into ``state`` in place, after pending saves.
+
+        Checkpoints are tried newest first; one that is damaged or was never committed is logged and skipped. The
+        load is not strict (keys the state lacks or the checkpoint lacks are logged); plain values of a dict state
+        (a step counter, a config) are replaced by the saved ones.
+
+        Args:
+            state: the state to restore in place: tensors, modules, optimizers and dicts of them.
+
+        Returns:
+            The step restored, or None when no checkpoint could be restored (there is none, or all are damaged).
+
+        Raises:
+            NewerFormatError: a newer asyncckpt wrote the checkpoint tried (it is not skipped: upgrade to load it).
+            CheckpointError: a pending save or its retention failed and nobody has seen the error yet; a
+                checkpoint that cannot be applied to ``state`` (shapes or dtypes differ, a pickled value needs
+                ``weights_only=False``), a store error, or the engine is not running.
+        """
         self.wait()
         for step in self._restore_order():
             try:

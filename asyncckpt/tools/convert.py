@@ -170,7 +170,17 @@ async def _clearer(core: EngineCore, src: Target, dst: Target, to: str, overwrit
 
 @dataclass
 class Conversion:
-    """What a conversion wrote."""
+    """What a conversion wrote.
+
+    Attributes:
+        src: the source, as a path or URL.
+        dst: the destination, as a path or URL.
+        to: the format written: ``"torch"``, ``"native"`` or ``"safetensors"``.
+        files: every file written (for a native checkpoint, its directory).
+        bytes_written: bytes of all of them.
+        tensors: tensors written (a tensor shared by several keys counts once).
+        notes: what was left out or renamed, one line each (safetensors holds tensors only).
+    """
 
     src: str
     dst: str
@@ -185,7 +195,39 @@ def to_torch_file(src: Any, dst: Any, *, weights_only: bool | None = True, overw
                   storage_options: Mapping[str, Any] | None = None, concurrency: int = 8,
                   progress: Progress | None = None) -> Conversion:
     """Write the native checkpoint ``src`` as one ``torch.save`` file (``torch.load``, Lightning's
-    ``load_from_checkpoint``); shared tensors stay shared, pickled values load weights-only unless told otherwise."""
+    ``load_from_checkpoint``); shared tensors stay shared, pickled values load weights-only unless told otherwise.
+
+    The file is replaced atomically (on a local disk) and durably; every tensor ends up on the CPU.
+
+    Args:
+        src: the native checkpoint's directory or URL (one written by many ranks is assembled whole).
+        dst: the file to write, a path or URL.
+        weights_only: unpickle ``src``'s non-tensor values with torch's weights-only rules (True and None);
+            ``False`` allows any pickle, which can run code: only for checkpoints you trust.
+        overwrite: replace ``dst`` if it exists (a file, a native checkpoint, an empty directory); a
+            directory holding anything else is never replaced.
+        storage_options: fsspec options for URL paths (credentials, endpoint, ``retry``).
+        concurrency: storage operations in flight at once while reading.
+        progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
+            (a ``tqdm`` fits), or None for none. None: no progress shown.
+
+    Returns:
+        What was written (``to="torch"``, one file).
+
+    Raises:
+        CheckpointError: ``dst`` exists and ``overwrite`` is not set, is a directory that is not a checkpoint, or
+            is ``src`` itself; ``src`` is not a checkpoint; a store error.
+        IncompleteCheckpointError: ``src`` holds shards but no manifest (its save never finished).
+        CorruptCheckpointError: ``src`` is damaged (every chunk is checked against its checksum).
+        NewerFormatError: a newer asyncckpt wrote ``src``.
+        UnsafeCheckpointError: ``src`` holds pickled values that weights-only loading refuses.
+
+    Example:
+        ```python
+        asyncckpt.to_torch_file("ckpts/step-100", "step-100.pt")
+        state = torch.load("step-100.pt")
+        ```
+    """
     async def job(core: EngineCore) -> Conversion:
         source, dest = await core.open_target(src, None), await core.open_target(dst, None)
         clear = await _clearer(core, source, dest, "torch", overwrite)
@@ -204,6 +246,30 @@ def from_torch_file(src: Any, dst: Any, *, weights_only: bool | None = True, ove
     """Save the ``torch.save`` file ``src`` as a native checkpoint; ``engine_options`` go to the SyncEngine.
 
     ``weights_only=False`` is for files you trust only: full unpickling can run code.
+
+    Args:
+        src: the ``torch.save`` file, a path or URL; it is loaded onto the CPU.
+        dst: the checkpoint directory to write, a path or URL; an existing checkpoint there is replaced only
+            when it commits.
+        weights_only: load ``src`` with torch's weights-only rules (True and None); ``False`` allows any pickle.
+        overwrite: replace ``dst`` if it exists (a file, a native checkpoint, an empty directory); a
+            directory holding anything else is never replaced.
+        storage_options: fsspec options for URL paths (credentials, endpoint, ``retry``).
+        progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
+            (a ``tqdm`` fits), or None for none. None: no progress shown.
+        **engine_options: options of the :class:`~asyncckpt.SyncEngine` that writes it (``shard_bytes``,
+            ``chunk_bytes``, ``fsync``…).
+
+    Returns:
+        What was written (``to="native"``; ``files`` names the checkpoint directory).
+
+    Raises:
+        InvalidArgumentError: an engine option is out of range or unknown.
+        CheckpointError: ``src`` is missing or is a directory; ``dst`` exists and ``overwrite`` is not set, or is
+            a directory that is not a checkpoint; the save failed (a store error, such as
+            :class:`~asyncckpt.S3Error`).
+        UnsafeCheckpointError: ``src`` holds pickled objects that weights-only loading refuses.
+        CorruptCheckpointError: ``src`` is not a readable ``torch.save`` file.
     """
     with SyncEngine(storage_options=storage_options, **engine_options) as engine:
         core = engine.core
@@ -258,6 +324,38 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
 
     ``dst`` ending in ``.safetensors`` is one file; otherwise a directory with a file per shard and an index, the
     layout Hugging Face tools read. Other entries cannot be stored there; :attr:`Conversion.notes` lists them.
+    Nothing is unpickled, so no trust in ``src`` is needed.
+
+    Args:
+        src: the native checkpoint's directory or URL.
+        dst: a ``.safetensors`` file, or a directory for ``model.safetensors`` (or ``model-0000k-of-0000n``
+            files, one per shard of ``src``, and ``model.safetensors.index.json``).
+        key: export only the entries under this key path (such as ``"model"`` or ``"model.encoder"``), named
+            relative to it; None: every tensor, named by its full key path (``model.layer.weight``).
+        overwrite: replace ``dst`` if it exists (a file, a native checkpoint, an empty directory, or an earlier export); a
+            directory holding anything else is never replaced.
+        storage_options: fsspec options for URL paths (credentials, endpoint, ``retry``).
+        concurrency: storage operations in flight at once while reading.
+        progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
+            (a ``tqdm`` fits), or None for none. None: no progress shown.
+
+    Returns:
+        What was written (``to="safetensors"``), with ``notes`` on what was left out or renamed.
+
+    Raises:
+        CheckpointError: ``dst`` exists and ``overwrite`` is not set, is a directory holding other data, or is
+            ``src`` itself; ``src`` is not a checkpoint, has no entry ``key`` or no tensor safetensors can store;
+            a store error.
+        IncompleteCheckpointError: ``src`` holds shards but no manifest (its save never finished).
+        CorruptCheckpointError: ``src`` is damaged (every chunk is checked against its checksum).
+        NewerFormatError: a newer asyncckpt wrote ``src``.
+        ImportError: the ``safetensors`` package is not installed.
+
+    Example:
+        ```python
+        conversion = asyncckpt.to_safetensors("ckpts/step-100", "export/", key="model")
+        print(conversion.files, conversion.notes)
+        ```
     """
     from safetensors.torch import save
 

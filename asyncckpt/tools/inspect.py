@@ -116,7 +116,17 @@ def inspect(path: Any, storage_options: Mapping[str, Any] | None = None) -> dict
 
 @dataclass
 class Verification:
-    """What :func:`verify` found: ``problems`` (the checkpoint is damaged) and ``warnings`` (harmless debris)."""
+    """What :func:`verify` found: ``problems`` (the checkpoint is damaged) and ``warnings`` (harmless debris).
+
+    Attributes:
+        path: the checkpoint, as a path or URL.
+        shards: shard files the manifest lists.
+        nbytes: bytes of those shard files.
+        checksums: chunk checksums checked.
+        problems: what is damaged, one line each (empty: the checkpoint is intact).
+        warnings: stray files left by interrupted saves or commits, one line each; they do not affect loading.
+        seconds: how long the verification took, in seconds.
+    """
 
     path: str
     shards: int = 0
@@ -128,13 +138,43 @@ class Verification:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found (warnings do not count)."""
         return not self.problems
 
 
 def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurrency: int = 8,
            progress: Progress | None = None) -> Verification:
     """Read every shard of the checkpoint at ``path``, check each chunk's checksum and that the manifest, the
-    shards' safetensors headers and the files agree. A checkpoint that cannot be read at all raises."""
+    shards' safetensors headers and the files agree. A checkpoint that cannot be read at all raises.
+
+    Damage found in the shards is reported in :attr:`Verification.problems`, not raised, so one call lists all of
+    it. Nothing is unpickled.
+
+    Args:
+        path: the checkpoint's directory or URL.
+        storage_options: fsspec options for a URL target (credentials, endpoint, ``retry``).
+        concurrency: storage operations in flight at once.
+        progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
+            (a ``tqdm`` fits), or None for none. None: no progress shown.
+
+    Returns:
+        What was checked and found.
+
+    Raises:
+        IncompleteCheckpointError: ``path`` holds shards but no manifest (its save never finished).
+        CorruptCheckpointError: the manifest itself is damaged or contradicts itself.
+        NewerFormatError: a newer asyncckpt wrote it.
+        CheckpointError: no checkpoint at ``path``, or an object store failed (such as
+            :class:`~asyncckpt.S3Error`).
+        OSError: a filesystem failed to read a shard.
+
+    Example:
+        ```python
+        report = asyncckpt.verify("ckpts/step-100")
+        if not report.ok:
+            print("\n".join(report.problems))
+        ```
+    """
     t0 = time.perf_counter()
 
     async def job(core: EngineCore) -> Verification:
