@@ -41,7 +41,13 @@ class UnsafeCheckpointError(CheckpointError):
 
 class BudgetExceededError(CheckpointError):
     """The state must be in staging memory whole at once (it is handed to another serializer, such as a Lightning
-    base ``CheckpointIO``) and needs more than ``host_memory_budget``: ``needed`` and ``budget`` say by how much."""
+    base ``CheckpointIO``) and needs more than ``host_memory_budget``: ``needed`` and ``budget`` say by how much.
+
+    Args:
+        message: what happened, and what to change.
+        needed: bytes of staging memory the state needs at once.
+        budget: bytes the engine's ``host_memory_budget`` allows.
+    """
 
     def __init__(self, message: str, *, needed: int = 0, budget: int = 0) -> None:
         super().__init__(message)
@@ -50,7 +56,14 @@ class BudgetExceededError(CheckpointError):
 
 class StorageError(CheckpointError):
     """A storage operation failed for good. ``operation`` and ``code`` (the store's own error code, when it gave
-    one) say which; ``attempts`` says how often it was tried."""
+    one) say which; ``attempts`` says how often it was tried.
+
+    Args:
+        message: what failed, naming the path.
+        operation: the store's API call that failed (such as ``"put_object"``), when known.
+        code: the store's error code (such as ``"AccessDenied"``), when it gave one.
+        attempts: how many times the operation was tried, retries included, when known.
+    """
 
     def __init__(self, message: str, *, operation: str | None = None, code: str | None = None,
                  attempts: int | None = None) -> None:
@@ -61,7 +74,14 @@ class StorageError(CheckpointError):
 class StorageTimeoutError(StorageError):
     """A storage operation made no progress within the engine's ``io_timeout``: the store is hung or unreachable.
     ``operation`` and ``path`` say which; the save or load it belonged to failed, committed checkpoints are
-    untouched."""
+    untouched. Its ``code`` is ``"Timeout"``.
+
+    Args:
+        message: what timed out, and after how many seconds.
+        operation: the storage operation that made no progress (such as ``"open for writing"`` or
+            ``"atomic write"``).
+        path: the file or directory it was working on.
+    """
 
     def __init__(self, message: str, *, operation: str | None = None, path: str | None = None) -> None:
         super().__init__(message, operation=operation, code="Timeout")
@@ -70,7 +90,16 @@ class StorageTimeoutError(StorageError):
 
 class S3Error(StorageError):
     """An S3 request failed for good: a permanent error (credentials, permissions, missing bucket…) or a transient
-    one that outlasted the retry policy. ``bucket``, ``key``, ``operation``, ``code`` and ``attempts`` say which."""
+    one that outlasted the retry policy. ``bucket``, ``key``, ``operation``, ``code`` and ``attempts`` say which.
+
+    Args:
+        message: what failed, naming the object.
+        bucket: the S3 bucket.
+        key: the object's key in ``bucket``.
+        operation: the S3 API call, as boto names it (such as ``"put_object"`` or ``"upload_part"``).
+        code: S3's error code (such as ``"AccessDenied"``, ``"NoSuchBucket"``, ``"SlowDown"``).
+        attempts: how many times the request was tried, retries included.
+    """
 
     def __init__(self, message: str, *, bucket: str | None = None, key: str | None = None,
                  operation: str | None = None, code: str | None = None, attempts: int | None = None) -> None:

@@ -55,6 +55,11 @@ class EngineOptions:
         io_timeout: seconds one storage operation (a chunk written or read, a listing, a commit) may take before
             the save or load it belongs to fails with :class:`~asyncckpt.StorageTimeoutError` naming the operation
             and path; committed checkpoints stay. ``None``: no limit (a hung store or NFS mount blocks forever).
+
+    Raises:
+        InvalidArgumentError: an option is out of range or of the wrong type (a count or size below 1, a
+            ``chunk_bytes`` that is not a multiple of 4096 or exceeds ``host_memory_budget``, an unknown
+            ``snapshot`` mode, a non-positive ``io_timeout``, ``storage_options`` that is not a dict).
     """
 
     write_concurrency: int = 8
@@ -109,7 +114,18 @@ class EngineOptions:
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> "EngineOptions":
-        """Options from keyword arguments; an unknown name is an error that suggests the closest known one."""
+        """Options from keyword arguments; an unknown name is an error that suggests the closest known one.
+
+        Args:
+            options: option names and values, as the engines take them as keywords.
+
+        Returns:
+            The validated options.
+
+        Raises:
+            InvalidArgumentError: an unknown option name (the message suggests the closest one), or a value out of
+                range.
+        """
         known = [f.name for f in dataclasses.fields(cls)]
         for name in options:
             if name not in known:
@@ -132,6 +148,14 @@ class RetryPolicy:
     The defaults (10 attempts, 0.2 s, 20 s) ride out about a minute of throttling or an endpoint restart; the
     worst case sleeps ``sum(min(max_delay, base_delay * 2**i) for i in range(attempts - 1))`` seconds (~72 s), half
     that on average. Pass one as ``storage_options={"retry": RetryPolicy(...)}`` (a dict of the same fields works).
+
+    Raises:
+        InvalidArgumentError: ``attempts`` is below 1 or a delay is negative.
+
+    Example:
+        ```python
+        engine = asyncckpt.SyncEngine(storage_options={"retry": asyncckpt.RetryPolicy(attempts=5, max_delay=5.0)})
+        ```
     """
 
     attempts: int = 10
@@ -143,17 +167,38 @@ class RetryPolicy:
             raise InvalidArgumentError("RetryPolicy needs attempts >= 1 and non-negative delays")
 
     def delay(self, retry: int) -> float:
-        """Seconds to sleep before retry number ``retry`` (from 0)."""
+        """How long to sleep before a retry, drawn at random ("full jitter").
+
+        Args:
+            retry: the retry's number, from 0 (the first retry, after the first failed attempt).
+
+        Returns:
+            Seconds, uniform in ``[0, min(max_delay, base_delay * 2**retry)]``.
+        """
         return random.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** retry)))
 
     def for_cleanup(self) -> "RetryPolicy":
-        """This policy cut to 4 attempts and 2 s sleeps: clean-up after a failed save must not outlast it."""
+        """This policy cut to 4 attempts and 2 s sleeps: clean-up after a failed save must not outlast it.
+
+        Returns:
+            A new policy: at most 4 attempts, the same ``base_delay``, sleeps of at most 2 seconds.
+        """
         return RetryPolicy(attempts=min(self.attempts, 4), base_delay=self.base_delay,
                            max_delay=min(self.max_delay, 2.0))
 
     @classmethod
     def coerce(cls, value: Any) -> "RetryPolicy":
-        """A policy from ``storage_options["retry"]``: None (the defaults), a policy, or a dict of its fields."""
+        """A policy from ``storage_options["retry"]``: None (the defaults), a policy, or a dict of its fields.
+
+        Args:
+            value: None, a :class:`RetryPolicy`, or a dict of its fields.
+
+        Returns:
+            The policy (``value`` itself when it is one).
+
+        Raises:
+            InvalidArgumentError: ``value`` is of another type, or a dict with unknown fields or bad values.
+        """
         if value is None:
             return cls()
         if isinstance(value, cls):

@@ -187,7 +187,26 @@ class ObjectRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest."""
+    """A validated manifest of a checkpoint written by one process: what :func:`asyncckpt.committed` lists and
+    ``asyncckpt inspect`` shows.
+
+    Attributes:
+        save_id: the save's random id; its shard files carry it in their names.
+        created_ns: when the snapshot was taken, in nanoseconds since the Unix epoch.
+        shards: one record per shard file: its name, size in bytes, ``chunk_bytes`` and one xxh3-64 digest per
+            chunk, and (``base``) the sibling checkpoint holding it for an incremental save.
+        tensors: one record per distinct tensor: dtype, shape, saved device, and where its bytes lie (a span of a
+            shard, or a view of a shared storage).
+        storages: raw bytes of storages that several overlapping tensors view.
+        objects: values JSON cannot hold, as ``torch.save`` bytes, with their key path and class name.
+        tree: the state's structure as JSON, plain values inline, tensors and objects by index.
+        producer: what wrote it (``"asyncckpt <version>"``).
+        torch_version: the torch version that wrote it.
+        metadata: the JSON object given to ``save(..., metadata=)`` (a manager's step and metrics); None without.
+        chain: incremental saves since the last full one (0: this checkpoint holds all its bytes).
+        sequence: orders the checkpoints of one directory (newer saves are higher); 0 for checkpoints written
+            before sequences existed, which sort by ``created_ns``.
+    """
 
     save_id: str
     created_ns: int
@@ -221,16 +240,25 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of all shard files, those held in base checkpoints included (manifest excluded)."""
         return sum(s.nbytes for s in self.shards)
 
     def byte_records(self) -> Iterator[TensorRecord | StorageRecord | ObjectRecord]:
-        """Every record that owns bytes in a shard (tensors with a span, storages, objects)."""
+        """Every record that owns bytes in a shard (tensors with a span, storages, objects).
+
+        Yields:
+            Tensor records with a span, then storage records, then object records.
+        """
         yield from (t for t in self.tensors if t.span is not None)
         yield from self.storages
         yield from self.objects
 
     def seal(self) -> bytes:
-        """The manifest's bytes (see :func:`seal`)."""
+        """The manifest's bytes, as committed to ``manifest.json`` (see :func:`seal`).
+
+        Returns:
+            Compact JSON ending in an xxh3-64 digest of the rest, which readers check.
+        """
         doc: dict[str, Any] = {
             "format": FORMAT, "version": self.version, "producer": self.producer, "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,
             "shards": [s.to_json() for s in self.shards], "tensors": [t.to_json() for t in self.tensors],
@@ -287,6 +315,22 @@ class GlobalManifest:
     the planner's data, the storage meta — as JSON, plus where each chunk's bytes lie and every shard's checksums.
     ``planner_data`` is kept in the structure encoding (:mod:`asyncckpt.format.tree`); objects are ``torch.save``
     bytes keyed by their DCP name (``key``).
+
+    Attributes:
+        save_id: the save's random id; every rank's shard files carry it in their names.
+        created_ns: when the coordinator planned the save, in nanoseconds since the Unix epoch.
+        world_size: how many ranks wrote it.
+        shards: one record per shard file of every rank (the rank is in its name): size in bytes, ``chunk_bytes``
+            and one xxh3-64 digest per chunk.
+        tensors: one record per DCP tensor item: its name (``fqn``), global dtype and shape, and the chunks that
+            tile it, each with where its bytes lie.
+        objects: non-tensor items, as ``torch.save`` bytes keyed by their DCP name.
+        planner_data: DCP's planner data (the key path of each item), in the structure encoding.
+        storage_meta: DCP's storage meta (``checkpoint_id``, ``save_id``, ``modules``), or None.
+        dcp_version: the version of DCP's metadata format, or None.
+        producer: what wrote it (``"asyncckpt <version>"``).
+        torch_version: the torch version that wrote it.
+        sequence: orders the checkpoints of one directory, as in :class:`Manifest`.
     """
 
     save_id: str
@@ -314,18 +358,28 @@ class GlobalManifest:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of all ranks' shard files (manifest excluded)."""
         return sum(s.nbytes for s in self.shards)
 
     @property
     def order(self) -> int:
+        """What listings sort by: the sequence, or the wall clock for manifests older than sequences."""
         return self.sequence or self.created_ns
 
     def byte_spans(self) -> set[Span]:
-        """Every run of shard bytes the manifest refers to (chunks of one tensor saved twice share one)."""
+        """Every run of shard bytes the manifest refers to (chunks of one tensor saved twice share one).
+
+        Returns:
+            The spans of every tensor chunk and object.
+        """
         return {c.span for t in self.tensors for c in t.chunks} | {o.span for o in self.objects}
 
     def seal(self) -> bytes:
-        """The manifest's bytes (see :func:`seal`)."""
+        """The manifest's bytes, as committed to ``manifest.json`` (see :func:`seal`).
+
+        Returns:
+            Compact JSON ending in an xxh3-64 digest of the rest, which readers check.
+        """
         return seal({
             "format": FORMAT, "version": GLOBAL_VERSION, "layout": "dcp", "producer": self.producer,
             "torch": self.torch_version, "save_id": self.save_id, "created_ns": self.created_ns,

@@ -40,14 +40,33 @@ _registered: dict[str, Any] = {}
 
 
 def register(protocol: str, target: str | type[Storage], *, clobber: bool = False) -> None:
-    """Serve ``protocol`` with ``target`` (a Storage subclass, or ``"module:Class"``) in this process."""
+    """Serve ``protocol`` with ``target`` in this process, ahead of entry points and the built-in backends.
+
+    Args:
+        protocol: the URL protocol, without ``://`` (``"myfs"`` for ``myfs://bucket/run``).
+        target: a :class:`~asyncckpt.io.contract.Storage` subclass, or ``"module:Class"`` (imported on first use).
+        clobber: replace a backend registered before for ``protocol``.
+
+    Raises:
+        InvalidArgumentError: a backend is already registered for ``protocol`` and ``clobber`` is not set.
+
+    Example:
+        ```python
+        asyncckpt.io.register("myfs", "mypackage.storage:MyStorage")
+        engine.save(state, "myfs://bucket/run/step-100")
+        ```
+    """
     if protocol in _registered and not clobber:
         raise InvalidArgumentError(f"a storage backend is already registered for {protocol}://; pass clobber=True")
     _registered[protocol] = target
 
 
 def unregister(protocol: str) -> None:
-    """Undo :func:`register` for ``protocol`` (the built-in or entry-point backend serves it again)."""
+    """Undo :func:`register` for ``protocol`` (the built-in or entry-point backend serves it again).
+
+    Args:
+        protocol: the URL protocol; one never registered is ignored.
+    """
     _registered.pop(protocol, None)
 
 

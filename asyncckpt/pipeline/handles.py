@@ -48,6 +48,19 @@ class SaveHandle:
 
     Waiting is optional: a failure nobody waited for is raised by the engine's next call instead (see the docs).
     Cancelling a wait does not cancel the save.
+
+    The engines make handles; user code only waits on them.
+
+    Args:
+        path: the checkpoint's path or URL, for messages.
+        runtime: the engine's runtime, whose loop settles the handle.
+
+    Example:
+        ```python
+        handle = await engine.save(state, "ckpts/step-100")  # or engine.save(...) on a SyncEngine
+        result = await handle  # or handle.result() on a thread
+        print(result.bytes_written, result.snapshot_seconds, result.write_seconds)
+        ```
     """
 
     def __init__(self, path: str, runtime: Runtime) -> None:
@@ -64,7 +77,11 @@ class SaveHandle:
         self._callbacks_lock = threading.Lock()
 
     def done(self) -> bool:
-        """Whether the save has finished, committed or failed."""
+        """Whether the save has finished, committed or failed (never blocks).
+
+        Returns:
+            True once it has finished.
+        """
         return self._settled.is_set()
 
     @property
@@ -80,7 +97,17 @@ class SaveHandle:
         return self._result
 
     async def wait(self) -> SaveResult:
-        """Wait (from any event loop) until the save has finished."""
+        """Wait (from any event loop, asyncio or trio) until the save has finished; ``await handle`` does the same.
+        Cancelling the wait does not cancel the save.
+
+        Returns:
+            The result, once the checkpoint is durable and committed.
+
+        Raises:
+            CheckpointError: the save failed (the error names the path; a subclass such as
+                :class:`~asyncckpt.S3Error`, :class:`~asyncckpt.StorageTimeoutError` or
+                :class:`~asyncckpt.BudgetExceededError` where it fits; the storage error is its cause).
+        """
         if not self.done():
             await self._runtime.call_async(self._settled_on_loop.wait)
         return self._outcome()
@@ -89,7 +116,19 @@ class SaveHandle:
         return self.wait().__await__()
 
     def result(self, timeout: float | None = None) -> SaveResult:
-        """Block the calling thread until the save has finished (``TimeoutError`` after ``timeout`` seconds)."""
+        """Block the calling thread until the save has finished.
+
+        Args:
+            timeout: seconds to wait at most; None: as long as it takes. The save goes on after a timeout.
+
+        Returns:
+            The result, once the checkpoint is durable and committed.
+
+        Raises:
+            TimeoutError: the save is still running after ``timeout`` seconds.
+            CheckpointError: the save failed (as for :meth:`wait`), or this is the engine's own loop thread, where
+                blocking would deadlock (await the handle there).
+        """
         if not self.done():
             if self._runtime.in_loop:
                 raise CheckpointError("SaveHandle.result() would block the engine's own loop; await the handle")
@@ -98,14 +137,19 @@ class SaveHandle:
         return self._outcome()
 
     async def settled(self) -> None:
-        """Wait on the engine's loop (for work ordered after this save)."""
+        """Wait until the save has finished, whatever its outcome, raising nothing. Only on the engine's own loop
+        (for work ordered after this save); other callers use :meth:`wait` or :meth:`result`."""
         await self._settled_on_loop.wait()
 
     def add_done_callback(self, fn: Callable[["SaveHandle"], Any]) -> None:
         """Call ``fn(handle)`` once the save has finished, committed or failed (at once if it has): for bookkeeping
         that must follow every outcome, such as telling other processes that a path has landed. It runs on the
         engine's loop thread, so it must be short and never block; what it raises is logged, not propagated, and it
-        does not count as observing the save's error."""
+        does not count as observing the save's error.
+
+        Args:
+            fn: called with this handle; read ``handle.error`` to tell a failure from a commit.
+        """
         with self._callbacks_lock:
             if self._callbacks is not None:
                 self._callbacks.append(fn)
@@ -120,7 +164,11 @@ class SaveHandle:
 
     def snapshot_done(self) -> bool:
         """Whether the snapshot is over: the state's bytes are copied (or the save failed), so the caller may change
-        any tensor. Always true once an eager ``save`` has returned."""
+        any tensor. Always true once an eager ``save`` has returned.
+
+        Returns:
+            True once the snapshot is over.
+        """
         return self._copied.is_set()
 
     async def snapshotted(self) -> None:
@@ -130,7 +178,14 @@ class SaveHandle:
             await self._runtime.call_async(self._copied_on_loop.wait)
 
     def wait_snapshotted(self, timeout: float | None = None) -> None:
-        """:meth:`snapshotted` for threads (``TimeoutError`` after ``timeout`` seconds)."""
+        """Block the calling thread until the snapshot is over: :meth:`snapshotted` for threads.
+
+        Args:
+            timeout: seconds to wait at most; None: as long as it takes.
+
+        Raises:
+            TimeoutError: the snapshot is still copying after ``timeout`` seconds.
+        """
         if not self._copied.wait(timeout):
             raise TimeoutError(f"the snapshot of {self.path} is still copying after {timeout} s")
 
@@ -140,7 +195,12 @@ class SaveHandle:
         self._copied_on_loop.set()
 
     def settle(self, result: SaveResult | None = None, error: BaseException | None = None) -> None:
-        """Record the outcome (on the engine's loop, exactly once) and wake every waiter."""
+        """Record the outcome (on the engine's loop, exactly once) and wake every waiter; engines call this.
+
+        Args:
+            result: what the committed save reports; None when it failed.
+            error: why it failed; None when it committed.
+        """
         self._result, self._error = result, error
         self.mark_snapshotted()
         with self._callbacks_lock:

@@ -171,8 +171,8 @@ def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurre
     Example:
         ```python
         report = asyncckpt.verify("ckpts/step-100")
-        if not report.ok:
-            print("\n".join(report.problems))
+        for problem in report.problems:  # empty when report.ok
+            print(problem)
         ```
     """
     t0 = time.perf_counter()
