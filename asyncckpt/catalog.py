@@ -24,8 +24,8 @@ def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) 
 
     Returns:
         ``(path, manifest)`` pairs, ordered by when each save was called; a manifest is a
-        :class:`~asyncckpt.Manifest`, or a :class:`~asyncckpt.GlobalManifest` for a multi-rank checkpoint. Its
-        ``metadata`` holds what the save was given (a :class:`~asyncckpt.CheckpointManager`'s step and metrics).
+            :class:`~asyncckpt.Manifest`, or a :class:`~asyncckpt.GlobalManifest` for a multi-rank checkpoint. Its
+            ``metadata`` holds what the save was given (a :class:`~asyncckpt.CheckpointManager`'s step and metrics).
 
     Raises:
         InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.

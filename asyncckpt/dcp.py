@@ -104,7 +104,14 @@ _engines_lock = threading.Lock()
 
 def shared_engine(options: EngineOptions | None = None) -> SyncEngine:
     """The engine this process uses for writers and readers built with ``options`` (created on first use, kept
-    for the process's lifetime so staging buffers are reused from one save to the next, flushed at exit)."""
+    for the process's lifetime so staging buffers are reused from one save to the next, flushed at exit).
+
+    Args:
+        options: the engine's options; None: the defaults.
+
+    Returns:
+        The running engine for this process and these options (a new one if the previous was closed).
+    """
     options = options or EngineOptions()
     key = (os.getpid(), options)
     with _engines_lock:
@@ -134,6 +141,8 @@ class _Endpoint:
 
     @property
     def engine(self) -> SyncEngine:
+        """The engine this endpoint reads or writes with: the one given, else the process's shared engine for its
+        options (:func:`shared_engine`)."""
         return self._engine if self._engine is not None else shared_engine(self.options)
 
     @property
@@ -142,6 +151,14 @@ class _Endpoint:
         return self.path
 
     def target(self) -> Target:
+        """Where the checkpoint lives, on the engine's storage for its path.
+
+        Returns:
+            The path's storage target.
+
+        Raises:
+            InvalidArgumentError: no path was given, neither here nor as DCP's ``checkpoint_id``.
+        """
         if self.path is None:
             raise InvalidArgumentError(f"{type(self).__name__} has no path: give one, or pass checkpoint_id= to DCP")
         return self.engine.core.target(self.path, self.storage_options)
@@ -154,6 +171,14 @@ class _Endpoint:
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        """Whether ``checkpoint_id`` can name a checkpoint here (DCP asks when it picks a storage by path).
+
+        Args:
+            checkpoint_id: a local path or fsspec URL.
+
+        Returns:
+            True when it is a usable path or URL.
+        """
         try:
             to_url(checkpoint_id)
         except CheckpointError:
@@ -178,6 +203,20 @@ def unwrap(exc: BaseException) -> BaseException:
     For DCP's ``CheckpointException`` (a ``BaseException``): the asyncckpt :class:`~asyncckpt.CheckpointError` of
     the lowest failing rank (type and attributes kept, the rank in its message), else a ``CheckpointError`` that
     restates the lowest rank's failure. Anything else is returned as it is.
+
+    Args:
+        exc: what ``dcp.save``, ``dcp.async_save``'s future or ``dcp.load`` raised.
+
+    Returns:
+        The error to raise or show in its place.
+
+    Example:
+        ```python
+        try:
+            dcp.save(state, storage_writer=StorageWriter("ckpts/step-100"))
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            raise unwrap(exc) from exc
+        ```
     """
     if isinstance(exc, _Carrier):
         return exc.error
@@ -195,7 +234,19 @@ def unwrap(exc: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def unwrapped() -> Iterator[None]:
-    """``with unwrapped(): dcp.save(...)`` raises :func:`unwrap`'s error instead of DCP's ``CheckpointException``."""
+    """``with unwrapped(): dcp.save(...)`` raises :func:`unwrap`'s error instead of DCP's ``CheckpointException``.
+
+    Raises:
+        CheckpointError: in place of DCP's ``CheckpointException`` (the asyncckpt error of the lowest failing
+            rank, its subclass kept, or a plain ``CheckpointError`` restating a foreign failure), DCP's exception
+            as its cause.
+
+    Example:
+        ```python
+        with unwrapped():
+            dcp.load(state, storage_reader=StorageReader("ckpts/step-100"))
+        ```
+    """
     try:
         yield
     except (CheckpointException, _Carrier) as exc:
@@ -208,7 +259,16 @@ def unwrapped() -> Iterator[None]:
 @dataclass(frozen=True)
 class RankPlan:
     """The ``storage_data`` the coordinator gives each rank's save plan: the save's id, the rank's number, and the
-    keys of the replicated tensors cut into pieces (:func:`assign`)."""
+    keys of the replicated tensors cut into pieces (:func:`assign`).
+
+    Attributes:
+        save_id: the save's random id; every rank's shard files carry it in their names.
+        rank: the rank this plan is for (0 is the coordinator).
+        world_size: how many ranks take part in the save.
+        created_ns: when the coordinator planned the save, in nanoseconds since the Unix epoch.
+        sequence: orders the checkpoints of one directory (newer saves are higher).
+        pieces: DCP names of the replicated tensors that are written by rows, a piece per rank holding them.
+    """
 
     save_id: str
     rank: int
@@ -221,7 +281,15 @@ class RankPlan:
 @dataclass(frozen=True)
 class Stored:
     """The ``storage_data`` of a ``WriteResult``: where the item's bytes lie. The first result naming a file
-    carries that file's :class:`~asyncckpt.format.manifest.ShardRecord` (size and checksums)."""
+    carries that file's :class:`~asyncckpt.format.manifest.ShardRecord` (size and checksums).
+
+    Attributes:
+        file: the shard file's name, in the checkpoint directory.
+        offset: where the item's bytes start in that file, in bytes.
+        nbytes: the item's size, in bytes.
+        shard: the file's record (size in bytes, chunk checksums) on the first result naming the file; None on
+            the others.
+    """
 
     file: str
     offset: int
@@ -599,6 +667,16 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     ``dcp.async_save`` calls :meth:`stage`, which copies the rank's tensors once into staging buffers laid out as
     its shard files and returns; the background save then writes those very buffers. As with any DCP storage,
     wait for one ``async_save`` to finish before starting the next on the same process group.
+
+    Raises:
+        InvalidArgumentError: both ``engine`` and engine options are given, or an engine option is unknown or out
+            of range.
+        InvalidArgumentError: ``split_bytes`` is neither None nor a positive number of bytes.
+
+    Example:
+        ```python
+        dcp.save(state, storage_writer=StorageWriter("s3://bucket/run/step-100", host_memory_budget=4 << 30))
+        ```
     """
 
     _synchronize_after_execute = False  # stage() has finished its copy when it returns
@@ -632,10 +710,28 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     # ------------------------------------------------------------ DCP's protocol
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """Start a new save (DCP calls it first).
+
+        Args:
+            checkpoint_id: DCP's ``checkpoint_id=``, which replaces the path; None keeps it.
+
+        Raises:
+            InvalidArgumentError: ``checkpoint_id`` is not a usable path.
+        """
         if checkpoint_id:
             self.path = to_url(checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Learn this rank's role in the save.
+
+        Args:
+            is_coordinator: whether this rank commits the global manifest.
+            *args: DCP's further arguments, unused.
+            **kwargs: DCP's further arguments: ``rank`` (this rank's number) and ``use_collectives``.
+
+        Raises:
+            CheckpointError: ``use_collectives=False``: one global manifest needs DCP's collectives.
+        """
         if kwargs.get("use_collectives", True) is False:
             raise CheckpointError("asyncckpt.dcp writes one global manifest, which needs DCP's collectives; "
                                   "call dcp.save without use_collectives=False")
@@ -643,11 +739,23 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         self.rank = kwargs.get("rank") or 0
 
     def storage_meta(self) -> StorageMeta | None:
+        """What DCP records of the storage in its metadata.
+
+        Returns:
+            The storage meta, naming the checkpoint's path as its ``checkpoint_id``.
+        """
         return StorageMeta(checkpoint_id=self.path)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Say which whole plain tensors this rank holds and, under ``async_save``, which staged shard holds each
-        item (by DCP's key paths), for :func:`assign`."""
+        item (by DCP's key paths), for :func:`assign`.
+
+        Args:
+            plan: this rank's save plan.
+
+        Returns:
+            The plan, its ``storage_data`` a ``LocalStaging`` with those facts (sizes in bytes).
+        """
         tensors = {item.index: item.tensor_storage_size() or 0 for item in plan.items
                    if item.type == WriteItemType.TENSOR}
         staged = next((s for s in sorted(self._staged, key=lambda s: s.serial) if not s.claimed), None)
@@ -665,14 +773,34 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator names the save (one id for every rank's files, and each rank's number) and evens out the
-        bytes each rank writes (:func:`assign`)."""
+        bytes each rank writes (:func:`assign`).
+
+        Args:
+            plans: every rank's plan, from :meth:`prepare_local_plan`.
+
+        Returns:
+            Every rank's plan, items moved between ranks that hold them, each with its :class:`RankPlan` as
+                ``storage_data``.
+        """
         plans, pieces = assign(plans, self.split_bytes)
         info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next(), frozenset(pieces))
         self._saves[threading.get_ident()] = (info, pieces)
         return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write this rank's items durably (publishing nothing) and say where each one's bytes lie."""
+        """Write this rank's items durably (publishing nothing) and say where each one's bytes lie.
+
+        Args:
+            plan: this rank's plan from the coordinator (its ``storage_data`` a :class:`RankPlan`).
+            planner: DCP's planner, which gives each item's data.
+
+        Returns:
+            A future that is already done, holding one ``WriteResult`` per item (``storage_data``: :class:`Stored`).
+
+        Raises:
+            CheckpointError: the plan was not made by an asyncckpt ``StorageWriter``, or a write failed (a store
+                error, such as :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+        """
         info = plan.storage_data
         if not isinstance(info, RankPlan):
             raise CheckpointError("the save plan carries no asyncckpt storage data: its global planning did not go "
@@ -698,7 +826,18 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """The coordinator commits: one global manifest naming every rank's files, written atomically once all of
         them are durable (DCP gathers results after every rank's ``write_data`` returned), then older files of
-        this path are swept."""
+        this path are swept.
+
+        Args:
+            metadata: DCP's metadata of the save (every item's global shape, dtype and chunks).
+            results: every rank's write results, from :meth:`write_data`.
+
+        Raises:
+            CheckpointError: this writer did not plan the save, a rank did not say where an item's bytes are, an
+                item the format cannot store (a sparse tensor, an unknown dtype, planner data that is not plain
+                JSON values), or the commit failed (a store error).
+            CorruptCheckpointError: the manifest would not pass a reader's checks (nothing is published).
+        """
         planned = self._saves.pop(threading.get_ident(), None)
         if planned is None:
             raise CheckpointError("finish() before prepare_global_plan(): this StorageWriter did not plan the save")
@@ -727,7 +866,18 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
     def stage(self, state_dict: dict[str, Any]) -> StagedState:
         """Copy this rank's tensors once into staging buffers laid out as its shard files; return the state with
         those copies in place of the tensors (other values deep-copied). Training may change the originals as
-        soon as this returns. Waits for memory while earlier saves still hold the budget."""
+        soon as this returns. Waits for memory while earlier saves still hold the budget.
+
+        Args:
+            state_dict: this rank's state dict as ``dcp.async_save`` passes it.
+
+        Returns:
+            The staged state: the same structure, tensors replaced by views of staging memory.
+
+        Raises:
+            CheckpointError: this rank's tensors need more than ``host_memory_budget`` bytes at once (use
+                ``dcp.save``, which streams), or a sharded tensor other than a DTensor.
+        """
         engine = self.engine
         core = engine.core
         leaves: list[tuple[tuple[str | int, ...], Any]] = []
@@ -929,6 +1079,15 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
 
     Each rank reads only the chunks of the shard files that cover its tensors, into staging buffers, checks them
     and copies their bytes straight into its tensors. :attr:`stats` says how much was read for how much needed.
+
+    Raises:
+        InvalidArgumentError: both ``engine`` and engine options are given, or an engine option is unknown or out
+            of range.
+
+    Example:
+        ```python
+        dcp.load(state, storage_reader=StorageReader("s3://bucket/run/step-100"))
+        ```
     """
 
     def __init__(self, path: Any = None, *, storage_options: Mapping[str, Any] | None = None,
@@ -941,12 +1100,30 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         self._layout: _Layout | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """Start a new load (DCP calls it first): forget the manifest read before.
+
+        Args:
+            checkpoint_id: DCP's ``checkpoint_id=``, which replaces the path; None keeps it.
+
+        Raises:
+            InvalidArgumentError: ``checkpoint_id`` is not a usable path.
+        """
         if checkpoint_id:
             self.path = to_url(checkpoint_id)
         self._layout = None
 
     def read_metadata(self) -> Metadata:
-        """The checkpoint's metadata, from its global manifest (validated before anything is allocated)."""
+        """The checkpoint's metadata, from its global manifest (validated before anything is allocated).
+
+        Returns:
+            DCP's ``Metadata``: every item's global shape, dtype and chunks, the planner's data, and (as
+                ``storage_data``) where each chunk's bytes lie.
+
+        Raises:
+            CheckpointError: no checkpoint at the path, a checkpoint saved by one process (load it with an engine),
+                a damaged or newer-format manifest (its subclass kept), or a store error. It travels inside a
+                ``BaseException`` so that DCP cannot swallow it; :func:`unwrap` gives it back.
+        """
         try:
             target = self.target()
             try:
@@ -962,16 +1139,45 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
             raise _Carrier(exc) from exc
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Take the layout of the checkpoint from ``metadata``.
+
+        Args:
+            metadata: what :meth:`read_metadata` returned (DCP hands it to every rank).
+            is_coordinator: whether this rank coordinates the load (no difference here).
+            *args: DCP's further arguments, unused.
+            **kwargs: DCP's further arguments, unused.
+
+        Raises:
+            CheckpointError: ``metadata`` was not read by an asyncckpt ``StorageReader``.
+        """
         if not isinstance(metadata.storage_data, _Layout):
             raise CheckpointError("the metadata was not read by an asyncckpt StorageReader")
         self._layout = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """Tag this rank's plan with the save it read, for :meth:`prepare_global_plan` to compare.
+
+        Args:
+            plan: this rank's load plan.
+
+        Returns:
+            The plan, its ``storage_data`` the id of the save whose manifest this rank read.
+        """
         assert self._layout is not None
         return dataclasses.replace(plan, storage_data=self._layout.manifest.save_id)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        """Every rank must have read the same manifest: a save that committed between their reads would mix."""
+        """Every rank must have read the same manifest: a save that committed between their reads would mix.
+
+        Args:
+            plans: every rank's plan, from :meth:`prepare_local_plan`.
+
+        Returns:
+            The plans, unchanged.
+
+        Raises:
+            CheckpointError: the ranks read different saves (the path was overwritten meanwhile); load again.
+        """
         ids = {p.storage_data for p in plans}
         if len(ids) > 1:
             raise CheckpointError(f"{self.path} was overwritten while the ranks read its manifest (they found saves "
@@ -979,7 +1185,20 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read the chunks covering this rank's items, check them, and copy them into its tensors."""
+        """Read the chunks covering this rank's items, check them, and copy them into its tensors.
+
+        Args:
+            plan: this rank's items to load.
+            planner: DCP's planner, which says where each tensor goes and takes non-tensor values.
+
+        Returns:
+            A future that is already done: the reads are complete when this returns.
+
+        Raises:
+            CheckpointError: called before :meth:`set_up_storage_reader`, an item the checkpoint does not hold, a
+                damaged chunk (:class:`~asyncckpt.CorruptCheckpointError`), a pickled value that weights-only
+                loading refuses (:class:`~asyncckpt.UnsafeCheckpointError`), or a store error.
+        """
         layout = self._layout
         if layout is None:
             raise CheckpointError("read_data() before set_up_storage_reader()")
@@ -1049,6 +1268,10 @@ class RankFace:
     save after another. The handle settles after the commit, with our error, never DCP's ``CheckpointException``.
     Give the engine a process group of its own (``dist.new_group(backend="gloo")``): DCP's collectives then never
     interleave with the training's.
+
+    Args:
+        options: the engine's options, for the writers and readers.
+        group: the ``torch.distributed`` process group every rank of the checkpoint belongs to.
     """
 
     def __init__(self, options: EngineOptions, group: Any) -> None:
@@ -1059,6 +1282,23 @@ class RankFace:
         return shared_engine(self.options)
 
     def save(self, state: Any, path: Any, storage_options: Mapping[str, Any] | None, runtime: Any) -> SaveHandle:
+        """Stage this rank's part of ``state`` and start ``dcp.async_save`` of it to ``path``.
+
+        Args:
+            state: this rank's state dict (tensors, DTensors, and values DCP pickles).
+            path: the checkpoint directory or URL, the same on every rank.
+            storage_options: fsspec options for a URL target.
+            runtime: the calling engine's runtime, whose loop settles the handle.
+
+        Returns:
+            A handle that settles once the coordinator has committed the global manifest, with asyncckpt's error
+                (never DCP's ``CheckpointException``) if any rank failed.
+
+        Raises:
+            InvalidArgumentError: ``state`` is not a Mapping.
+            CheckpointError: staging failed on this rank (such as more bytes than ``host_memory_budget``), or
+                DCP's planning failed on some rank.
+        """
         import torch.distributed.checkpoint as dcp
 
         if not isinstance(state, Mapping):
@@ -1088,7 +1328,11 @@ class RankFace:
         return handle
 
     async def wait(self) -> None:
-        """Wait for every save this face started; raise the first failure nobody has seen yet."""
+        """Wait for every save this face started; raise the first failure nobody has seen yet.
+
+        Raises:
+            CheckpointError: the first failure of those saves that nobody has seen.
+        """
         error: BaseException | None = None
         for handle, _ in list(self._pending):
             seen = handle.observed
@@ -1103,6 +1347,24 @@ class RankFace:
 
     async def load(self, path: Any, state: Any, storage_options: Mapping[str, Any] | None, verify: bool | None,
                    weights_only: bool | None) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` into ``state`` in place with ``dcp.load`` (resharded to this rank's
+        tensors), after every save this face started.
+
+        Args:
+            path: the checkpoint directory or URL, the same on every rank.
+            state: this rank's state dict; its tensors (DTensors included) are filled in place.
+            storage_options: fsspec options for a URL target.
+            verify: check every chunk's checksum (None: the engine's ``verify`` option).
+            weights_only: unpickle non-tensor values with torch's weights-only rules (True and None); ``False``
+                allows any pickle.
+
+        Returns:
+            An empty dict: everything is restored in place.
+
+        Raises:
+            InvalidArgumentError: ``state`` is not a Mapping.
+            CheckpointError: the load failed on some rank (asyncckpt's error, its subclass kept).
+        """
         import anyio
         import torch.distributed.checkpoint as dcp
 

@@ -273,8 +273,8 @@ class CheckpointEngine(EngineBase):
 
         Returns:
             The save's handle: ``await handle`` gives the :class:`SaveResult` once the checkpoint is committed, or
-            raises the save's error (a :class:`CheckpointError` naming the path, such as
-            :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+                raises the save's error (a :class:`CheckpointError` naming the path, such as
+                :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
 
         Raises:
             InvalidArgumentError: a bad argument: ``path`` not a str or path, ``metadata`` not JSON or over 1 MiB,
@@ -406,8 +406,8 @@ class CheckpointEngine(EngineBase):
 
         Returns:
             Without ``state``, the saved structure. With ``state``, for a dict state, the dict of top-level entries
-            of the checkpoint it did not apply (such as plain values, or keys the state lacks); otherwise None,
-            or the loaded value when it could not be applied at all.
+                of the checkpoint it did not apply (such as plain values, or keys the state lacks); otherwise None,
+                or the loaded value when it could not be applied at all.
 
         Raises:
             InvalidArgumentError: an unusable ``map_location`` or ``path``; or, on an engine with a

@@ -360,8 +360,8 @@ class CheckpointManager(ManagerBase):
                 ``metrics[best_metric]``.
 
         Returns:
-            The save's handle (``await handle`` waits for the commit; retention runs after it), or None when the save was skipped
-            (``if_busy="skip"`` and the previous save is still being written).
+            The save's handle (``await handle`` waits for the commit; retention runs after it), or None when the
+                save was skipped (``if_busy="skip"`` and the previous save is still being written).
 
         Raises:
             InvalidArgumentError: ``step`` is not a non-negative integer.
@@ -469,8 +469,8 @@ class SyncCheckpointManager(ManagerBase):
                 ``metrics[best_metric]``.
 
         Returns:
-            The save's handle (``handle.result()`` waits for the commit; retention runs after it), or None when the save was skipped
-            (``if_busy="skip"`` and the previous save is still being written).
+            The save's handle (``handle.result()`` waits for the commit; retention runs after it), or None when the
+                save was skipped (``if_busy="skip"`` and the previous save is still being written).
 
         Raises:
             InvalidArgumentError: ``step`` is not a non-negative integer.

@@ -124,8 +124,8 @@ class SyncEngine(EngineBase):
 
         Returns:
             The save's handle: ``handle.result()`` blocks until the checkpoint is committed and returns its
-            :class:`~asyncckpt.SaveResult`, or raises the save's error (a :class:`~asyncckpt.CheckpointError`
-            naming the path, such as :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+                :class:`~asyncckpt.SaveResult`, or raises the save's error (a :class:`~asyncckpt.CheckpointError`
+                naming the path, such as :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
 
         Raises:
             InvalidArgumentError: a bad argument: ``path`` not a str or path, ``metadata`` not JSON or over 1 MiB,
@@ -198,7 +198,7 @@ class SyncEngine(EngineBase):
 
         Returns:
             The save's handle; it settles when ``fn`` has returned (its :class:`~asyncckpt.SaveResult` has
-            ``shards=0``).
+                ``shards=0``).
 
         Raises:
             BudgetExceededError: the copy needs more than ``host_memory_budget`` bytes at once (it cannot stream:
@@ -238,8 +238,8 @@ class SyncEngine(EngineBase):
 
         Returns:
             Without ``state``, the saved structure. With ``state``, for a dict state, the dict of top-level entries
-            of the checkpoint it did not apply (such as plain values, or keys the state lacks); otherwise None,
-            or the loaded value when it could not be applied at all.
+                of the checkpoint it did not apply (such as plain values, or keys the state lacks); otherwise None,
+                or the loaded value when it could not be applied at all.
 
         Raises:
             InvalidArgumentError: an unusable ``map_location`` or ``path``.

@@ -332,8 +332,8 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
             files, one per shard of ``src``, and ``model.safetensors.index.json``).
         key: export only the entries under this key path (such as ``"model"`` or ``"model.encoder"``), named
             relative to it; None: every tensor, named by its full key path (``model.layer.weight``).
-        overwrite: replace ``dst`` if it exists (a file, a native checkpoint, an empty directory, or an earlier export); a
-            directory holding anything else is never replaced.
+        overwrite: replace ``dst`` if it exists (a file, a native checkpoint, an empty directory, or an earlier
+            export); a directory holding anything else is never replaced.
         storage_options: fsspec options for URL paths (credentials, endpoint, ``retry``).
         concurrency: storage operations in flight at once while reading.
         progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
