@@ -251,7 +251,8 @@ class ManagerBase:
         return self._preemption.preempted
 
     def steps(self) -> list[int]:
-        """The steps of the committed checkpoints the manager knows, as of its last save or retention.
+        """The steps of the committed checkpoints the manager knows: those found on entry and by the retention
+        that runs after each commit (a save joins them once its retention has run; ``wait()`` waits for that).
 
         Returns:
             Those steps, ascending.
@@ -259,7 +260,7 @@ class ManagerBase:
         return sorted(self.state.entries)
 
     def latest_step(self) -> int | None:
-        """The newest committed step the manager knows.
+        """The newest committed step the manager knows (see :meth:`steps`).
 
         Returns:
             That step, or None when there is none.
@@ -268,7 +269,8 @@ class ManagerBase:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the newer).
+        """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the newer),
+        among those of :meth:`steps`.
 
         Returns:
             That step, or None without a ``best_metric`` or when no checkpoint recorded it.
