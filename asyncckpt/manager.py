@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 import anyio
 
 from .core import EngineCore
-from .errors import CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError
+from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError
 from .format.manifest import Manifest
 from .io.paths import is_local, to_url
 from .pipeline.handles import SaveHandle
@@ -242,8 +242,18 @@ class ManagerBase:
                         if_busy, trust_versions)
         self.state = ManagerCore(directory, policy)
         self._engine, self._owns_engine, self._engine_options = engine, engine is None, engine_options
+        self._open = False  # entered and not yet left: the view of the directory is built, SIGTERM is caught
         self._preemption = Preemption()
         self._skipped_logged = False
+
+    def _running(self) -> Any:
+        """The engine, once the manager is entered (its view of the directory is built only then)."""
+        if not self._open:
+            face = "with SyncCheckpointManager(...)" if isinstance(self, SyncCheckpointManager) else \
+                "async with CheckpointManager(...)"
+            raise CheckpointError(f"the checkpoint manager of {self.state.url} is not open: use it as `{face} as "
+                                  "manager:`")
+        return self._engine
 
     @property
     def preempted(self) -> bool:
@@ -341,12 +351,14 @@ class CheckpointManager(ManagerBase):
         core = self._engine.core
         await core.runtime.call_async(self.state.rebuild, core)
         self._preemption.install()
+        self._open = True
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         try:
             await self.wait()
         finally:
+            self._open = False
             self._preemption.uninstall()
             if self._owns_engine:
                 await self._engine.__aexit__(*exc)
@@ -372,13 +384,14 @@ class CheckpointManager(ManagerBase):
         """
         self._check_step(step)
         self.state.raise_failure()
-        core = self._engine.core
+        engine = self._running()
+        core = engine.core
         if self._busy() and self.state.policy.if_busy == "skip":
             return None
         await core.runtime.call_async(self.state.drain)  # the previous save is in the view: it may be our base
         base = self.state.base_for(step)
         policy = self.state.policy
-        handle = await self._engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
+        handle = await engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
                                          trust_versions=policy.trust_versions, metadata=self._metadata(step, metrics))
         self.state.inflight[step] = (handle, base)
         core.runtime.start(self.state.after_commit, core, step, handle)
@@ -390,8 +403,9 @@ class CheckpointManager(ManagerBase):
         Raises:
             CheckpointError: the first save or retention failure nobody has seen (raised once).
         """
-        await self._engine.core.runtime.call_async(self.state.drain)
-        await self._engine.wait()
+        engine = self._running()
+        await engine.core.runtime.call_async(self.state.drain)
+        await engine.wait()
         self.state.raise_failure()
 
     async def restore(self, state: Any) -> int | None:
@@ -416,7 +430,7 @@ class CheckpointManager(ManagerBase):
         await self.wait()
         for step in self._restore_order():
             try:
-                self._put_back(state, await self._engine.load(self.state.path(step), state=state, strict=False))
+                self._put_back(state, await self._running().load(self.state.path(step), state=state, strict=False))
                 return step
             except RESTORE_ERRORS as exc:
                 _damaged(step, self.state.path(step), exc)
@@ -450,12 +464,14 @@ class SyncCheckpointManager(ManagerBase):
         core = self._engine.core
         core.runtime.call(self.state.rebuild, core)
         self._preemption.install()
+        self._open = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             self.wait()
         finally:
+            self._open = False
             self._preemption.uninstall()
             if self._owns_engine:
                 self._engine.close()
@@ -481,13 +497,14 @@ class SyncCheckpointManager(ManagerBase):
         """
         self._check_step(step)
         self.state.raise_failure()
-        core = self._engine.core
+        engine = self._running()
+        core = engine.core
         if self._busy() and self.state.policy.if_busy == "skip":
             return None
         core.runtime.call(self.state.drain)  # the previous save is in the view: it may be our base
         base = self.state.base_for(step)
         policy = self.state.policy
-        handle = self._engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
+        handle = engine.save(state, self.state.path(step), base=base, digests=policy.incremental,
                                    trust_versions=policy.trust_versions, metadata=self._metadata(step, metrics))
         self.state.inflight[step] = (handle, base)
         core.runtime.start(self.state.after_commit, core, step, handle)
@@ -499,8 +516,9 @@ class SyncCheckpointManager(ManagerBase):
         Raises:
             CheckpointError: the first save or retention failure nobody has seen (raised once).
         """
-        self._engine.core.runtime.call(self.state.drain)
-        self._engine.wait()
+        engine = self._running()
+        engine.core.runtime.call(self.state.drain)
+        engine.wait()
         self.state.raise_failure()
 
     def restore(self, state: Any) -> int | None:
@@ -525,7 +543,7 @@ class SyncCheckpointManager(ManagerBase):
         self.wait()
         for step in self._restore_order():
             try:
-                self._put_back(state, self._engine.load(self.state.path(step), state=state, strict=False))
+                self._put_back(state, self._running().load(self.state.path(step), state=state, strict=False))
                 return step
             except RESTORE_ERRORS as exc:
                 _damaged(step, self.state.path(step), exc)

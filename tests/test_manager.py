@@ -256,3 +256,19 @@ def test_retained_set_is_what_the_policy_says(tmp_path_factory, ops):
                 assert_same(engine.load(d / f"step-{step:06d}"), state(step))
     finally:
         manager.__exit__(None, None, None)
+
+
+async def test_a_manager_used_before_it_is_entered_says_how_to_open_it(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    for call in (lambda: manager.save(1, state(1)), manager.wait, lambda: manager.restore(state(0))):
+        with pytest.raises(CheckpointError, match=r"not open: use it as `async with CheckpointManager"):
+            await call()
+    sync = SyncCheckpointManager(tmp_path, engine=asyncckpt.SyncEngine())
+    for call in (lambda: sync.save(1, state(1)), sync.wait, lambda: sync.restore(state(0))):
+        with pytest.raises(CheckpointError, match=r"not open: use it as `with SyncCheckpointManager"):
+            call()
+    with sync:
+        sync.save(1, state(1)).result()
+    with pytest.raises(CheckpointError, match="not open"):  # and after it was left
+        sync.save(2, state(2))
+    assert steps_on_disk(tmp_path) == [1]
