@@ -357,7 +357,11 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
         print(conversion.files, conversion.notes)
         ```
     """
-    from safetensors.torch import save
+    try:
+        from safetensors.torch import save
+    except ImportError as exc:
+        raise ImportError("exporting to safetensors needs the safetensors package: pip install "
+                          "'asyncckpt[safetensors]' (or safetensors)") from exc
 
     dst_url = str(dst)
     single = dst_url.endswith(".safetensors")
