@@ -8,6 +8,7 @@ engine's own runtime: they progress even if the caller's loop never yields. Work
 from __future__ import annotations
 
 import json
+import os
 import time
 import weakref
 from typing import Any, Callable, Mapping
@@ -117,8 +118,9 @@ class EngineBase:
         shard, chunk, cut = self._cut(target.storage)
         if not digests and base is None:
             return self.core.plans.prepare(state, shard, chunk, **cut)
+        helpers = min(4, (os.cpu_count() or 1) - 1)  # cores beside the caller's that may share the hashing
         return prepare(state, shard, chunk, digests=True, base=base, memo=self.core.memo if trust_versions else None,
-                       **cut)
+                       hashing=(self.core.runtime.submit, helpers), **cut)
 
     @staticmethod
     def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -86,3 +86,48 @@ async def test_a_tensor_changed_during_a_deferred_copy_fails_the_save_and_names_
         w.add_(1)
         await handle
         assert torch.equal((await engine.load(tmp_path / "fenced"))["w"], torch.ones(1 << 20))
+
+
+def _hash_items() -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    g = torch.Generator().manual_seed(3)
+    dense = [torch.randn(n, generator=g) for n in (3 << 20, 1 << 20, 7, 0, 1 << 18)]
+    strided = torch.randn(1024, 2048, generator=g).t()  # 8 MiB, not contiguous: hashed in pieces
+    items = [(t.view(torch.uint8), None) for t in dense]
+    items.append((strided.view(torch.uint8) if strided.is_contiguous() else torch.empty(0, dtype=torch.uint8),
+                  strided))
+    return items
+
+
+def test_incremental_hashing_is_shared_with_worker_threads_and_gives_the_same_digests():
+    import concurrent.futures
+
+    from asyncckpt.snapshot.incremental import PARALLEL_BYTES, bytes_digest, digest_tensors
+
+    items = _hash_items()
+    assert sum(s.numel() if t is None else t.nbytes for s, t in items) >= PARALLEL_BYTES  # the shared path runs
+    alone = [bytes_digest(s, t) for s, t in items]
+    ran: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        def submit(fn, *args):
+            ran.append(fn.__name__)
+            return pool.submit(fn, *args)
+
+        assert digest_tensors(items, submit, workers=2) == alone
+    assert len(ran) == 2
+
+
+def test_hashing_never_waits_for_busy_workers():
+    import concurrent.futures
+    import threading
+
+    from asyncckpt.snapshot.incremental import bytes_digest, digest_tensors
+
+    items = _hash_items()
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(release.wait, 60)  # the only worker is busy (a hung write, say)
+        try:
+            # the worker's share is taken back once the caller is done with its own: no wait on the busy worker
+            assert digest_tensors(items, pool.submit, workers=1) == [bytes_digest(s, t) for s, t in items]
+        finally:
+            release.set()

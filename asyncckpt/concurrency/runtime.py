@@ -132,6 +132,11 @@ class Runtime:
         assert self.portal is not None
         return self.portal.start_task_soon(fn, *args)
 
+    def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
+        """Run the blocking ``fn(*args)`` in a worker thread, from any thread; the future tells its outcome."""
+        self.check()
+        return self._executor.submit(fn, *args)
+
     async def call_async(self, fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
         """``call`` for code running on any other event loop (asyncio or trio): cancelling the caller cancels
         ``fn`` and waits until it has unwound."""

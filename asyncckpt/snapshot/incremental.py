@@ -10,8 +10,9 @@ last hashed it takes that digest without being read (writes through ``.data`` or
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,3 +83,42 @@ def bytes_digest(src: torch.Tensor, typed: torch.Tensor | None) -> str:
     """xxh3-64 of a tensor's row-major bytes: ``src`` (its uint8 view) or ``typed`` when it is not contiguous; a
     non-contiguous or device tensor is read in bounded pieces (never a whole second copy)."""
     return digest_pieces(as_memoryview(p) for p in pieces(src if typed is None else typed))
+
+
+#: below this many bytes in all, hashing stays on the caller's thread (handing work over costs more)
+PARALLEL_BYTES = 16 << 20
+
+#: a way to run a call on a worker thread: ``submit(fn, *args)`` returns its future
+Submit = Callable[..., "concurrent.futures.Future[Any]"]
+
+
+def _digest_each(items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[str]:
+    return [bytes_digest(src, typed) for src, typed in items]
+
+
+def digest_tensors(items: list[tuple[torch.Tensor, torch.Tensor | None]], submit: Submit | None = None,
+            workers: int = 1) -> list[str]:
+    """:func:`bytes_digest` of each ``(src, typed)``; with ``submit``, the largest go to ``workers`` worker threads
+    while the caller hashes the rest (xxhash lets go of the GIL, so the cores share the work).
+
+    A worker's share that has not started by the time the caller is done with its own is taken back and hashed by
+    the caller: busy or hung workers never hold a save up.
+    """
+    sizes = [src.numel() if typed is None else typed.numel() * typed.element_size() for src, typed in items]
+    if submit is None or workers < 1 or sum(sizes) < PARALLEL_BYTES:
+        return _digest_each(items)
+    bins: list[list[int]] = [[] for _ in range(workers + 1)]  # the last one is the caller's
+    load = [0] * len(bins)
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):
+        k = min(range(len(bins)), key=lambda k: load[k])
+        bins[k].append(i)
+        load[k] += sizes[i]
+    futures = [submit(_digest_each, [items[i] for i in b]) for b in bins[:-1]]
+    out: list[str] = [""] * len(items)
+    for i, value in zip(bins[-1], _digest_each([items[i] for i in bins[-1]])):
+        out[i] = value
+    for b, future in zip(bins, futures):
+        values = _digest_each([items[i] for i in b]) if future.cancel() else future.result()
+        for i, value in zip(b, values):
+            out[i] = value
+    return out

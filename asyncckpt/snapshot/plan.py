@@ -21,7 +21,7 @@ from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
 from ..format.tree import decode
 from ..memory.buffers import alias
 from . import devices, xla
-from .incremental import Base, VersionMemo, bytes_digest
+from .incremental import Base, Submit, VersionMemo, digest_tensors
 from .strided import copy_range
 from .walk import Walker, walk_state
 
@@ -281,21 +281,24 @@ HEADER_BASE = 8 + 64 + 2 * HEADER_ALIGN  # length prefix, metadata, braces and p
 
 
 def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base: Base | None,
-           memo: VersionMemo | None) -> tuple[list[Entry], list[ShardRecord]]:
+           memo: VersionMemo | None, hashing: Hashing | None) -> tuple[list[Entry], list[ShardRecord]]:
     """Record every own-bytes tensor's digest; drop the entries whose bytes ``base`` already holds. Returns the
     entries still to write and the base shards the others now live in."""
     external: dict[tuple[str | None, str], int] = {}
     shards: list[ShardRecord] = []
     dropped: set[int] = set()
-    for (t, path), info in zip(walker.views, tensors):
+    owned = [(t, path, info) for (t, path), info in zip(walker.views, tensors) if info.entry is not None]
+    known = [memo.known(t) if memo is not None else None for t, _, _ in owned]
+    todo = [i for i, value in enumerate(known) if value is None]
+    computed = digest_tensors([(owned[i][2].entry.src, owned[i][2].entry.typed) for i in todo],  # type: ignore[union-attr]
+                       *(hashing or ()))
+    for i, value in zip(todo, computed):
+        known[i] = value
+        if memo is not None:
+            memo.remember(owned[i][0], value)
+    for (t, path, info), value in zip(owned, known):
         entry = info.entry
-        if entry is None:
-            continue
-        value = memo.known(t) if memo is not None else None
-        if value is None:
-            value = bytes_digest(entry.src, entry.typed)
-            if memo is not None:
-                memo.remember(t, value)
+        assert entry is not None and value is not None
         info.digest = value
         found = base.match(path, info.dtype, info.shape, value) if base is not None else None
         if found is None:
@@ -309,15 +312,21 @@ def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base
     return [e for e in entries if id(e) not in dropped], shards
 
 
+#: worker threads that may share the hashing of an incremental save: (their ``submit``, how many)
+Hashing = tuple[Submit, int]
+
+
 def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = False, base: Base | None = None,
-            memo: VersionMemo | None = None, rules: PartRules = NO_RULES, chunk_limit: int | None = None) -> Plan:
+            memo: VersionMemo | None = None, rules: PartRules = NO_RULES, chunk_limit: int | None = None,
+            hashing: Hashing | None = None) -> Plan:
     """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks. With ``digests`` every tensor's
-    digest is recorded (a later save may build on this one); with a ``base``, tensors whose bytes it already holds
-    are referenced instead of written (see :mod:`.incremental`). ``rules`` are the target store's part limits and
-    ``chunk_limit`` the largest chunk staging can hold (see :mod:`asyncckpt.format.parts`)."""
+    digest is recorded (a later save may build on this one), shared with ``hashing``'s threads; with a ``base``,
+    tensors whose bytes it already holds are referenced instead of written (see :mod:`.incremental`). ``rules``
+    are the target store's part limits and ``chunk_limit`` the largest chunk staging can hold (see
+    :mod:`asyncckpt.format.parts`)."""
     tree, walker = walk_state(state, pickle_objects=True)
     return layout(tree, walker, shard_bytes, chunk_bytes, digests=digests, base=base, memo=memo, rules=rules,
-                  chunk_limit=chunk_limit)
+                  chunk_limit=chunk_limit, hashing=hashing)
 
 
 def _header_cost(e: Entry) -> int:
@@ -327,7 +336,7 @@ def _header_cost(e: Entry) -> int:
 
 def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, digests: bool = False,
            base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
-           chunk_limit: int | None = None) -> Plan:
+           chunk_limit: int | None = None, hashing: Hashing | None = None) -> Plan:
     """The plan of a walked state (see :func:`prepare`)."""
     if rules.max_part is not None and chunk_bytes > rules.max_part:
         raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is more than the {rules.max_part} bytes this store "
@@ -343,7 +352,7 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
     tensors, storages, entries, cuda = _tensor_entries(walker)
     external: list[ShardRecord] = []
     if digests or base is not None:
-        entries, external = _reuse(walker, tensors, entries, base, memo)
+        entries, external = _reuse(walker, tensors, entries, base, memo, hashing)
     objects = _object_entries(walker)
     plan = Plan(tree, tensors, storages, objects, entries + [e for _, _, e in objects], chunk_bytes=chunk_bytes,
                 external=external, chain=base.manifest.chain + 1 if external and base is not None else 0)
