@@ -20,6 +20,7 @@ from faultfs import FaultPlan, faulty_os  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt import CheckpointError, InvalidArgumentError  # noqa: E402
+from asyncckpt.tools.memory import PeakRSS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,17 +30,21 @@ class Colour(str, enum.Enum):
 
 
 def test_pickled_sparse_tensor_loads_in_time_proportional_to_its_size(tmp_path: Path) -> None:
-    """Item 12: a ~1.5 MiB pickled value (a sparse tensor) is unpickled in place, not converted byte by byte."""
+    """Item 12: a ~1.5 MiB pickled value (a sparse tensor) is unpickled in place, not converted byte by byte (which
+    took 2.7–6.3 s and +0.9 GiB of RSS)."""
     g = torch.Generator().manual_seed(0)
     sparse = torch.sparse_coo_tensor(torch.randint(0, 1000, (2, 65536), generator=g), torch.randn(65536, generator=g),
                                      (1000, 1000), check_invariants=True)
     with asyncckpt.SyncEngine() as engine:
         engine.save({"sp": sparse}, tmp_path / "c")
+        engine.wait()
         start = time.monotonic()
-        out = engine.load(tmp_path / "c")
+        with PeakRSS(interval=0.001) as rss:
+            out = engine.load(tmp_path / "c")
         took = time.monotonic() - start
     assert torch.equal(out["sp"].to_dense(), sparse.to_dense())
     assert took < 1.0, f"loading a 1.5 MiB pickled value took {took:.2f} s"
+    assert rss.growth < 32 << 20, f"loading a 1.5 MiB pickled value grew the peak RSS by {rss.growth >> 20} MiB"
 
 
 def test_o_direct_write_refused_with_einval_falls_back_to_buffered(tmp_path: Path) -> None:
