@@ -183,6 +183,33 @@ def test_save_refuses_what_load_would_refuse_before_writing(tmp_path: Path, case
     assert not (tmp_path / "c").exists()
 
 
+def test_save_refuses_plain_values_past_the_manifest_cap_before_writing(tmp_path: Path) -> None:
+    """Item 8, the manifest's size cap: plain values are written into the manifest, which a load reads only up to
+    1 GiB. A string whose JSON escapes take 6 bytes a character (180 MiB of it: 1.1 GiB of manifest) is refused by
+    ``save`` naming its key, nothing written (it was committed, then every load and ``latest()`` refused it)."""
+    from asyncckpt.format.manifest import MAX_MANIFEST_BYTES
+
+    state = {"step": 3, "notes": "\x01" * (MAX_MANIFEST_BYTES // 6 + 1), "w": torch.ones(4)}
+    with asyncckpt.SyncEngine() as engine:
+        with pytest.raises(CheckpointError, match=r"more than the 1073741824 a load reads \(\d+ of them at notes\)"):
+            engine.save(state, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_manifest_past_the_cap_is_never_published(tmp_path: Path) -> None:
+    """Item 8: plain values just under the manifest cap plus the tensors' records just over it: the save fails
+    (its manifest would be refused by every load), nothing is committed, the previous checkpoint stays."""
+    from asyncckpt.format.manifest import MAX_MANIFEST_BYTES
+
+    state = {"notes": "\x01" * ((MAX_MANIFEST_BYTES - 4096) // 6)} | {f"w{i}": torch.ones(2) for i in range(64)}
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.zeros(3)}, tmp_path / "c").result()
+        with pytest.raises(CheckpointError, match="more than the 1073741824 a load reads; nothing was committed"):
+            engine.save(state, tmp_path / "c").result()
+        assert torch.equal(engine.load(tmp_path / "c")["w"], torch.zeros(3))
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+
+
 def test_integers_too_long_for_json_round_trip_under_weights_only_loading(tmp_path: Path) -> None:
     """Item 8: a 5000-digit int (as a value and as a key) was pickled, so the default weights-only load refused
     the checkpoint save had committed (and a key that long made save raise a raw ValueError); it is now a hex
