@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from faultfs import FaultPlan, faulty_os  # noqa: E402
 
 import asyncckpt  # noqa: E402
-from asyncckpt import CheckpointError, InvalidArgumentError  # noqa: E402
+from asyncckpt import CheckpointError, InvalidArgumentError, UnsafeCheckpointError  # noqa: E402
 from asyncckpt.tools.memory import PeakRSS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +59,12 @@ def test_o_direct_write_refused_with_einval_falls_back_to_buffered(tmp_path: Pat
 
 
 def test_str_enum_round_trips(tmp_path: Path) -> None:
-    """Item 18: a ``str`` Enum member loads as the member, not as a plain ``str``."""
+    """Item 18: a ``str`` Enum member loads as the member, not as a plain ``str``: it is pickled like any class of
+    the user's, so weights-only loading (the default) refuses it by name, as ``torch.load`` does."""
     with asyncckpt.SyncEngine() as engine:
         engine.save({"c": Colour.RED}, tmp_path / "c")
+        with pytest.raises(UnsafeCheckpointError, match="Colour"):
+            engine.load(tmp_path / "c")
         out = engine.load(tmp_path / "c", weights_only=False)
     assert out["c"] is Colour.RED
 
