@@ -20,7 +20,7 @@ import xxhash
 from ..errors import CorruptCheckpointError, NewerFormatError
 from ..version import __version__
 from .dtypes import DTYPES
-from .tree import decode, has_int_nodes
+from .tree import decode, has_int_nodes, key_path
 
 FORMAT = "asyncckpt"
 VERSION = 1  # written unless a feature of a later version is used
@@ -426,6 +426,39 @@ def finish_tensor(record: TensorRecord, t: torch.Tensor) -> torch.Tensor:
 
 def _body(doc: dict[str, Any]) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def structure_problem(tree: Any) -> str | None:
+    """Why the encoded structure ``tree`` cannot go into a manifest a load would read (its plain values are written
+    into the manifest, which a load reads only up to :data:`MAX_MANIFEST_BYTES`), naming the value that takes the
+    most of it; None if it fits. ``save`` checks it before writing anything."""
+    size = len(_body(tree))
+    if size <= MAX_MANIFEST_BYTES:
+        return None
+    path, node, node_size = "", tree, size
+    while True:  # down into the child that holds most of the bytes while one does
+        children = _children(node, path)
+        if not children:
+            break
+        child_size, child_path, child = max(((len(_body(c)), p, c) for p, c in children), key=lambda x: x[0])
+        if 2 * child_size < node_size:
+            break
+        path, node, node_size = child_path, child, child_size
+    return (f"its plain values take {size} bytes in the manifest, more than the {MAX_MANIFEST_BYTES} a load reads "
+            f"({node_size} of them at {path or '<root>'}); store large text or lists of numbers as tensors")
+
+
+def _children(node: Any, path: str) -> list[tuple[str, Any]]:
+    """``(key path, encoded child)`` of an encoded container node (see :mod:`.tree`); [] for a leaf."""
+    if not isinstance(node, dict):
+        return []
+    for kind in ("dict", "odict"):
+        if kind in node:
+            return [(key_path(path, k if isinstance(k, (str, int)) else _body(k)[:40]), v) for k, v in node[kind]]
+    for kind in ("list", "tuple"):
+        if kind in node:
+            return [(key_path(path, str(i)), v) for i, v in enumerate(node[kind])]
+    return []
 
 
 def seal(doc: dict[str, Any]) -> bytes:

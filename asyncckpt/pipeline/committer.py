@@ -34,6 +34,10 @@ class Committer:
         of saves of this path still in flight, whose files the sweep must leave alone. A manifest that references
         other checkpoints first marks each of them (so their own sweeps and removals keep those shards)."""
         data = manifest.seal()
+        if len(data) > MAX_MANIFEST_BYTES:  # never publish what a load would refuse
+            raise CheckpointError(f"the manifest of {self.directory} would take {len(data)} bytes, more than the "
+                                  f"{MAX_MANIFEST_BYTES} a load reads; nothing was committed — save fewer tensors "
+                                  "or smaller plain values per checkpoint")
         parent, name = self.storage.split(self.directory)
         for base in sorted(manifest.bases):
             await self.storage.put_atomic(self.storage.join(parent, base, REF_PREFIX + name), name.encode(),

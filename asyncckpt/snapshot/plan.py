@@ -15,7 +15,7 @@ import torch
 from ..errors import CheckpointError, InvalidArgumentError
 from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
 from ..format.manifest import (ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord, View, finish_tensor,
-                               view_tensor)
+                               structure_problem, view_tensor)
 from ..format.parts import NO_RULES, PartRules, headroom, shard_chunk
 from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
 from ..format.tree import decode
@@ -338,6 +338,9 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
            base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
            chunk_limit: int | None = None, hashing: Hashing | None = None) -> Plan:
     """The plan of a walked state (see :func:`prepare`)."""
+    problem = structure_problem(tree)
+    if problem is not None:
+        raise CheckpointError(f"cannot save this state: {problem}")
     if rules.max_part is not None and chunk_bytes > rules.max_part:
         raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is more than the {rules.max_part} bytes this store "
                                    "takes in one part; lower chunk_bytes")
