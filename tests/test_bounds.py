@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings, strategies as st
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -230,3 +231,25 @@ def test_integers_too_long_for_json_round_trip_under_weights_only_loading(tmp_pa
     with asyncckpt.SyncEngine() as engine:
         engine.save({"n": 3}, tmp_path / "plain").result()
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["version"] == 1
+
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.text() | st.integers(min_value=-(1 << 5000), max_value=1 << 5000)
+    | st.floats(allow_nan=True, allow_infinity=True),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(st.text() | st.integers(), children, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_plain)
+@example("\U0001F600" * 1000)  # past U+FFFF: 12 JSON bytes a character
+@example({"\x00" * 500: 1 << 4000})
+def test_the_walks_json_bound_is_never_below_the_structures_json(value) -> None:
+    """save runs the exact manifest-size check only when this cheap bound says the structure might not fit."""
+    import json
+
+    from asyncckpt.snapshot.walk import walk_state
+
+    tree, walker = walk_state({"v": value, "t": torch.ones(1)}, pickle_objects=True)
+    assert walker.json_bound >= len(json.dumps(tree, separators=(",", ":"), allow_nan=False))

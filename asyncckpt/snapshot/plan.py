@@ -14,8 +14,8 @@ import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..format.dtypes import SAFETENSORS_DTYPES, dtype_name
-from ..format.manifest import (ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord, View, finish_tensor,
-                               structure_problem, view_tensor)
+from ..format.manifest import (MAX_MANIFEST_BYTES, ObjectRecord, ShardRecord, Span, StorageRecord, TensorRecord,
+                               View, finish_tensor, structure_problem, view_tensor)
 from ..format.parts import NO_RULES, PartRules, headroom, shard_chunk
 from ..format.safetensors import HEADER_ALIGN, HeaderEntry, build_header
 from ..format.tree import decode
@@ -338,7 +338,7 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
            base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
            chunk_limit: int | None = None, hashing: Hashing | None = None) -> Plan:
     """The plan of a walked state (see :func:`prepare`)."""
-    problem = structure_problem(tree)
+    problem = structure_problem(tree) if walker.json_bound > MAX_MANIFEST_BYTES else None  # exact only if it may be
     if problem is not None:
         raise CheckpointError(f"cannot save this state: {problem}")
     if rules.max_part is not None and chunk_bytes > rules.max_part:

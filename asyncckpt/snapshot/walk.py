@@ -23,6 +23,10 @@ from ..format.tree import MAX_DEPTH, encode_float, encode_int, key_path
 Preparer = Callable[["Walker", Any, str, int], Any]
 
 
+#: JSON bytes one encoded node takes at most, beside its text and digits (``{"tensor":123},``, brackets, a float)
+NODE_JSON = 64
+
+
 class Walker:
     """Encodes a state's structure and collects its leaves."""
 
@@ -32,9 +36,11 @@ class Walker:
         self.keys: list[tuple[Any, ...]] = []  # where each view's bytes are and how it sees them
         self.view_index: dict[tuple[Any, ...], int] = {}
         self.objects: list[tuple[Any, str, str]] = []  # payload, path, type name
+        self.json_bound = 0  # bytes the encoded structure can take as JSON at most (long text and ints counted)
         self._active: set[int] = set()
 
     def walk(self, value: Any, path: str = "", depth: int = 0) -> Any:
+        self.json_bound += NODE_JSON
         if depth > MAX_DEPTH:
             raise CheckpointError(f"the state nests deeper than {MAX_DEPTH} levels at {path or '<root>'}; "
                                   "flatten it (checkpoints this deep could not be loaded)")
@@ -91,10 +97,13 @@ class Walker:
 # ---------------------------------------------------------------- preparers
 
 def plain(w: Walker, value: Any, path: str, depth: int) -> Any:
+    if type(value) is str:
+        w.json_bound += 12 * len(value)  # JSON escapes a character in at most 12 bytes (past U+FFFF, two escapes)
     return value
 
 
 def integer(w: Walker, value: int, path: str, depth: int) -> Any:
+    w.json_bound += value.bit_length() // 2  # decimal digits (or hex ones, past 4096 bits): fewer than bits / 3
     return encode_int(value)  # a huge one as a hex string: never pickled (weights-only loading refuses those)
 
 
@@ -125,7 +134,11 @@ def mapping(w: Walker, value: dict[Any, Any], path: str, depth: int) -> Any:
         pairs = []
         walk = w.walk
         for k, v in value.items():
-            key = k if type(k) is str else walk(k, f"{path}.<key>", depth + 1)
+            if type(k) is str:
+                key = k
+                w.json_bound += 12 * len(k) + NODE_JSON
+            else:
+                key = walk(k, f"{path}.<key>", depth + 1)
             pairs.append([key, walk(v, f"{path}.{k}" if path and type(k) is str else key_path(path, k), depth + 1)])
         if type(value) is dict:
             return {"dict": pairs}
