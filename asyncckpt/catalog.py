@@ -24,12 +24,12 @@ def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) 
 
     Returns:
         ``(path, manifest)`` pairs, ordered by when each save was called; a manifest is a
-            :class:`~asyncckpt.Manifest`, or a :class:`~asyncckpt.GlobalManifest` for a multi-rank checkpoint. Its
-            ``metadata`` holds what the save was given (a :class:`~asyncckpt.CheckpointManager`'s step and metrics).
+            `Manifest`, or a `GlobalManifest` for a multi-rank checkpoint. Its
+            ``metadata`` holds what the save was given (a `CheckpointManager`'s step and metrics).
 
     Raises:
         InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
-        CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`).
+        CheckpointError: the listing failed on an object store (such as `S3Error`).
         OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
 
     Example:
@@ -57,7 +57,7 @@ def latest(directory: Any, storage_options: Mapping[str, Any] | None = None) -> 
 
     Raises:
         InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
-        CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`).
+        CheckpointError: the listing failed on an object store (such as `S3Error`).
         OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
 
     Example:

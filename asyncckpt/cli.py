@@ -1,6 +1,6 @@
 """The ``asyncckpt`` command: inspect, verify, convert and find checkpoints; measure a storage target.
 
-Argument parsing and printing only; the work is done by :mod:`asyncckpt.tools`. Paths are local or fsspec URLs;
+Argument parsing and printing only; the work is done by `asyncckpt.tools`. Paths are local or fsspec URLs;
 ``-o KEY=VALUE`` passes storage options. Errors are one line on stderr; the exit status is 0 on success, 1 when a
 check fails or an operation cannot be done, 2 on a usage error. Commands import torch only when they run.
 """

@@ -1,6 +1,6 @@
 """What both faces share: options, the runtime, the staging pool, per-path ordering, and every operation's body.
 
-:class:`~asyncckpt.CheckpointEngine` (asyncio/trio) and :class:`~asyncckpt.SyncEngine` (threads) are thin: each
+`CheckpointEngine` (asyncio/trio) and `SyncEngine` (threads) are thin: each
 takes the snapshot on its caller's thread through the one feed loop, and reaches the runtime in its own way
 (awaiting or blocking). Background work — writes, commits, retries — runs on the runtime whatever the caller does.
 """

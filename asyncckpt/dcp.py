@@ -17,8 +17,8 @@ pickle) and only after that sweeps the files of the save it replaced. A crash at
 checkpoint or the new one. Loads read only the chunks that cover each rank's tensors and check every one.
 
 DCP reports a failure on any rank as ``torch.distributed.checkpoint.api.CheckpointException``, which derives from
-``BaseException`` (``except Exception`` does not catch it); :func:`unwrap` and :func:`unwrapped` give back the
-asyncckpt error (a :class:`~asyncckpt.CheckpointError`) that caused it.
+``BaseException`` (``except Exception`` does not catch it); `unwrap` and `unwrapped` give back the
+asyncckpt error (a `CheckpointError`) that caused it.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class _Endpoint:
     @property
     def engine(self) -> SyncEngine:
         """The engine this endpoint reads or writes with: the one given, else the process's shared engine for its
-        options (:func:`shared_engine`)."""
+        options (`shared_engine`)."""
         return self._engine if self._engine is not None else shared_engine(self.options)
 
     @property
@@ -200,7 +200,7 @@ class _Carrier(BaseException):
 def unwrap(exc: BaseException) -> BaseException:
     """The error to show for a failed ``dcp.save`` / ``dcp.load``.
 
-    For DCP's ``CheckpointException`` (a ``BaseException``): the asyncckpt :class:`~asyncckpt.CheckpointError` of
+    For DCP's ``CheckpointException`` (a ``BaseException``): the asyncckpt `CheckpointError` of
     the lowest failing rank (type and attributes kept, the rank in its message), else a ``CheckpointError`` that
     restates the lowest rank's failure. Anything else is returned as it is.
 
@@ -234,7 +234,7 @@ def unwrap(exc: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def unwrapped() -> Iterator[None]:
-    """``with unwrapped(): dcp.save(...)`` raises :func:`unwrap`'s error instead of DCP's ``CheckpointException``.
+    """``with unwrapped(): dcp.save(...)`` raises `unwrap`'s error instead of DCP's ``CheckpointException``.
 
     Raises:
         CheckpointError: in place of DCP's ``CheckpointException`` (the asyncckpt error of the lowest failing
@@ -259,7 +259,7 @@ def unwrapped() -> Iterator[None]:
 @dataclass(frozen=True)
 class RankPlan:
     """The ``storage_data`` the coordinator gives each rank's save plan: the save's id, the rank's number, and the
-    keys of the replicated tensors cut into pieces (:func:`assign`).
+    keys of the replicated tensors cut into pieces (`assign`).
 
     Attributes:
         save_id: the save's random id; every rank's shard files carry it in their names.
@@ -281,7 +281,7 @@ class RankPlan:
 @dataclass(frozen=True)
 class Stored:
     """The ``storage_data`` of a ``WriteResult``: where the item's bytes lie. The first result naming a file
-    carries that file's :class:`~asyncckpt.format.manifest.ShardRecord` (size and checksums).
+    carries that file's `ShardRecord` (size and checksums).
 
     Attributes:
         file: the shard file's name, in the checkpoint directory.
@@ -516,7 +516,7 @@ def _rebuild(value: Any, copies: dict[int, torch.Tensor]) -> Any:
 
 
 class StagedState(dict):
-    """What :meth:`StorageWriter.stage` returns: the state, its tensors views of this process's staging buffers.
+    """What `StorageWriter.stage` returns: the state, its tensors views of this process's staging buffers.
 
     Pickled — DCP's process mode sends it to its checkpoint process — it travels as a copy in shared memory,
     made then (on DCP's sending thread, not the caller's): the staging buffers are private mappings, which torch
@@ -654,17 +654,17 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         path: the checkpoint directory: a local path or any fsspec URL (``s3://bucket/run/step-100``). DCP's
             ``checkpoint_id=`` replaces it.
         storage_options: for URL targets (credentials, endpoint), as fsspec takes them.
-        engine: a :class:`~asyncckpt.SyncEngine` to use; by default the process shares one engine per set of
-            engine options (:func:`shared_engine`), so staging buffers are reused by every save.
+        engine: a `SyncEngine` to use; by default the process shares one engine per set of
+            engine options (`shared_engine`), so staging buffers are reused by every save.
         split_bytes: a plain tensor that several ranks hold (DDP's replicated state) and that has at least this
             many bytes is cut by rows into one piece per rank holding it, so each rank writes about its share
             (DCP alone writes it whole on one rank); ``None`` never cuts. Smaller ones go whole to the rank with
             the fewest bytes so far.
-        **engine_options: :class:`~asyncckpt.EngineOptions` (``host_memory_budget``, ``chunk_bytes``,
+        **engine_options: `EngineOptions` (``host_memory_budget``, ``chunk_bytes``,
             ``shard_bytes``, ``fsync``, ``write_concurrency``…).
 
     ``dcp.save`` streams each rank's items through the budgeted staging buffers into its shard files.
-    ``dcp.async_save`` calls :meth:`stage`, which copies the rank's tensors once into staging buffers laid out as
+    ``dcp.async_save`` calls `stage`, which copies the rank's tensors once into staging buffers laid out as
     its shard files and returns; the background save then writes those very buffers. As with any DCP storage,
     wait for one ``async_save`` to finish before starting the next on the same process group.
 
@@ -748,7 +748,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Say which whole plain tensors this rank holds and, under ``async_save``, which staged shard holds each
-        item (by DCP's key paths), for :func:`assign`.
+        item (by DCP's key paths), for `assign`.
 
         Args:
             plan: this rank's save plan.
@@ -773,13 +773,13 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator names the save (one id for every rank's files, and each rank's number) and evens out the
-        bytes each rank writes (:func:`assign`).
+        bytes each rank writes (`assign`).
 
         Args:
-            plans: every rank's plan, from :meth:`prepare_local_plan`.
+            plans: every rank's plan, from `prepare_local_plan`.
 
         Returns:
-            Every rank's plan, items moved between ranks that hold them, each with its :class:`RankPlan` as
+            Every rank's plan, items moved between ranks that hold them, each with its `RankPlan` as
                 ``storage_data``.
         """
         plans, pieces = assign(plans, self.split_bytes)
@@ -791,15 +791,15 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         """Write this rank's items durably (publishing nothing) and say where each one's bytes lie.
 
         Args:
-            plan: this rank's plan from the coordinator (its ``storage_data`` a :class:`RankPlan`).
+            plan: this rank's plan from the coordinator (its ``storage_data`` a `RankPlan`).
             planner: DCP's planner, which gives each item's data.
 
         Returns:
-            A future that is already done, holding one ``WriteResult`` per item (``storage_data``: :class:`Stored`).
+            A future that is already done, holding one ``WriteResult`` per item (``storage_data``: `Stored`).
 
         Raises:
             CheckpointError: the plan was not made by an asyncckpt ``StorageWriter``, or a write failed (a store
-                error, such as :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+                error, such as `S3Error` or `StorageTimeoutError`).
         """
         info = plan.storage_data
         if not isinstance(info, RankPlan):
@@ -830,7 +830,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
         Args:
             metadata: DCP's metadata of the save (every item's global shape, dtype and chunks).
-            results: every rank's write results, from :meth:`write_data`.
+            results: every rank's write results, from `write_data`.
 
         Raises:
             CheckpointError: this writer did not plan the save, a rank did not say where an item's bytes are, an
@@ -929,7 +929,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         return result
 
     def synchronize_staging(self) -> None:
-        """Nothing to wait for: :meth:`stage` returns once its copy is complete."""
+        """Nothing to wait for: `stage` returns once its copy is complete."""
 
     def close(self) -> None:
         """Nothing to release: the shared engine lives as long as the process."""
@@ -1066,19 +1066,19 @@ def _direct(target: torch.Tensor, chunk: TensorChunk, lengths: tuple[int, ...], 
 
 
 class StorageReader(_Endpoint, dcp_storage.StorageReader):
-    """DCP's ``StorageReader`` on asyncckpt: reads the checkpoints :class:`StorageWriter` commits.
+    """DCP's ``StorageReader`` on asyncckpt: reads the checkpoints `StorageWriter` commits.
 
     Args:
         path: the checkpoint directory or URL (DCP's ``checkpoint_id=`` replaces it).
         storage_options: for URL targets.
-        engine: a :class:`~asyncckpt.SyncEngine` to use (default: the process's shared one).
+        engine: a `SyncEngine` to use (default: the process's shared one).
         weights_only: load non-tensor values with torch's weights-only rules (the default); ``False`` allows any
             pickle — only for checkpoints you trust.
         verify: check each chunk's checksum (default: the engine's ``verify`` option, on).
-        **engine_options: :class:`~asyncckpt.EngineOptions`.
+        **engine_options: `EngineOptions`.
 
     Each rank reads only the chunks of the shard files that cover its tensors, into staging buffers, checks them
-    and copies their bytes straight into its tensors. :attr:`stats` says how much was read for how much needed.
+    and copies their bytes straight into its tensors. `stats` says how much was read for how much needed.
 
     Raises:
         InvalidArgumentError: both ``engine`` and engine options are given, or an engine option is unknown or out
@@ -1122,7 +1122,7 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         Raises:
             CheckpointError: no checkpoint at the path, a checkpoint saved by one process (load it with an engine),
                 a damaged or newer-format manifest (its subclass kept), or a store error. It travels inside a
-                ``BaseException`` so that DCP cannot swallow it; :func:`unwrap` gives it back.
+                ``BaseException`` so that DCP cannot swallow it; `unwrap` gives it back.
         """
         try:
             target = self.target()
@@ -1142,7 +1142,7 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         """Take the layout of the checkpoint from ``metadata``.
 
         Args:
-            metadata: what :meth:`read_metadata` returned (DCP hands it to every rank).
+            metadata: what `read_metadata` returned (DCP hands it to every rank).
             is_coordinator: whether this rank coordinates the load (no difference here).
             *args: DCP's further arguments, unused.
             **kwargs: DCP's further arguments, unused.
@@ -1155,7 +1155,7 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         self._layout = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        """Tag this rank's plan with the save it read, for :meth:`prepare_global_plan` to compare.
+        """Tag this rank's plan with the save it read, for `prepare_global_plan` to compare.
 
         Args:
             plan: this rank's load plan.
@@ -1170,7 +1170,7 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
         """Every rank must have read the same manifest: a save that committed between their reads would mix.
 
         Args:
-            plans: every rank's plan, from :meth:`prepare_local_plan`.
+            plans: every rank's plan, from `prepare_local_plan`.
 
         Returns:
             The plans, unchanged.
@@ -1195,9 +1195,9 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
             A future that is already done: the reads are complete when this returns.
 
         Raises:
-            CheckpointError: called before :meth:`set_up_storage_reader`, an item the checkpoint does not hold, a
-                damaged chunk (:class:`~asyncckpt.CorruptCheckpointError`), a pickled value that weights-only
-                loading refuses (:class:`~asyncckpt.UnsafeCheckpointError`), or a store error.
+            CheckpointError: called before `set_up_storage_reader`, an item the checkpoint does not hold, a
+                damaged chunk (`CorruptCheckpointError`), a pickled value that weights-only
+                loading refuses (`UnsafeCheckpointError`), or a store error.
         """
         layout = self._layout
         if layout is None:

@@ -48,8 +48,8 @@ class EngineBase:
             planning; the copy runs while the caller computes, and optimizer steps wait for it).
         overlap_writes: write a save's chunks while its snapshot still copies (durable sooner, blocks longer).
         io_timeout: seconds one storage operation (a chunk write or read, a listing, the commit) may take; past it
-            the save or load fails with :class:`~asyncckpt.StorageTimeoutError`. None: no limit.
-        process_group: (:class:`CheckpointEngine` only) a ``torch.distributed`` group: every rank of it saves and
+            the save or load fails with `StorageTimeoutError`. None: no limit.
+        process_group: (`CheckpointEngine` only) a ``torch.distributed`` group: every rank of it saves and
             loads its part of one checkpoint through ``torch.distributed.checkpoint`` (see docs/distributed.md).
 
     Raises:
@@ -77,7 +77,7 @@ class EngineBase:
         """The running engine, for integrations that drive it directly.
 
         Raises:
-            CheckpointError: the engine is not running (a :class:`CheckpointEngine` outside its ``async with``),
+            CheckpointError: the engine is not running (a `CheckpointEngine` outside its ``async with``),
                 was closed, or belongs to the parent of this forked process.
         """
         if self._core is None:
@@ -93,7 +93,7 @@ class EngineBase:
         now) and ``allocations`` (buffers allocated so far). Readable after close too.
 
         Raises:
-            CheckpointError: the engine was never started (a :class:`CheckpointEngine` before ``async with``).
+            CheckpointError: the engine was never started (a `CheckpointEngine` before ``async with``).
         """
         if self._core is None:
             raise CheckpointError(self._not_running)
@@ -147,8 +147,8 @@ class EngineBase:
         A training loop that never waits on its handles can call this each step to learn of a failed save early.
 
         Raises:
-            CheckpointError: that save's error (a subclass such as :class:`~asyncckpt.S3Error` or
-                :class:`~asyncckpt.StorageTimeoutError` where it fits), raised once; or the engine is not running.
+            CheckpointError: that save's error (a subclass such as `S3Error` or
+                `StorageTimeoutError` where it fits), raised once; or the engine is not running.
         """
         self.core.raise_unobserved()
 
@@ -169,7 +169,7 @@ class EngineBase:
 
 
 class CheckpointEngine(EngineBase):
-    """Asynchronous checkpoint engine for asyncio and trio programs (see :class:`EngineBase` for the options).
+    """Asynchronous checkpoint engine for asyncio and trio programs (see `EngineBase` for the options).
 
     Use it as an async context manager: leaving the block waits for pending saves (or aborts them when the task is
     cancelled) and raises the first failure nobody has seen.
@@ -253,7 +253,7 @@ class CheckpointEngine(EngineBase):
         """Snapshot ``state`` now and write it to ``path`` in the background.
 
         Returns once every byte is copied into staging memory: the caller may then change any tensor. Await the
-        returned handle for the :class:`SaveResult` (the checkpoint is then durable and committed).
+        returned handle for the `SaveResult` (the checkpoint is then durable and committed).
 
         Args:
             state: what to save: tensors, modules' and optimizers' state dicts, and dicts, lists, tuples and plain
@@ -274,9 +274,9 @@ class CheckpointEngine(EngineBase):
                 optimizer step.
 
         Returns:
-            The save's handle: ``await handle`` gives the :class:`SaveResult` once the checkpoint is committed, or
-                raises the save's error (a :class:`CheckpointError` naming the path, such as
-                :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+            The save's handle: ``await handle`` gives the `SaveResult` once the checkpoint is committed, or
+                raises the save's error (a `CheckpointError` naming the path, such as
+                `S3Error` or `StorageTimeoutError`).
 
         Raises:
             InvalidArgumentError: a bad argument: ``path`` not a str or path, ``metadata`` not JSON or over 1 MiB,
@@ -318,7 +318,7 @@ class CheckpointEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``path`` is not a usable path.
-            CheckpointError: the engine is not running, or the state cannot be saved (see :meth:`save`).
+            CheckpointError: the engine is not running, or the state cannot be saved (see `save`).
         """
         async with self._snapshot_lock:
             target = None if path is None else await self.core.target_async(path, storage_options)
@@ -332,13 +332,13 @@ class CheckpointEngine(EngineBase):
         after it returns, their buffers become its own and are not reused, so it keeps the values it was handed.
 
         Args:
-            state: what to copy, as for :meth:`save`.
+            state: what to copy, as for `save`.
             fn: called once with the copy, in a worker thread; it writes ``path`` itself (its return value is
                 ignored; what it raises fails the save).
             path: the path ``fn`` writes: saves and waits on the same path run in order.
 
         Returns:
-            The save's handle; it settles when ``fn`` has returned (its :class:`SaveResult` has ``shards=0``).
+            The save's handle; it settles when ``fn`` has returned (its `SaveResult` has ``shards=0``).
 
         Raises:
             BudgetExceededError: the copy needs more than ``host_memory_budget`` bytes at once (it cannot stream:
@@ -361,7 +361,7 @@ class CheckpointEngine(EngineBase):
         does on the same path, such as deleting it.
 
         Args:
-            path: the checkpoint path, as given to :meth:`save` or :meth:`save_with`.
+            path: the checkpoint path, as given to `save` or `save_with`.
             storage_options: fsspec options for ``path`` (default: the engine's).
 
         Raises:
@@ -421,7 +421,7 @@ class CheckpointEngine(EngineBase):
             CheckpointReplacedError: another process kept overwriting ``path`` while it was being read.
             UnsafeCheckpointError: a pickled value needs ``weights_only=False``.
             StorageTimeoutError: a storage operation took longer than ``io_timeout`` seconds.
-            CheckpointError: anything else: no checkpoint there, a store error (:class:`~asyncckpt.S3Error` for
+            CheckpointError: anything else: no checkpoint there, a store error (`S3Error` for
                 S3), a ``state`` that does not match (see ``strict``), the engine is not running.
         """
         check_map_location(map_location)
@@ -467,7 +467,7 @@ class CheckpointEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``directory`` is not a usable path.
-            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+            CheckpointError: the listing failed on an object store (such as `S3Error`), or the
                 engine is not running.
             OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
                 empty.
@@ -477,7 +477,7 @@ class CheckpointEngine(EngineBase):
         return [p for p, _ in found]
 
     async def latest(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
-        """The newest committed checkpoint directly under ``directory``: the last of :meth:`committed`.
+        """The newest committed checkpoint directly under ``directory``: the last of `committed`.
 
         Args:
             directory: the directory or URL prefix holding checkpoints.
@@ -488,7 +488,7 @@ class CheckpointEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``directory`` is not a usable path.
-            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+            CheckpointError: the listing failed on an object store (such as `S3Error`), or the
                 engine is not running.
             OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
                 empty.

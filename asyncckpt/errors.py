@@ -1,8 +1,8 @@
 """Exceptions the engine raises on purpose.
 
-Every error a user can act on derives from :class:`CheckpointError`, so one ``except`` clause catches everything
+Every error a user can act on derives from `CheckpointError`, so one ``except`` clause catches everything
 asyncckpt raises deliberately; the subclasses say which action fits. Bad arguments raise
-:class:`InvalidArgumentError`, which is also a ``ValueError``.
+`InvalidArgumentError`, which is also a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class InvalidArgumentError(CheckpointError, ValueError):
 
 class CorruptCheckpointError(CheckpointError):
     """The checkpoint was committed but its bytes are damaged: checksum mismatch, truncated or missing shard,
-    or a manifest that contradicts itself. Restore from another checkpoint (see :func:`asyncckpt.latest`)."""
+    or a manifest that contradicts itself. Restore from another checkpoint (see `asyncckpt.latest`)."""
 
 
 class NewerFormatError(CheckpointError):
@@ -110,7 +110,7 @@ class S3Error(StorageError):
 def restate(error: BaseException, message: str) -> CheckpointError:
     """``error`` told again with ``message`` (which names the operation and the path), the original as its cause.
 
-    A :class:`CheckpointError` keeps its type and attributes, so ``except S3Error`` and ``exc.code`` still work;
+    A `CheckpointError` keeps its type and attributes, so ``except S3Error`` and ``exc.code`` still work;
     its constructor is not called again (subclasses may take other arguments). Anything else becomes a plain
     ``CheckpointError``.
     """

@@ -202,14 +202,14 @@ class Preemption:
 
 
 class ManagerBase:
-    """Options shared by :class:`CheckpointManager` and :class:`SyncCheckpointManager`.
+    """Options shared by `CheckpointManager` and `SyncCheckpointManager`.
 
     Args:
         directory: a directory or fsspec URL; checkpoints live at ``directory/step-<zero-padded step>``.
         keep_last: keep the newest this many (None: keep all).
         keep_best: also keep the best this many by ``best_metric`` (None: none kept for their metric).
         best_metric: the name of the metric in ``save(..., metrics=)`` that ranks checkpoints for ``keep_best``
-            and :meth:`best_step`.
+            and `best_step`.
         best_mode: ``"min"`` (lower is better, as for a loss) or ``"max"``.
         keep_every_steps: also keep every checkpoint whose step is a multiple of this.
         incremental: tensors unchanged since the previous checkpoint reference its bytes instead of being written.
@@ -217,11 +217,11 @@ class ManagerBase:
         if_busy: ``save`` while the previous save is still being written: ``"wait"`` for it, or ``"skip"`` (return
             None, logged once).
         trust_versions: with ``incremental``, skip hashing tensors whose storage and ``_version`` did not change
-            (frozen weights); see :meth:`CheckpointEngine.save`.
+            (frozen weights); see `CheckpointEngine.save`.
         engine: an engine to share (not closed by the manager); otherwise one is made from ``engine_options``.
-            A :class:`CheckpointManager` takes a :class:`~asyncckpt.CheckpointEngine`, a
-            :class:`SyncCheckpointManager` a :class:`~asyncckpt.SyncEngine`.
-        **engine_options: the options of the engine the manager makes (see :class:`~asyncckpt.EngineOptions`).
+            A `CheckpointManager` takes a `CheckpointEngine`, a
+            `SyncCheckpointManager` a `SyncEngine`.
+        **engine_options: the options of the engine the manager makes (see `EngineOptions`).
 
     Retention runs after each commit: what the rules above do not keep is deleted, except the newest checkpoint,
     saves still being written and whatever a kept incremental checkpoint references.
@@ -270,7 +270,7 @@ class ManagerBase:
         return sorted(self.state.entries)
 
     def latest_step(self) -> int | None:
-        """The newest committed step the manager knows (see :meth:`steps`).
+        """The newest committed step the manager knows (see `steps`).
 
         Returns:
             That step, or None when there is none.
@@ -280,7 +280,7 @@ class ManagerBase:
 
     def best_step(self) -> int | None:
         """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the newer),
-        among those of :meth:`steps`.
+        among those of `steps`.
 
         Returns:
             That step, or None without a ``best_metric`` or when no checkpoint recorded it.
@@ -324,10 +324,10 @@ RESTORE_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError)
 
 
 class CheckpointManager(ManagerBase):
-    """The asyncio (and trio) manager: ``async with CheckpointManager(dir) as manager`` (see :class:`ManagerBase`).
+    """The asyncio (and trio) manager: ``async with CheckpointManager(dir) as manager`` (see `ManagerBase`).
 
     Entering it starts its engine (unless given one), reads the committed checkpoints under ``directory`` and
-    catches SIGTERM (see :attr:`preempted`); leaving it waits for every save and its retention.
+    catches SIGTERM (see `preempted`); leaving it waits for every save and its retention.
 
     Example:
         ```python
@@ -438,10 +438,10 @@ class CheckpointManager(ManagerBase):
 
 
 class SyncCheckpointManager(ManagerBase):
-    """The threaded manager: ``with SyncCheckpointManager(dir) as manager`` (see :class:`ManagerBase`).
+    """The threaded manager: ``with SyncCheckpointManager(dir) as manager`` (see `ManagerBase`).
 
     Entering it starts its engine (unless given one), reads the committed checkpoints under ``directory`` and
-    catches SIGTERM (see :attr:`preempted`); leaving it waits for every save and its retention.
+    catches SIGTERM (see `preempted`); leaving it waits for every save and its retention.
 
     Example:
         ```python

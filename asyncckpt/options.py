@@ -31,7 +31,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Options of :class:`~asyncckpt.CheckpointEngine` and :class:`~asyncckpt.SyncEngine` (keyword arguments).
+    """Options of `CheckpointEngine` and `SyncEngine` (keyword arguments).
 
     Args:
         write_concurrency: I/O operations in flight at once (worker threads for blocking I/O, requests for async
@@ -53,7 +53,7 @@ class EngineOptions:
             sooner, but the copy then shares cores and memory bandwidth with the writes and blocks the caller longer.
             Off by default: writes wait for the copy, unless the copy itself waits for memory that only writes free.
         io_timeout: seconds one storage operation (a chunk written or read, a listing, a commit) may take before
-            the save or load it belongs to fails with :class:`~asyncckpt.StorageTimeoutError` naming the operation
+            the save or load it belongs to fails with `StorageTimeoutError` naming the operation
             and path; committed checkpoints stay. ``None``: no limit (a hung store or NFS mount blocks forever).
 
     Raises:
@@ -191,7 +191,7 @@ class RetryPolicy:
         """A policy from ``storage_options["retry"]``: None (the defaults), a policy, or a dict of its fields.
 
         Args:
-            value: None, a :class:`RetryPolicy`, or a dict of its fields.
+            value: None, a `RetryPolicy`, or a dict of its fields.
 
         Returns:
             The policy (``value`` itself when it is one).

@@ -28,11 +28,11 @@ SyncHandle = SaveHandle
 
 
 class SyncEngine(EngineBase):
-    """Blocking checkpoint engine (see :class:`EngineBase` for the options). Use it as a context manager or call
-    :meth:`close`; an engine never closed is flushed when the interpreter exits.
+    """Blocking checkpoint engine (see `EngineBase` for the options). Use it as a context manager or call
+    `close`; an engine never closed is flushed when the interpreter exits.
 
     It starts its threads when built. It takes no ``process_group``: on many ranks use
-    :class:`asyncckpt.dcp.StorageWriter` with ``torch.distributed.checkpoint``, or
+    `asyncckpt.dcp.StorageWriter` with ``torch.distributed.checkpoint``, or
     ``CheckpointEngine(process_group=pg)``.
 
     Example:
@@ -124,8 +124,8 @@ class SyncEngine(EngineBase):
 
         Returns:
             The save's handle: ``handle.result()`` blocks until the checkpoint is committed and returns its
-                :class:`~asyncckpt.SaveResult`, or raises the save's error (a :class:`~asyncckpt.CheckpointError`
-                naming the path, such as :class:`~asyncckpt.S3Error` or :class:`~asyncckpt.StorageTimeoutError`).
+                `SaveResult`, or raises the save's error (a `CheckpointError`
+                naming the path, such as `S3Error` or `StorageTimeoutError`).
 
         Raises:
             InvalidArgumentError: a bad argument: ``path`` not a str or path, ``metadata`` not JSON or over 1 MiB,
@@ -155,7 +155,7 @@ class SyncEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``path`` is not a usable path.
-            CheckpointError: the engine is closed, or the state cannot be saved (see :meth:`save`).
+            CheckpointError: the engine is closed, or the state cannot be saved (see `save`).
         """
         with self._lock:
             self._warm(state, None if path is None else self.core.target(path, storage_options))
@@ -163,7 +163,7 @@ class SyncEngine(EngineBase):
     def submit(self, plan: Plan, path: Any, job_type: type[Job], *, storage_options: Mapping[str, Any] | None = None,
                **extra: Any) -> Job:
         """Copy a prepared ``plan`` into staging on this thread, chunk by chunk under the budget, and write it in the
-        background. The building block of :meth:`save`, for integrations that lay out their own shards
+        background. The building block of `save`, for integrations that lay out their own shards
         (``asyncckpt.dcp`` writes one rank's shards with a ``ShardJob``).
 
         Args:
@@ -191,13 +191,13 @@ class SyncEngine(EngineBase):
         after it returns, their buffers become its own and are not reused, so it keeps the values it was handed.
 
         Args:
-            state: what to copy, as for :meth:`save`.
+            state: what to copy, as for `save`.
             fn: called once with the copy, in a worker thread; it writes ``path`` itself (its return value is
                 ignored; what it raises fails the save).
             path: the path ``fn`` writes: saves and waits on the same path run in order.
 
         Returns:
-            The save's handle; it settles when ``fn`` has returned (its :class:`~asyncckpt.SaveResult` has
+            The save's handle; it settles when ``fn`` has returned (its `SaveResult` has
                 ``shards=0``).
 
         Raises:
@@ -250,7 +250,7 @@ class SyncEngine(EngineBase):
             CheckpointReplacedError: another process kept overwriting ``path`` while it was being read.
             UnsafeCheckpointError: a pickled value needs ``weights_only=False``.
             StorageTimeoutError: a storage operation took longer than ``io_timeout`` seconds.
-            CheckpointError: anything else: no checkpoint there, a store error (:class:`~asyncckpt.S3Error` for
+            CheckpointError: anything else: no checkpoint there, a store error (`S3Error` for
                 S3), a ``state`` that does not match (see ``strict``), the engine is closed.
         """
         check_map_location(map_location)
@@ -291,7 +291,7 @@ class SyncEngine(EngineBase):
         does on the same path, such as deleting it.
 
         Args:
-            path: the checkpoint path, as given to :meth:`save` or :meth:`save_with`.
+            path: the checkpoint path, as given to `save` or `save_with`.
             storage_options: fsspec options for ``path`` (default: the engine's).
 
         Raises:
@@ -315,7 +315,7 @@ class SyncEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``directory`` is not a usable path.
-            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+            CheckpointError: the listing failed on an object store (such as `S3Error`), or the
                 engine is closed.
             OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
                 empty.
@@ -324,7 +324,7 @@ class SyncEngine(EngineBase):
         return [p for p, _ in core.runtime.call(core.committed, core.target(directory, storage_options))]
 
     def latest(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
-        """The newest committed checkpoint directly under ``directory``: the last of :meth:`committed`.
+        """The newest committed checkpoint directly under ``directory``: the last of `committed`.
 
         Args:
             directory: the directory or URL prefix holding checkpoints.
@@ -335,7 +335,7 @@ class SyncEngine(EngineBase):
 
         Raises:
             InvalidArgumentError: ``directory`` is not a usable path.
-            CheckpointError: the listing failed on an object store (such as :class:`~asyncckpt.S3Error`), or the
+            CheckpointError: the listing failed on an object store (such as `S3Error`), or the
                 engine is closed.
             OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as
                 empty.

@@ -1,4 +1,4 @@
-"""The engine's own event loop and worker threads (:class:`Runtime`), shared by the asyncio and threaded faces."""
+"""The engine's own event loop and worker threads (`Runtime`), shared by the asyncio and threaded faces."""
 
 from .runtime import IoRunner, Runtime
 

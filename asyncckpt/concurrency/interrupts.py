@@ -2,8 +2,8 @@
 
 Python raises ``KeyboardInterrupt`` between any two bytecodes of the main thread. Inside a save that could land
 between taking a staging buffer and recording who owns it, leaking the buffer or leaving a job that never
-finishes. While a :class:`DeferredInterrupt` is active on the main thread, SIGINT only sets a flag; the save calls
-:meth:`DeferredInterrupt.check` at safe points (between chunks, while waiting for memory), which raises it there.
+finishes. While a `DeferredInterrupt` is active on the main thread, SIGINT only sets a flag; the save calls
+`DeferredInterrupt.check` at safe points (between chunks, while waiting for memory), which raises it there.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Background writes, commits and retries run here, so they progress whatever the caller does: an asyncio loop that
 never yields, a thread in a long training step, or a trio program. Callers reach the loop through an anyio
-blocking portal (threads: :meth:`Runtime.call`; any async loop: :meth:`Runtime.call_async`, which cancels the
+blocking portal (threads: `Runtime.call`; any async loop: `Runtime.call_async`, which cancels the
 runtime's task when the caller is cancelled). Blocking I/O runs in a thread pool the runtime owns, so closing the
 runtime joins every thread it started.
 
 A forked child inherits the object but not its threads: every call from another process raises
-:class:`~asyncckpt.CheckpointError`, and the exit hook does nothing there.
+`CheckpointError`, and the exit hook does nothing there.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class Runtime:
 class IoRunner:
     """Blocking calls in the runtime's worker threads, at most ``limit`` at once: the engine's I/O concurrency.
 
-    Async stores use :attr:`limiter` directly to bound their requests in flight. ``timeout`` is the engine's
+    Async stores use `limiter` directly to bound their requests in flight. ``timeout`` is the engine's
     ``io_timeout``: with one, blocking calls cut short by it are abandoned rather than awaited (they are hung).
     """
 

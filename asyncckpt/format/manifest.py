@@ -1,7 +1,7 @@
 """The manifest: the JSON document whose presence commits a checkpoint, as typed records.
 
 It maps the state's structure onto entries that live in shard files and records every chunk's checksum.
-Everything read from a manifest is untrusted: :func:`parse` validates it fully, against itself, before a loader
+Everything read from a manifest is untrusted: `parse` validates it fully, against itself, before a loader
 allocates or opens anything. docs/format.md is the specification.
 """
 
@@ -187,7 +187,7 @@ class ObjectRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest of a checkpoint written by one process: what :func:`asyncckpt.committed` lists and
+    """A validated manifest of a checkpoint written by one process: what `asyncckpt.committed` lists and
     ``asyncckpt inspect`` shows.
 
     Attributes:
@@ -254,7 +254,7 @@ class Manifest:
         yield from self.objects
 
     def seal(self) -> bytes:
-        """The manifest's bytes, as committed to ``manifest.json`` (see :func:`seal`).
+        """The manifest's bytes, as committed to ``manifest.json`` (see `seal`).
 
         Returns:
             Compact JSON ending in an xxh3-64 digest of the rest, which readers check.
@@ -313,7 +313,7 @@ class GlobalManifest:
 
     It holds what torch's DCP keeps in its pickled ``.metadata`` — every item's global shape, dtype and chunks,
     the planner's data, the storage meta — as JSON, plus where each chunk's bytes lie and every shard's checksums.
-    ``planner_data`` is kept in the structure encoding (:mod:`asyncckpt.format.tree`); objects are ``torch.save``
+    ``planner_data`` is kept in the structure encoding (`asyncckpt.format.tree`); objects are ``torch.save``
     bytes keyed by their DCP name (``key``).
 
     Attributes:
@@ -330,7 +330,7 @@ class GlobalManifest:
         dcp_version: the version of DCP's metadata format, or None.
         producer: what wrote it (``"asyncckpt <version>"``).
         torch_version: the torch version that wrote it.
-        sequence: orders the checkpoints of one directory, as in :class:`Manifest`.
+        sequence: orders the checkpoints of one directory, as in `Manifest`.
     """
 
     save_id: str
@@ -344,9 +344,9 @@ class GlobalManifest:
     dcp_version: str | None = None
     producer: str = f"asyncckpt {__version__}"
     torch_version: str = field(default_factory=lambda: torch.__version__)
-    sequence: int = 0  # as in :class:`Manifest`
+    sequence: int = 0  # as in `Manifest`
 
-    #: what a one-writer :class:`Manifest` has and a multi-rank checkpoint never does (no caller metadata, no
+    #: what a one-writer `Manifest` has and a multi-rank checkpoint never does (no caller metadata, no
     #: incremental chain), so code that lists checkpoints reads both kinds alike
     metadata = None
     chain = 0
@@ -375,7 +375,7 @@ class GlobalManifest:
         return {c.span for t in self.tensors for c in t.chunks} | {o.span for o in self.objects}
 
     def seal(self) -> bytes:
-        """The manifest's bytes, as committed to ``manifest.json`` (see :func:`seal`).
+        """The manifest's bytes, as committed to ``manifest.json`` (see `seal`).
 
         Returns:
             Compact JSON ending in an xxh3-64 digest of the rest, which readers check.
@@ -430,7 +430,7 @@ def _body(doc: dict[str, Any]) -> str:
 
 def structure_problem(tree: Any) -> str | None:
     """Why the encoded structure ``tree`` cannot go into a manifest a load would read (its plain values are written
-    into the manifest, which a load reads only up to :data:`MAX_MANIFEST_BYTES`), naming the value that takes the
+    into the manifest, which a load reads only up to `MAX_MANIFEST_BYTES`), naming the value that takes the
     most of it; None if it fits. ``save`` checks it before writing anything."""
     size = len(_body(tree))
     if size <= MAX_MANIFEST_BYTES:
@@ -449,7 +449,7 @@ def structure_problem(tree: Any) -> str | None:
 
 
 def _children(node: Any, path: str) -> list[tuple[str, Any]]:
-    """``(key path, encoded child)`` of an encoded container node (see :mod:`.tree`); [] for a leaf."""
+    """``(key path, encoded child)`` of an encoded container node (see `.tree`); [] for a leaf."""
     if not isinstance(node, dict):
         return []
     for kind in ("dict", "odict"):

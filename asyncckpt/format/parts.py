@@ -4,9 +4,9 @@ A chunk is the unit of staging, writing and checksumming, and on object stores t
 keep the cut right for every store by construction:
 
 * a shard never needs a chunk for a few spilled bytes: a shard of whole chunks plus its header gets chunks that
-  larger by a few pages (:func:`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor
+  larger by a few pages (`shard_chunk`), so its header does not make a tiny extra part (a 32 MiB tensor
   with its header is one chunk of 32 MiB + 4 KiB: one PUT);
-* a store's part limits (:class:`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them; GCS takes
+* a store's part limits (`PartRules`: S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them; GCS takes
   resumable-upload chunks in whole 256 KiB) bound the shard and chunk sizes the plan makes, so a layout the store
   would refuse is never made.
 """

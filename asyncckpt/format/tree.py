@@ -134,7 +134,7 @@ class Ref:
 
 
 def structure(tree: Any, tensors: int, objects: int) -> Any:
-    """The saved structure with a :class:`Ref` for each tensor and pickled object (out-of-range ones refused)."""
+    """The saved structure with a `Ref` for each tensor and pickled object (out-of-range ones refused)."""
     def ref(kind: str, count: int) -> Callable[[int], Ref]:
         def make(i: int) -> Ref:
             if not 0 <= i < count:

@@ -1,7 +1,7 @@
-"""Storage backends behind one declared contract (:mod:`.contract`), found through a registry (:mod:`.registry`).
+"""Storage backends behind one declared contract (`.contract`), found through a registry (`.registry`).
 
-Built in: the local disk (:mod:`.local`), S3 (:mod:`.s3`) and any other fsspec filesystem (:mod:`.fsspec`). A new
-backend subclasses :class:`~asyncckpt.io.contract.Storage` and registers for its URL protocols; the conformance
+Built in: the local disk (`.local`), S3 (`.s3`) and any other fsspec filesystem (`.fsspec`). A new
+backend subclasses `Storage` and registers for its URL protocols; the conformance
 suite in ``tests/io`` is what every backend must pass.
 """
 

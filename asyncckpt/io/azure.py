@@ -3,7 +3,7 @@ block blob whose blocks are the staged chunks, staged as they arrive, concurrent
 buffer, then committed as one block list; one retry policy.
 
 The Azure SDK retries every request itself (3 retries, sleeps from 15 s up); the storage rebuilds adlfs's client
-with ``retry_total=0`` so that :class:`~asyncckpt.RetryPolicy` (``storage_options["retry"]``) is the only loop.
+with ``retry_total=0`` so that `RetryPolicy` (``storage_options["retry"]``) is the only loop.
 """
 
 from __future__ import annotations

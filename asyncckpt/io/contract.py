@@ -1,10 +1,10 @@
 """The storage contract: what the pipeline and the loader may ask of a backend, and nothing more.
 
-Paths are the filesystem's own (no protocol prefix; :meth:`Storage.strip` makes them). Every method runs on the
-engine's event loop; blocking work goes through :attr:`Storage.io` (worker threads, bounded by the engine's I/O
+Paths are the filesystem's own (no protocol prefix; `Storage.strip` makes them). Every method runs on the
+engine's event loop; blocking work goes through `Storage.io` (worker threads, bounded by the engine's I/O
 concurrency). Missing things are answered, not raised: ``kind``/``size`` return None, ``list`` returns ``[]``,
 ``remove``/``remove_dir`` of something absent do nothing. Failures raise ``OSError`` (or a
-:class:`~asyncckpt.CheckpointError` that says more, such as :class:`~asyncckpt.S3Error`).
+`CheckpointError` that says more, such as `S3Error`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 class Sink(Protocol):
-    """One file being written, never visible under its name before :meth:`commit` (object stores) or complete
+    """One file being written, never visible under its name before `commit` (object stores) or complete
     only after it (local disk). ``ordered`` sinks take writes strictly in offset order, one at a time."""
 
     ordered: bool
@@ -57,8 +57,8 @@ class Storage(abc.ABC):
     """Operations on one filesystem, created once per protocol and options by each engine.
 
     A backend subclasses it, implements the abstract methods, and is registered for its URL protocols
-    (:func:`asyncckpt.io.register`, or an ``asyncckpt.storage`` entry point); ``tests/io`` is the conformance
-    suite it must pass. Failures raise ``OSError`` (or a :class:`~asyncckpt.CheckpointError` that says more).
+    (`asyncckpt.io.register`, or an ``asyncckpt.storage`` entry point); ``tests/io`` is the conformance
+    suite it must pass. Failures raise ``OSError`` (or a `CheckpointError` that says more).
 
     Args:
         io: the engine's runner for blocking calls (worker threads, bounded by its I/O concurrency).
@@ -116,7 +116,7 @@ class Storage(abc.ABC):
         same place (a symlink alias) must give the same key.
 
         Args:
-            path: a filesystem path (see :meth:`strip`).
+            path: a filesystem path (see `strip`).
 
         Returns:
             The key (by default ``protocol://path`` without a trailing slash).
@@ -154,7 +154,7 @@ class Storage(abc.ABC):
         Args:
             path: the file to write; its directory exists.
             nbytes: the file's final size, in bytes.
-            fsync: make the file durable on :meth:`Sink.commit` (local disk).
+            fsync: make the file durable on `Sink.commit` (local disk).
             chunk_bytes: the size of every write but the last, in bytes.
 
         Returns:
@@ -209,7 +209,7 @@ class Storage(abc.ABC):
     async def put_file(self, path: str, write: Callable[[IO[bytes]], Any], fsync: bool) -> None:
         """Create or replace ``path`` atomically with what ``write(f)`` writes into the binary file ``f`` (called
         in a worker thread), creating missing parent directories: for whole files made by other serializers. This
-        default gathers the bytes in memory and makes one :meth:`put_atomic`; backends that can stream do.
+        default gathers the bytes in memory and makes one `put_atomic`; backends that can stream do.
 
         Args:
             path: the file to create or replace.

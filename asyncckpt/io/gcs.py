@@ -2,7 +2,7 @@
 resumable upload, one request per staged chunk, straight from the staging buffer; one retry policy.
 
 gcsfs retries every request itself (6 attempts, sleeps up to 32 s, not configurable); the storage turns that down to
-one attempt so that :class:`~asyncckpt.RetryPolicy` (``storage_options["retry"]``) is the only loop.
+one attempt so that `RetryPolicy` (``storage_options["retry"]``) is the only loop.
 """
 
 from __future__ import annotations

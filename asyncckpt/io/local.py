@@ -6,7 +6,7 @@ benchmark (docs/benchmarks.md) shows concurrent positional writes are what reach
 page-aligned chunks go through ``O_DIRECT`` where the filesystem allows it, falling back to buffered I/O where it
 refuses.
 
-Every operating-system call goes through an :class:`OsOps` object, so tests inject faults (or mark phases for
+Every operating-system call goes through an `OsOps` object, so tests inject faults (or mark phases for
 crash trials) by passing their own instead of patching modules.
 """
 
@@ -386,7 +386,7 @@ def _pread_all(ops: OsOps, fd: int, view: memoryview, offset: int, allow_short: 
 
 
 class OpsWriter(io.RawIOBase):
-    """A write-only file over a descriptor; its writes go through :class:`OsOps` (so faults reach them too)."""
+    """A write-only file over a descriptor; its writes go through `OsOps` (so faults reach them too)."""
 
     def __init__(self, ops: OsOps, fd: int) -> None:
         super().__init__()

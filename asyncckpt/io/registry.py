@@ -1,6 +1,6 @@
 """Which backend serves which URL protocol: data, not code (``"module:Class"`` strings, imported on first use).
 
-Lookup order for a protocol: backends registered at run time (:func:`register`), then installed packages'
+Lookup order for a protocol: backends registered at run time (`register`), then installed packages'
 entry points in the ``asyncckpt.storage`` group (name = protocol, value = ``"module:Class"``), then the built-in
 table, then the generic fsspec backend, which serves every protocol fsspec knows.
 """
@@ -44,7 +44,7 @@ def register(protocol: str, target: str | type[Storage], *, clobber: bool = Fals
 
     Args:
         protocol: the URL protocol, without ``://`` (``"myfs"`` for ``myfs://bucket/run``).
-        target: a :class:`~asyncckpt.io.contract.Storage` subclass, or ``"module:Class"`` (imported on first use).
+        target: a `Storage` subclass, or ``"module:Class"`` (imported on first use).
         clobber: replace a backend registered before for ``protocol``.
 
     Raises:
@@ -62,7 +62,7 @@ def register(protocol: str, target: str | type[Storage], *, clobber: bool = Fals
 
 
 def unregister(protocol: str) -> None:
-    """Undo :func:`register` for ``protocol`` (the built-in or entry-point backend serves it again).
+    """Undo `register` for ``protocol`` (the built-in or entry-point backend serves it again).
 
     Args:
         protocol: the URL protocol; one never registered is ignored.

@@ -1,5 +1,5 @@
 """The one retry loop every object-store request runs under; each store says which of its failures are transient
-and how a final failure reads (:mod:`.s3.retry`, :mod:`.gcs`, :mod:`.azure`)."""
+and how a final failure reads (`.s3.retry`, `.gcs`, `.azure`)."""
 
 from __future__ import annotations
 

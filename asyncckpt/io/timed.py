@@ -1,13 +1,13 @@
 """The engine's ``io_timeout``: every storage operation of any backend bounded in time.
 
-:class:`TimedStorage` wraps a backend; each operation that makes no progress within the timeout (a chunk written
-or read, a listing, a manifest published, a file removed) raises :class:`~asyncckpt.StorageTimeoutError` naming
+`TimedStorage` wraps a backend; each operation that makes no progress within the timeout (a chunk written
+or read, a listing, a manifest published, a file removed) raises `StorageTimeoutError` naming
 the operation and the path, which fails the save or load it belongs to: nothing is committed, and the checkpoints
 committed before stay. Blocking calls cut short this way are abandoned in their worker thread (see
-:meth:`~asyncckpt.concurrency.IoRunner.shielded` and ``Runtime.run_sync``); clean-up on a hung store ends after one
+`shielded` and ``Runtime.run_sync``); clean-up on a hung store ends after one
 more timeout instead of hanging.
 
-The whole-file streams (:meth:`Storage.put_file`, :meth:`Storage.get_file`) run a foreign serializer of unknown
+The whole-file streams (`Storage.put_file`, `Storage.get_file`) run a foreign serializer of unknown
 duration and are not bounded.
 """
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 async def bounded(timeout: float, operation: str, path: str, call: Callable[[], Awaitable[T]]) -> T:
-    """``await call()``, or :class:`StorageTimeoutError` once it has taken ``timeout`` seconds."""
+    """``await call()``, or `StorageTimeoutError` once it has taken ``timeout`` seconds."""
     try:
         with anyio.fail_after(timeout):
             return await call()

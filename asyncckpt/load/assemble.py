@@ -3,7 +3,7 @@
 ``engine.load``, ``asyncckpt convert`` and ``inspect`` read checkpoints that ranks wrote through
 ``asyncckpt.dcp`` without torch.distributed: the chunks of each tensor are copied into one buffer, and DCP's
 flattened names are nested back the way its planner flattened them (``planner_data``: name → key path, where a
-string key is a dict key and an integer one a list index). The result is an ordinary :class:`Manifest` over the
+string key is a dict key and an integer one a list index). The result is an ordinary `Manifest` over the
 shard buffers plus the assembled ones, so everything that loads a native checkpoint works unchanged.
 """
 

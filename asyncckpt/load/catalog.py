@@ -16,7 +16,7 @@ log = logging.getLogger("asyncckpt")
 async def committed(storage: Storage, directory: str, known: Mapping[str, AnyManifest] | None = None
                     ) -> list[tuple[str, AnyManifest]]:
     """``(name, manifest)`` of every committed checkpoint directly under ``directory``, oldest first (by sequence,
-    see :mod:`asyncckpt.concurrency.clock`).
+    see `asyncckpt.concurrency.clock`).
 
     ``known`` gives manifests the caller read before (by name): those are not read again, so a caller that lists
     after every save pays for the new entries only. Entries without a valid manifest are skipped and never stop the

@@ -2,7 +2,7 @@
 staging buffer, checked, and copied straight into the destinations it covers.
 
 Both in-place loads (every entry of a checkpoint into a target's tensors) and multi-rank loads (a rank's share
-of the chunks) read this way; :class:`ReadStats` says how many bytes were read for how many wanted.
+of the chunks) read this way; `ReadStats` says how many bytes were read for how many wanted.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ written. Buffers are cached by size and handed out again, so a training loop tha
 every N steps allocates them once; the sum of all buffers (cached or in use) never exceeds the budget, and a
 request that does not fit waits until writes release memory (backpressure instead of growth).
 
-Thread safety: :meth:`try_acquire`, :meth:`reserve` and :meth:`clear` may be called from any thread (the snapshot
-runs on the caller's); :meth:`acquire` and :meth:`release` run on the engine's event loop, where waiting happens.
+Thread safety: `try_acquire`, `reserve` and `clear` may be called from any thread (the snapshot
+runs on the caller's); `acquire` and `release` run on the engine's event loop, where waiting happens.
 """
 
 from __future__ import annotations

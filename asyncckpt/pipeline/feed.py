@@ -1,7 +1,7 @@
 """The one feed loop: copy a plan's chunks into staging buffers on the caller's thread and hand them to the job.
 
 It is a generator so that both faces drive the same code: it yields the size of a buffer it must wait for, and the
-driver — blocking (:func:`drive`) or awaiting (:func:`drive_async`) — sends the buffer back (None: the job failed,
+driver — blocking (`drive`) or awaiting (`drive_async`) — sends the buffer back (None: the job failed,
 stop). Every way out (done, an error in the copy, the caller cancelled or interrupted) closes the job's input, so
 the job always concludes and returns every buffer it was given.
 """

@@ -43,8 +43,8 @@ class SaveResult:
 
 class SaveHandle:
     """The outcome of one save, for any caller: ``await handle`` on an asyncio or trio loop, ``handle.result()``
-    on a thread. Both return the :class:`SaveResult` once the checkpoint is durable and committed, or raise the
-    save's error (a :class:`~asyncckpt.CheckpointError` naming the path, the storage error as its cause).
+    on a thread. Both return the `SaveResult` once the checkpoint is durable and committed, or raise the
+    save's error (a `CheckpointError` naming the path, the storage error as its cause).
 
     Waiting is optional: a failure nobody waited for is raised by the engine's next call instead (see the docs).
     Cancelling a wait does not cancel the save.
@@ -105,8 +105,8 @@ class SaveHandle:
 
         Raises:
             CheckpointError: the save failed (the error names the path; a subclass such as
-                :class:`~asyncckpt.S3Error`, :class:`~asyncckpt.StorageTimeoutError` or
-                :class:`~asyncckpt.BudgetExceededError` where it fits; the storage error is its cause).
+                `S3Error`, `StorageTimeoutError` or
+                `BudgetExceededError` where it fits; the storage error is its cause).
         """
         if not self.done():
             await self._runtime.call_async(self._settled_on_loop.wait)
@@ -126,7 +126,7 @@ class SaveHandle:
 
         Raises:
             TimeoutError: the save is still running after ``timeout`` seconds.
-            CheckpointError: the save failed (as for :meth:`wait`), or this is the engine's own loop thread, where
+            CheckpointError: the save failed (as for `wait`), or this is the engine's own loop thread, where
                 blocking would deadlock (await the handle there).
         """
         if not self.done():
@@ -138,7 +138,7 @@ class SaveHandle:
 
     async def settled(self) -> None:
         """Wait until the save has finished, whatever its outcome, raising nothing. Only on the engine's own loop
-        (for work ordered after this save); other callers use :meth:`wait` or :meth:`result`."""
+        (for work ordered after this save); other callers use `wait` or `result`."""
         await self._settled_on_loop.wait()
 
     def add_done_callback(self, fn: Callable[["SaveHandle"], Any]) -> None:
@@ -178,7 +178,7 @@ class SaveHandle:
             await self._runtime.call_async(self._copied_on_loop.wait)
 
     def wait_snapshotted(self, timeout: float | None = None) -> None:
-        """Block the calling thread until the snapshot is over: :meth:`snapshotted` for threads.
+        """Block the calling thread until the snapshot is over: `snapshotted` for threads.
 
         Args:
             timeout: seconds to wait at most; None: as long as it takes.

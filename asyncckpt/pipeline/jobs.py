@@ -237,7 +237,7 @@ class ShardJob(Job):
     """Writes a plan's shard files durably and publishes nothing: one rank's part of a multi-rank save.
 
     ``files`` names the shards (``save_id`` is the one in those names). Once every file is durable the job's
-    :attr:`records` say what was written, for the coordinator that commits every rank's records together.
+    `records` say what was written, for the coordinator that commits every rank's records together.
     """
 
     def __init__(self, *args: Any, fsync: bool, files: list[str] | None = None, save_id: str = "",
@@ -266,7 +266,7 @@ class ShardJob(Job):
 
 
 class BorrowedShardJob(ShardJob):
-    """A :class:`ShardJob` fed with slices of buffers its caller staged and still owns (``dcp.async_save``)."""
+    """A `ShardJob` fed with slices of buffers its caller staged and still owns (``dcp.async_save``)."""
 
     borrows_buffers = True
 

@@ -28,7 +28,7 @@ def _before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 def copying(done: threading.Event) -> None:
-    """A deferred copy has started: optimizer steps wait until ``done`` is set (see :func:`copied`)."""
+    """A deferred copy has started: optimizer steps wait until ``done`` is set (see `copied`)."""
     global _hook
     with _lock:
         _pending.add(done)

@@ -98,7 +98,7 @@ def _digest_each(items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[
 
 def digest_tensors(items: list[tuple[torch.Tensor, torch.Tensor | None]], submit: Submit | None = None,
             workers: int = 1) -> list[str]:
-    """:func:`bytes_digest` of each ``(src, typed)``; with ``submit``, the largest go to ``workers`` worker threads
+    """`bytes_digest` of each ``(src, typed)``; with ``submit``, the largest go to ``workers`` worker threads
     while the caller hashes the rest (xxhash lets go of the GIL, so the cores share the work).
 
     A worker's share that has not started by the time the caller is done with its own is taken back and hashed by

@@ -48,7 +48,7 @@ class Entry:
         return Span(self.shard, self.offset, self.nbytes)
 
     def changed(self) -> bool:
-        """Whether the caller's tensor was modified in place since :meth:`Plan.stamp`."""
+        """Whether the caller's tensor was modified in place since `Plan.stamp`."""
         return self.source is not None and self.source._version != self.version
 
     def copied(self, end: int) -> None:
@@ -153,7 +153,7 @@ class Plan:
                 entry.version = entry.source._version
 
     def check_unchanged(self, chunk: Chunk) -> None:
-        """Raise if a tensor whose bytes ``chunk`` holds was modified since :meth:`stamp` (checked after the copy:
+        """Raise if a tensor whose bytes ``chunk`` holds was modified since `stamp` (checked after the copy:
         an in-place update bumps the counter when it starts, so a copy that raced it is caught)."""
         for entry, _, _, _ in chunk.pieces:
             if entry.changed():
@@ -171,7 +171,7 @@ class Plan:
         """The copied state, its tensors aliasing ``buffers`` (one per bin of a copy plan).
 
         Each tensor (or each group of overlapping views, which share in the original too) gets a storage of its own
-        over its bytes (:func:`alias`), so serializers see exactly the sharing the original state had. ``made``
+        over its bytes (`alias`), so serializers see exactly the sharing the original state had. ``made``
         receives each tensor built with the index of the buffer holding its bytes.
         """
         def own(e: Entry) -> torch.Tensor:
@@ -321,9 +321,9 @@ def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = F
             hashing: Hashing | None = None) -> Plan:
     """Plan a native save: safetensors shards cut into ``chunk_bytes`` chunks. With ``digests`` every tensor's
     digest is recorded (a later save may build on this one), shared with ``hashing``'s threads; with a ``base``,
-    tensors whose bytes it already holds are referenced instead of written (see :mod:`.incremental`). ``rules``
+    tensors whose bytes it already holds are referenced instead of written (see `.incremental`). ``rules``
     are the target store's part limits and ``chunk_limit`` the largest chunk staging can hold (see
-    :mod:`asyncckpt.format.parts`)."""
+    `asyncckpt.format.parts`)."""
     tree, walker = walk_state(state, pickle_objects=True)
     return layout(tree, walker, shard_bytes, chunk_bytes, digests=digests, base=base, memo=memo, rules=rules,
                   chunk_limit=chunk_limit, hashing=hashing)
@@ -337,7 +337,7 @@ def _header_cost(e: Entry) -> int:
 def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, digests: bool = False,
            base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
            chunk_limit: int | None = None, hashing: Hashing | None = None) -> Plan:
-    """The plan of a walked state (see :func:`prepare`)."""
+    """The plan of a walked state (see `prepare`)."""
     problem = structure_problem(tree) if walker.json_bound > MAX_MANIFEST_BYTES else None  # exact only if it may be
     if problem is not None:
         raise CheckpointError(f"cannot save this state: {problem}")
@@ -370,7 +370,7 @@ def prepare_items(tensors: list[tuple[str, torch.Tensor]], objects: list[tuple[s
     Every tensor gets bytes of its own, row-major, except that one tensor named twice is stored once. ``groups``
     (positions in ``tensors``, and a shard size for them) keeps sets of tensors in shards of their own, after the
     rest; objects always go with the rest. Returns the plan and, for each of ``tensors``, the index of its
-    :class:`TensorInfo` in ``plan.tensors``; objects are ``plan.objects`` in order.
+    `TensorInfo` in ``plan.tensors``; objects are ``plan.objects`` in order.
     """
     walker = Walker(pickle_objects=True)
     index = [walker.add_tensor(t, name) for name, t in tensors]
@@ -394,7 +394,7 @@ def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_byte
              rules: PartRules | None = None, room: int = 0) -> None:
     """Place the plan's entries (or each group of them, in shards of its own size) into shards, cut into chunks.
     With a store's ``rules`` a shard's header counts against its size (a shard of whole chunks stays whole) and
-    chunks may grow by ``room`` to take a header's spill (see :mod:`asyncckpt.format.parts`)."""
+    chunks may grow by ``room`` to take a header's spill (see `asyncckpt.format.parts`)."""
     headers = rules is not None
     rules = rules or NO_RULES
     if isinstance(groups, int):
@@ -500,7 +500,7 @@ def prepare_copy(state: Any, chunk_bytes: int) -> Plan:
     """Plan an in-memory point-in-time copy: tensors packed into staging bins of about ``chunk_bytes``.
 
     Used when another serializer (a Lightning base CheckpointIO) writes the state: it receives the copy built by
-    :meth:`Plan.rebuild`, whose tensors are views of the staging buffers.
+    `Plan.rebuild`, whose tensors are views of the staging buffers.
     """
     tree, walker = walk_state(state, pickle_objects=False)
     tensors, storages, entries, cuda = _tensor_entries(walker)

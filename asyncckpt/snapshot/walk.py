@@ -3,7 +3,7 @@
 Each value is handled by the preparer its type dispatches to: first by exact type (plain values, containers,
 dense tensors), then by kind (modules and optimizers are saved as their ``state_dict()``); anything else is an
 *object*, captured at call time (pickled with ``torch.save`` for the native format, deep-copied for a foreign
-serializer). A type whose values need their own treatment gets its own entry in :data:`EXACT` or :data:`KINDS`.
+serializer). A type whose values need their own treatment gets its own entry in `EXACT` or `KINDS`.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ EXACT: dict[type, Preparer] = {
     list: sequence, tuple: sequence, dict: mapping, OrderedDict: mapping,
 }
 
-#: preparers by kind, tried in order for types not in :data:`EXACT`.
+#: preparers by kind, tried in order for types not in `EXACT`.
 KINDS: list[tuple[type, Preparer]] = [(torch.nn.Module, stateful), (torch.optim.Optimizer, stateful),
                                       (torch.Tensor, tensor_subclass)]
 

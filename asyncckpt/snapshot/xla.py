@@ -4,7 +4,7 @@ Importing this module never imports ``torch_xla``; a function imports it only wh
 engine can call into here unconditionally. Which process writes is the trainer's business (Lightning calls the
 CheckpointIO on global rank zero only).
 
-Snapshot semantics: :func:`to_cpu` returns fresh host tensors that share no memory with the device
+Snapshot semantics: `to_cpu` returns fresh host tensors that share no memory with the device
 buffers, so the snapshot is a point-in-time copy even though training keeps mutating the parameters.
 """
 

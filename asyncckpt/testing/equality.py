@@ -46,7 +46,7 @@ def assert_same(a: Any, b: Any, where: str = "<root>", *, grad: bool = True) -> 
 
 
 def same(a: Any, b: Any) -> bool:
-    """:func:`assert_same` as a predicate (``requires_grad`` not compared)."""
+    """`assert_same` as a predicate (``requires_grad`` not compared)."""
     try:
         assert_same(a, b, grad=False)
     except AssertionError:

@@ -75,7 +75,7 @@ async def _raw_object_store(core: EngineCore, url: str, nbytes: int, part: int) 
 
 def run(target: Any, size: int = 256 * MiB, repeats: int = 3, storage_options: Mapping[str, Any] | None = None,
         **engine_options: Any) -> dict[str, Any]:
-    """Measure the storage at ``target`` and the engine on it; see :func:`report` for reading the result."""
+    """Measure the storage at ``target`` and the engine on it; see `report` for reading the result."""
     url = str(target).rstrip("/")
     state = synthetic_state(size)
     tensors = list(state.values())

@@ -257,7 +257,7 @@ def from_torch_file(src: Any, dst: Any, *, weights_only: bool | None = True, ove
         storage_options: fsspec options for URL paths (credentials, endpoint, ``retry``).
         progress: ``progress(description, total_bytes)`` returns a bar with ``update(n_bytes)`` and ``close()``
             (a ``tqdm`` fits), or None for none. None: no progress shown.
-        **engine_options: options of the :class:`~asyncckpt.SyncEngine` that writes it (``shard_bytes``,
+        **engine_options: options of the `SyncEngine` that writes it (``shard_bytes``,
             ``chunk_bytes``, ``fsync``…).
 
     Returns:
@@ -267,7 +267,7 @@ def from_torch_file(src: Any, dst: Any, *, weights_only: bool | None = True, ove
         InvalidArgumentError: an engine option is out of range or unknown.
         CheckpointError: ``src`` is missing or is a directory; ``dst`` exists and ``overwrite`` is not set, or is
             a directory that is not a checkpoint; the save failed (a store error, such as
-            :class:`~asyncckpt.S3Error`).
+            `S3Error`).
         UnsafeCheckpointError: ``src`` holds pickled objects that weights-only loading refuses.
         CorruptCheckpointError: ``src`` is not a readable ``torch.save`` file.
     """
@@ -323,7 +323,7 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
     """Export the tensors of the native checkpoint ``src`` as safetensors, named by key path (relative to ``key``).
 
     ``dst`` ending in ``.safetensors`` is one file; otherwise a directory with a file per shard and an index, the
-    layout Hugging Face tools read. Other entries cannot be stored there; :attr:`Conversion.notes` lists them.
+    layout Hugging Face tools read. Other entries cannot be stored there; `Conversion.notes` lists them.
     Nothing is unpickled, so no trust in ``src`` is needed.
 
     Args:

@@ -68,7 +68,7 @@ def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None
 
 
 def describe_global(manifest: GlobalManifest, display: str, manifest_bytes: int | None = None) -> dict[str, Any]:
-    """:func:`describe` of a multi-rank checkpoint: its items by DCP name, each tensor's chunks and the ranks
+    """`describe` of a multi-rank checkpoint: its items by DCP name, each tensor's chunks and the ranks
     that wrote them, every rank's shards."""
     ranks = [rank_of(s.file) for s in manifest.shards]
     tensors = []
@@ -102,7 +102,7 @@ def describe_global(manifest: GlobalManifest, display: str, manifest_bytes: int 
 
 
 def inspect(path: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`describe` of the committed checkpoint at ``path`` (reads its manifest only)."""
+    """`describe` of the committed checkpoint at ``path`` (reads its manifest only)."""
     async def job(core: EngineCore) -> dict[str, Any]:
         target = await core.open_target(path, None)
         manifest = await read_manifest(target.storage, target.path, target.display)
@@ -116,7 +116,7 @@ def inspect(path: Any, storage_options: Mapping[str, Any] | None = None) -> dict
 
 @dataclass
 class Verification:
-    """What :func:`verify` found: ``problems`` (the checkpoint is damaged) and ``warnings`` (harmless debris).
+    """What `verify` found: ``problems`` (the checkpoint is damaged) and ``warnings`` (harmless debris).
 
     Attributes:
         path: the checkpoint, as a path or URL.
@@ -147,7 +147,7 @@ def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurre
     """Read every shard of the checkpoint at ``path``, check each chunk's checksum and that the manifest, the
     shards' safetensors headers and the files agree. A checkpoint that cannot be read at all raises.
 
-    Damage found in the shards is reported in :attr:`Verification.problems`, not raised, so one call lists all of
+    Damage found in the shards is reported in `Verification.problems`, not raised, so one call lists all of
     it. Nothing is unpickled.
 
     Args:
@@ -165,7 +165,7 @@ def verify(path: Any, storage_options: Mapping[str, Any] | None = None, concurre
         CorruptCheckpointError: the manifest itself is damaged or contradicts itself.
         NewerFormatError: a newer asyncckpt wrote it.
         CheckpointError: no checkpoint at ``path``, or an object store failed (such as
-            :class:`~asyncckpt.S3Error`).
+            `S3Error`).
         OSError: a filesystem failed to read a shard.
 
     Example:

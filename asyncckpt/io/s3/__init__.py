@@ -1,13 +1,13 @@
 """S3 (and S3-compatible) storage: concurrent multipart uploads, ranged reads, one retry policy.
 
-:class:`S3Storage` serves ``s3://`` / ``s3a://`` URLs. Everything still goes through s3fs — its client,
+`S3Storage` serves ``s3://`` / ``s3a://`` URLs. Everything still goes through s3fs — its client,
 credentials chain, endpoint and session handling — but
 
-* a shard is written by :class:`~asyncckpt.io.s3.sink.S3Sink` as a multipart upload whose parts are the engine's
+* a shard is written by `S3Sink` as a multipart upload whose parts are the engine's
   staged chunks, uploaded as they arrive and concurrently; the upload is completed only after every part is
   confirmed, and aborted when the save fails. A shard of one chunk is a single PUT.
-* every request runs under one :class:`~asyncckpt.RetryPolicy` (:mod:`.retry`): transient failures are retried
-  with capped exponential backoff and full jitter; permanent ones fail at once with an :class:`~asyncckpt.S3Error`
+* every request runs under one `RetryPolicy` (`.retry`): transient failures are retried
+  with capped exponential backoff and full jitter; permanent ones fail at once with an `S3Error`
   that names the bucket, key and S3 error code.
 """
 

@@ -1,4 +1,4 @@
-"""Which S3 failures are worth retrying, and how a final one reads (the loop itself is :mod:`asyncckpt.io.retry`).
+"""Which S3 failures are worth retrying, and how a final one reads (the loop itself is `asyncckpt.io.retry`).
 
 Retrying happens once, here. Left alone, botocore retries each request (5 attempts) and s3fs retries again around
 it (5 more on throttling), so attempts multiply to 25 and the back-off is not configurable; the storage turns both
