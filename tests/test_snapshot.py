@@ -26,18 +26,39 @@ def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_eac
             engine.save(state, tmp_path / f"s{step}").result()
             saved.append({k: v.clone() for k, v in model.state_dict().items()})
         assert plans.reused == 3
-        # a different plain value, a new key, a tensor in new memory: each makes a new plan
-        for change in ({"epoch": 4}, {"extra": torch.ones(3)}, {"model": torch.nn.Linear(32, 8)}):
+        # a different plain value keeps the layout: the checkpoint holds the new value
+        engine.save({"model": model, "opt": opt, "note": {"tags": {"s0"}}, "epoch": 4, "lr": [0.1, 0.2]},
+                    tmp_path / "epoch").result()
+        assert plans.reused == 4
+        got = engine.load(tmp_path / "epoch")
+        assert got["epoch"] == 4 and got["lr"] == [0.1, 0.2]
+        # a new tensor key, a tensor in new memory, a tensor under another name: each makes a new plan
+        for change in ({"extra": torch.ones(3)}, {"model": torch.nn.Linear(32, 8)}, {"opt": None, "o": opt}):
             engine.save({"model": model, "opt": opt, "note": {"tags": {"s0"}}, "epoch": 3, **change},
                         tmp_path / "changed").result()
-            assert plans.reused == 3
+            assert plans.reused == 4
             got = engine.load(tmp_path / "changed")
             for key, value in change.items():
-                assert_same(got[key], value.state_dict() if isinstance(value, torch.nn.Module) else value)
+                assert_same(got[key], value.state_dict() if isinstance(value, (torch.nn.Module, torch.optim.Optimizer))
+                            else value)
         for step in range(4):
             got = engine.load(tmp_path / f"s{step}")
             assert_same(got["model"], type(got["model"])(saved[step]))
             assert got["note"] == {"tags": {f"s{step % 2}"}}  # pickled values are new every save
+
+
+def test_a_reused_plan_never_gives_a_save_in_flight_the_next_saves_plain_values(tmp_path):
+    w = torch.randn(4096)
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        engine.save({"w": w, "step": 0}, tmp_path / "warm").result()
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.3)):  # the first save is still writing
+            first = engine.save({"w": w, "step": 1, "tag": "one"}, tmp_path / "one")
+            second = engine.save({"w": w, "step": 2, "tag": "two"}, tmp_path / "two")
+            assert not first.done()
+            first.result(), second.result()
+        assert engine.core.plans.reused == 2
+        assert engine.load(tmp_path / "one")["step"] == 1 and engine.load(tmp_path / "one")["tag"] == "one"
+        assert engine.load(tmp_path / "two")["step"] == 2
 
 
 def test_prepare_makes_the_first_save_reuse_plan_and_buffers(tmp_path):

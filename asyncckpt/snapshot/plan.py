@@ -7,6 +7,7 @@ buffer on the caller's thread; the engine drives it chunk by chunk.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,6 +330,14 @@ def prepare(state: Any, shard_bytes: int, chunk_bytes: int, *, digests: bool = F
                   chunk_limit=chunk_limit, hashing=hashing)
 
 
+def _check_structure(tree: Any, walker: Walker) -> None:
+    """Refuse a structure whose plain values would take the manifest past what a load reads (serialised only when
+    the walk's bound says it might)."""
+    problem = structure_problem(tree) if walker.json_bound > MAX_MANIFEST_BYTES else None
+    if problem is not None:
+        raise CheckpointError(f"cannot save this state: {problem}")
+
+
 def _header_cost(e: Entry) -> int:
     """About the bytes ``e`` adds to its shard's header: its JSON description (escaped names take more)."""
     return 88 + (len(e.name) if e.name.isascii() else 6 * len(e.name)) + 21 * len(e.st_shape)
@@ -338,9 +347,7 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
            base: Base | None = None, memo: VersionMemo | None = None, rules: PartRules = NO_RULES,
            chunk_limit: int | None = None, hashing: Hashing | None = None) -> Plan:
     """The plan of a walked state (see `prepare`)."""
-    problem = structure_problem(tree) if walker.json_bound > MAX_MANIFEST_BYTES else None  # exact only if it may be
-    if problem is not None:
-        raise CheckpointError(f"cannot save this state: {problem}")
+    _check_structure(tree, walker)
     if rules.max_part is not None and chunk_bytes > rules.max_part:
         raise InvalidArgumentError(f"chunk_bytes={chunk_bytes} is more than the {rules.max_part} bytes this store "
                                    "takes in one part; lower chunk_bytes")
@@ -434,25 +441,27 @@ def _lay_out(plan: Plan, groups: list[tuple[list[Entry], int]] | int, chunk_byte
         plan.stream = devices.side_stream()
 
 
-def _structure(tree: Any, walker: Walker, cut: tuple[Any, ...]) -> Any:
-    """What a plan's layout depends on: the structure and plain values, every tensor's dtype, shape, strides and
-    memory, the pickled values' sizes. None when the plan cannot be reused (XLA tensors move through fresh host
-    copies every time)."""
+def _structure(walker: Walker, cut: tuple[Any, ...]) -> Any:
+    """What a plan's layout depends on: every tensor's dtype, shape, strides, memory and the path naming it (its
+    entry's name), the pickled values' sizes, paths and types. Plain values (a step, an epoch, hyper-parameters)
+    only go into the manifest's structure, so a save whose plain values changed reuses the layout. None when the
+    plan cannot be reused (XLA tensors move through fresh host copies every time)."""
     extra = []
-    for t, _ in walker.views:
+    for t, path in walker.views:
         if t.is_xla:
             return None
-        extra.append((type(t), t.requires_grad))
-    return (cut, tree, walker.keys, extra, [len(obj) for obj, _, _ in walker.objects])
+        extra.append((path, type(t), t.requires_grad))
+    return (cut, walker.keys, extra, [(len(obj), path, kind) for obj, path, kind in walker.objects])
 
 
 class PlanCache:
     """The last native plan, reused while the state keeps its structure.
 
     A training loop saves the same structure every N steps: the same dicts, the same tensors in the same memory
-    (updated in place), the same plain values. Then the layout, shard headers and manifest records of the last
-    save are still right, and only the pickled values are new. The check compares everything the layout depends on
-    (see ``_structure``); holding the plan keeps those tensors' storages alive until the next save or close.
+    (updated in place), plain values such as the step that change. Then the layout, shard headers and manifest
+    records of the last save are still right; only the structure (with those plain values) and the pickled values
+    are new. The check compares everything the layout depends on (see ``_structure``); holding the plan keeps those
+    tensors' storages alive until the next save or close.
     """
 
     def __init__(self) -> None:
@@ -463,15 +472,16 @@ class PlanCache:
     def prepare(self, state: Any, shard_bytes: int, chunk_bytes: int, *, rules: PartRules = NO_RULES,
                 chunk_limit: int | None = None) -> Plan:
         tree, walker = walk_state(state, pickle_objects=True)
-        key = _structure(tree, walker, (shard_bytes, chunk_bytes, rules, chunk_limit))
+        key = _structure(walker, (shard_bytes, chunk_bytes, rules, chunk_limit))
         plan = self._plan
         if plan is not None and key is not None and key == self._key:
+            _check_structure(tree, walker)
             for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
                 entry.src = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else entry.src
             if plan.stream is not None:
                 plan.stream.wait_stream(torch.cuda.current_stream())
             self.reused += 1
-            return plan
+            return dataclasses.replace(plan, tree=tree)  # a save still writing the last one keeps its structure
         plan = layout(tree, walker, shard_bytes, chunk_bytes, rules=rules, chunk_limit=chunk_limit)
         self._plan, self._key = (plan, key) if key is not None else (None, None)
         return plan
