@@ -190,6 +190,7 @@ def pending(rank: int, world: int, out: str, package: str, slow: float) -> dict[
         result["teardown_error"] = f"{type(exc).__name__}: {exc}"
     local.LocalSink._write = write
     strategy.teardown()  # reported once: a second teardown is quiet
+    torch.distributed.barrier()  # rank 0 removes the failed save's directory as its save ends: look after that
     result["c_files"] = sorted(os.listdir(c)) if os.path.isdir(c) else None
     result["threads_left"] = sorted({th.name for th in threading.enumerate()} - threads_before)
     return result

@@ -13,6 +13,9 @@ comment on the line just before its opening fence, which says why::
 A block marked ``<!-- run: s3 -->`` runs against the suite's moto S3 server: ``AWS_ENDPOINT_URL`` and dummy
 credentials point every S3 client at it, and the bucket ``my-bucket`` exists, so the block reads as it would for a
 user with real credentials.
+
+A block marked ``<!-- run: cuda -->`` needs a GPU (Lightning's FSDP refuses the CPU): the device test
+``test_cuda_examples_run`` runs its page with it where a CUDA device is lent, in a fresh process group.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [p for p in [ROOT / "README.md"] if p.exists()]
 NO_RUN = re.compile(r"^<!-- no-run(?::\s*(.*?))? -->$")
 S3 = "<!-- run: s3 -->"
+CUDA = "<!-- run: cuda -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 
 
@@ -45,10 +49,12 @@ class Block:
     code: str
     no_run: str | None  # why the block does not run ("" when the marker gives no reason); None: it runs
     s3: bool = False
+    cuda: bool = False
 
     @property
     def run(self) -> bool:
-        return self.no_run is None
+        """Whether it runs here (a ``run: cuda`` block runs only where a GPU is)."""
+        return self.no_run is None and not self.cuda
 
 
 def blocks(page: Path) -> list[Block]:
@@ -70,14 +76,15 @@ def blocks(page: Path) -> list[Block]:
             i += 1
         marker = NO_RUN.match(previous)
         out.append(Block(page, start + 1, lang.lower(), "\n".join(body) + "\n",
-                         None if marker is None else marker.group(1) or "", previous == S3))
+                         None if marker is None else marker.group(1) or "", previous == S3, previous == CUDA))
         previous = ""
         i += 1
     return out
 
 
-def runnable(page: Path) -> list[Block]:
-    return [b for b in blocks(page) if b.lang in ("python", "py") and b.run]
+def runnable(page: Path, cuda: bool = False) -> list[Block]:
+    """The Python blocks that run here (with ``cuda``, those that need a GPU too, in page order)."""
+    return [b for b in blocks(page) if b.lang in ("python", "py") and (b.run or cuda and b.cuda)]
 
 
 def test_pages_found():
@@ -88,12 +95,14 @@ def test_pages_found():
 def test_block_parser_honours_the_marker(tmp_path):
     page = tmp_path / "p.md"
     page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- no-run: needs a GPU -->\n```python\nimport lightning\n```\n"
-                    "```bash\nls\n```\n    ```python\n    y = 2\n    ```\n<!-- no-run -->\n```python\nz\n```\n")
+                    "```bash\nls\n```\n    ```python\n    y = 2\n    ```\n<!-- no-run -->\n```python\nz\n```\n"
+                    "<!-- run: cuda -->\n```python\nz = 3\n```\n")
     found = blocks(page)
-    assert [(b.lang, b.no_run, b.line) for b in found] == [("python", None, 3), ("python", "needs a GPU", 8),
-                                                           ("bash", None, 11), ("python", None, 14),
-                                                           ("python", "", 18)]
+    assert [(b.lang, b.no_run, b.cuda, b.line) for b in found] == [
+        ("python", None, False, 3), ("python", "needs a GPU", False, 8), ("bash", None, False, 11),
+        ("python", None, False, 14), ("python", "", False, 18), ("python", None, True, 22)]
     assert found[3].code == "y = 2\n"
+    assert [b.line for b in runnable(page)] == [3, 14] and [b.line for b in runnable(page, cuda=True)] == [3, 14, 22]
 
 
 def test_every_block_that_does_not_run_says_why():
@@ -114,21 +123,43 @@ def test_top_level_await_runs_in_one_coroutine(tmp_path, monkeypatch, request):
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: p.name)
 def test_examples_run(page, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
+    run_page(page, monkeypatch, request)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("page", [p for p in PAGES if any(b.cuda for b in blocks(p))], ids=lambda p: p.name)
+def test_cuda_examples_run(page, tmp_path, monkeypatch, request):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.chdir(tmp_path)
+    run_page(page, monkeypatch, request, cuda=True)
+
+
+def drop_process_group() -> None:
+    """End the process group a Trainer of the page made (Lightning leaves it for the next Trainer of the process)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_page(page: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, cuda: bool = False
+             ) -> None:
     environ = dict(os.environ)
     try:
-        run_page(page, monkeypatch, request)
+        run_blocks(page, monkeypatch, request, cuda)
     finally:  # a page that ran a Trainer on a process group (the sharded recipes) leaves neither behind
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        drop_process_group()
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         os.environ.update(environ)
 
 
-def run_page(page: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+def run_blocks(page: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, cuda: bool) -> None:
     namespace: dict = {"__name__": "__docs__"}
-    for block in runnable(page):
+    for block in runnable(page, cuda):
+        if block.cuda:  # a GPU recipe starts as its own script would: on a process group of its own backend
+            drop_process_group()
         if block.s3:
             moto = request.getfixturevalue("moto")
             options = moto.options()

@@ -213,6 +213,24 @@ async def test_disk_full_when_reserving_space(kind: str, tmp_path: Path) -> None
         assert same(await engine.load(p), V2)
 
 
+async def test_a_shard_still_opening_when_the_save_fails_is_removed_too(tmp_path: Path) -> None:
+    """The first write fails while another shard's file is being created in a worker thread: the save's abort
+    must delete that file too (and close it), so a failed save to a fresh path leaves nothing behind. Before the
+    fix, the open finished after the job was cancelled, its sink was never registered, and the file (with its
+    descriptors) outlived the abort."""
+    p = tmp_path / "fresh"
+    fds = len(os.listdir("/proc/self/fd"))
+    plan = FaultPlan().add("create", 0, "delay", match="-00001.", delay_s=0.5).add("pwrite", 1)
+    async with asyncckpt.CheckpointEngine(**OPTS) as engine:
+        with faulty_os(plan):
+            with pytest.raises(CheckpointError, match="injected"):
+                await (await engine.save(V1, p))
+        assert engine.staging.in_use_bytes == 0
+    assert any("-00001." in path for op, path in plan.log if op == "create")  # the second shard was opening
+    assert not p.exists(), sorted(os.listdir(p))  # no shard file, no directory named like the checkpoint
+    assert len(os.listdir("/proc/self/fd")) == fds  # and no descriptor of one left open
+
+
 RLIMIT_CHILD = textwrap.dedent("""
     import json, os, resource, signal, sys
     import anyio, torch

@@ -76,9 +76,7 @@ def test_model_parallel_pending_saves_removal_load_and_failures(ranks, tmp_path,
         assert "manifest.json" in r["files"] and "meta.pt" in r["files"] and shards_of_both_ranks(r["files"])
         assert r["teardown_error"] is not None and "c.ckpt" in r["teardown_error"], r["teardown_error"]
         assert "No space left" in r["teardown_error"]
-        # a failed save leaves nothing Lightning could take for a checkpoint (no meta.pt, no manifest). Known defect:
-        # about one run in three a shard file of rank 0 survives the abort, so the directory itself may remain
-        assert not {"meta.pt", "manifest.json"} & set(r["c_files"] or []), r["c_files"]
+        assert r["c_files"] is None, r["c_files"]  # a failed save leaves nothing named like the checkpoint
         assert r["threads_left"] == [], r["threads_left"]
 
 

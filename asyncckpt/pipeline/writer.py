@@ -38,9 +38,13 @@ class ShardWriter:
     async def _sink(self, shard: int) -> Sink:
         async with self._open_locks[shard]:
             if shard not in self.sinks:
-                self.sinks[shard] = await self.storage.open_sink(
-                    self.storage.join(self.directory, self.files[shard]), self.sizes[shard], self.fsync,
-                    self.chunk_sizes[shard])
+                # shielded: when the save fails (and cancels this task) while the file is being created in a worker
+                # thread, the file exists once the call returns, and abort() must know its sink to delete it. A
+                # hung open still ends: the engine's io_timeout bounds it inside this scope
+                with anyio.CancelScope(shield=True):
+                    self.sinks[shard] = await self.storage.open_sink(
+                        self.storage.join(self.directory, self.files[shard]), self.sizes[shard], self.fsync,
+                        self.chunk_sizes[shard])
             return self.sinks[shard]
 
     async def write(self, shard: int, offset: int, buf: torch.Tensor, nbytes: int) -> None:
