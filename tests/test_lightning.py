@@ -502,7 +502,7 @@ def test_exit_flushes_a_save_issued_after_teardown(tmp_path):
         "class SlowBase:\n"
         "    def save_checkpoint(self, c, p, storage_options=None):\n"
         "        time.sleep(0.5); torch.save(c, p)\n"
-        "p = al._AsyncCheckpointIOImpl(SlowBase())\n"
+        "p = al.AsyncCheckpointIOMixin(SlowBase())\n"
         "p.teardown()\n"
         f"p.save_checkpoint({{'w': torch.ones(3)}}, {str(tmp_path / 'late.ckpt')!r})\n"
     )

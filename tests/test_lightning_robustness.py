@@ -82,7 +82,7 @@ import time, torch, asyncckpt.lightning as al
 class SlowBase:
     def save_checkpoint(self, c, p, storage_options=None):
         time.sleep(0.5); torch.save(c, p)
-plugin = al._AsyncCheckpointIOImpl(SlowBase())
+plugin = al.AsyncCheckpointIOMixin(SlowBase())
 plugin.save_checkpoint({"w": torch.ones(1 << 20)}, sys.argv[1])   # in flight at exit, never torn down
 """
 

@@ -1,4 +1,4 @@
-"""The public API is typed: a user's script passes ``mypy --strict``, and a script with six mistakes shows each."""
+"""The public API is typed: a user's script passes ``mypy --strict``, and a script with seven mistakes shows each."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_a_correct_user_script_type_checks_strictly():
 def test_each_mistake_in_a_user_script_is_caught():
     expected = {i + 1: m.group(1) for i, line in enumerate((HERE / "user_bad.py").read_text().splitlines())
                 if (m := re.search(r"# expect: ([a-z-]+)", line))}
-    assert len(expected) == 6
+    assert len(expected) == 7
     proc = mypy("user_bad.py")
     found = {int(m.group(1)): m.group(2) for m in re.finditer(r"user_bad\.py:(\d+): error: .*\[([a-z-]+)\]",
                                                               proc.stdout)}

@@ -1,4 +1,4 @@
-"""Six mistakes a type checker must catch in a user's script (each line marked ``# expect``)."""
+"""Seven mistakes a type checker must catch in a user's script (each line marked ``# expect``)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ async def mistakes() -> None:
         await engine.load("x", verify="yes")  # expect: arg-type
     with asyncckpt.SyncEngine() as sync:
         sync.save({"w": torch.ones(2)})  # expect: call-arg
+
+
+def plugin_mistake() -> None:
+    from asyncckpt.lightning.pl import AsyncCheckpointIO
+
+    AsyncCheckpointIO(max_pending_saves="two")  # expect: arg-type

@@ -42,5 +42,15 @@ def threaded(directory: str) -> None:
     print(found.ok, asyncckpt.RetryPolicy(attempts=3).delay(0))
 
 
+def lightning_plugins() -> None:
+    from asyncckpt.lightning import AsyncCheckpointIO, AsyncModelParallelStrategy
+    from asyncckpt.lightning.pl import NativeCheckpointIO
+
+    plugin = AsyncCheckpointIO(max_pending_saves=2, host_memory_budget=1 << 30)
+    native = NativeCheckpointIO(max_pending_saves=None)
+    strategy = AsyncModelParallelStrategy(max_pending_saves=1)
+    print(plugin, native, strategy)
+
+
 if __name__ == "__main__":
     print(anyio.run(train, "typed-demo"))

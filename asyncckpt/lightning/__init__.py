@@ -24,11 +24,10 @@ import stat
 import sys
 import threading
 import time
-import types
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .io.paths import is_local, local_path, to_url
+from ..io.paths import is_local, local_path, to_url
 
 __all__ = ["AsyncCheckpointIO", "NativeCheckpointIO", "AsyncFSDPStrategy",  # noqa: F822
            "AsyncModelParallelStrategy", "is_native_checkpoint", "read_checkpoint", "load_from_checkpoint", "pl"]
@@ -173,7 +172,7 @@ class _Landings:
         pause, deadline = self.poll[0], time.monotonic() + _rank_timeout()
         while store.add(landed_key, 0) < issued:
             if time.monotonic() > deadline:
-                from .errors import CheckpointError
+                from ..errors import CheckpointError
 
                 raise CheckpointError(f"a save of {key} issued on another rank has not landed after "
                                       f"{_rank_timeout():.0f} s; is that rank still running?")
@@ -269,12 +268,12 @@ def _local_link(path: Any) -> Optional[str]:
 
 def _check_max_pending(value: Any) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
-        from .errors import InvalidArgumentError
+        from ..errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"max_pending_saves must be a positive int or None, not {value!r}")
 
 
-class _AsyncCheckpointIOImpl:
+class AsyncCheckpointIOMixin:
     """Asynchronous ``CheckpointIO``: the base ``CheckpointIO`` writes a point-in-time copy in the engine's pipeline.
 
     ``save_checkpoint`` returns once the engine has copied the checkpoint into reused host staging buffers (on the
@@ -305,11 +304,11 @@ class _AsyncCheckpointIOImpl:
         if engine is not None and engine_options:
             raise TypeError("pass either an engine or engine options, not both")
         base = checkpoint_io if base is None else base
-        if isinstance(base, _AsyncCheckpointIOImpl):
+        if isinstance(base, AsyncCheckpointIOMixin):
             raise ValueError(f"{type(base).__name__} is already asynchronous and cannot be the base of "
                              f"{type(self).__name__}; pass it to the Trainer directly")
         _check_max_pending(max_pending_saves)
-        from .options import EngineOptions
+        from ..options import EngineOptions
 
         EngineOptions.from_kwargs(engine_options)  # bad options fail here, not at the first save mid-training
         self._checkpoint_io = base
@@ -351,7 +350,7 @@ class _AsyncCheckpointIOImpl:
     def engine(self) -> Any:
         """The ``SyncEngine`` in use; one created here is closed by ``teardown`` and reopened by the next save."""
         if self._engine is None:
-            from .sync_engine import SyncEngine
+            from ..sync_engine import SyncEngine
 
             self._engine = SyncEngine(**self._engine_options)
         return self._engine
@@ -389,7 +388,7 @@ class _AsyncCheckpointIOImpl:
         self._in_flight.append(handle)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        from .errors import BudgetExceededError
+        from ..errors import BudgetExceededError
 
         base = self._base()
         self._make_room()
@@ -444,7 +443,7 @@ class _AsyncCheckpointIOImpl:
         cannot restore in place gets no ``state`` and returns the whole checkpoint (all of it still to apply)."""
         self._settle(path, ranks=True)
         if _placeholder(path):
-            from .errors import IncompleteCheckpointError
+            from ..errors import IncompleteCheckpointError
 
             raise IncompleteCheckpointError(
                 f"{path} is an empty file: the save that reserved it never finished (the process ended first); "
@@ -474,7 +473,7 @@ class _AsyncCheckpointIOImpl:
                 self._checkpoint_io.teardown()
 
 
-class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
+class NativeCheckpointIOMixin(AsyncCheckpointIOMixin):
     """``CheckpointIO`` writing the engine's format: a directory (or prefix) of safetensors shards committed by
     ``manifest.json``, streamed through any staging budget.  Single-file checkpoints (``torch.save``, e.g. from
     before switching) still load and get removed through the base, so a run can resume from them.  It is of
@@ -509,7 +508,7 @@ class _NativeCheckpointIOImpl(_AsyncCheckpointIOImpl):
         self._issued(path, handle, reservation)
 
     def _kind(self, path: Any, ranks: bool = False) -> Optional[str]:
-        from .tools.convert import kind_of
+        from ..tools.convert import kind_of
 
         self._settle(path, ranks)
         core = self.engine.core
@@ -584,7 +583,7 @@ def _failure(future: Any) -> Optional[BaseException]:
     return None
 
 
-class _ShardedSavesImpl:
+class ShardedSavesMixin:
     """What the asynchronous sharded strategies add to Lightning's (see ``_SHARDED``)."""
 
     _flavour = "lightning"
@@ -593,7 +592,7 @@ class _ShardedSavesImpl:
     def __init__(self, *args: Any, max_pending_saves: Optional[int] = 2,
                  engine_options: Optional[dict[str, Any]] = None, **kwargs: Any):
         _check_max_pending(max_pending_saves)
-        from .options import EngineOptions
+        from ..options import EngineOptions
 
         EngineOptions.from_kwargs(dict(engine_options or {}))  # bad options fail here, not at the first save
         super().__init__(*args, **kwargs)
@@ -621,7 +620,7 @@ class _ShardedSavesImpl:
 
     def _engine(self) -> Any:
         if self._ckpt_engine is None:
-            from .sync_engine import SyncEngine
+            from ..sync_engine import SyncEngine
 
             self._ckpt_engine = SyncEngine(**self._engine_options)
         return self._ckpt_engine
@@ -677,8 +676,8 @@ class _ShardedSavesImpl:
 
         import torch
 
-        from .dcp import StorageWriter
-        from .errors import CheckpointError
+        from ..dcp import StorageWriter
+        from ..errors import CheckpointError
 
         path = Path(self.broadcast(filepath))  # type: ignore[attr-defined]
         pending = len(self._pending)
@@ -715,7 +714,7 @@ class _ShardedSavesImpl:
         """In the checkpoint thread: the DCP save (every rank's shards, then the global manifest), then meta.pt."""
         import torch.distributed.checkpoint as dcp
 
-        from .dcp import unwrapped
+        from ..dcp import unwrapped
 
         with unwrapped():
             dcp.save(state, storage_writer=writer, process_group=group)
@@ -740,7 +739,7 @@ class _ShardedSavesImpl:
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Any:
         from pathlib import Path
 
-        from .format.manifest import MANIFEST_NAME
+        from ..format.manifest import MANIFEST_NAME
 
         path = Path(self.broadcast(checkpoint_path))  # type: ignore[attr-defined]
         self._landed(lambda i, k: True)  # every pending save: the load's collectives must not meet theirs
@@ -753,13 +752,13 @@ class _ShardedSavesImpl:
     def _dcp_load(self, state: dict[str, Any], path: Any, weights_only: Optional[bool]) -> None:
         import torch.distributed.checkpoint as dcp
 
-        from .dcp import unwrapped
+        from ..dcp import unwrapped
 
         with unwrapped():
             dcp.load(state, storage_reader=self._reader(path, weights_only))
 
     def _reader(self, path: Any, weights_only: Optional[bool]) -> Any:
-        from .dcp import StorageReader
+        from ..dcp import StorageReader
 
         return StorageReader(path, engine=self._engine(), weights_only=weights_only is not False)
 
@@ -789,7 +788,7 @@ class _ShardedSavesImpl:
                 super().teardown()  # type: ignore[misc]
 
 
-class _AsyncModelParallelStrategyImpl(_ShardedSavesImpl):
+class AsyncModelParallelStrategyMixin(ShardedSavesMixin):
     """Lightning's ``ModelParallelStrategy`` (FSDP2, tensor parallel) saving its distributed checkpoints
     asynchronously through asyncckpt."""
 
@@ -834,7 +833,7 @@ class _AsyncModelParallelStrategyImpl(_ShardedSavesImpl):
         return torch.load(path / _META_FILE, weights_only=weights_only)  # type: ignore[no-any-return]
 
 
-class _AsyncFSDPStrategyImpl(_ShardedSavesImpl):
+class AsyncFSDPStrategyMixin(ShardedSavesMixin):
     """Lightning's ``FSDPStrategy`` saving ``state_dict_type="sharded"`` checkpoints asynchronously through
     asyncckpt (``"full"`` ones go through the CheckpointIO as in Lightning: pass ``plugins=[AsyncCheckpointIO()]``
     to make those asynchronous)."""
@@ -887,7 +886,7 @@ class _AsyncFSDPStrategyImpl(_ShardedSavesImpl):
 
 def is_native_checkpoint(path: Any, storage_options: Optional[dict] = None) -> bool:
     """True when ``path`` holds a committed checkpoint in the engine's format."""
-    from .tools.convert import path_kind
+    from ..tools.convert import path_kind
 
     return path_kind(path, storage_options) == "native"
 
@@ -898,7 +897,7 @@ def read_checkpoint(path: Any, *, map_location: Any = "cpu", weights_only: Optio
     ``weights_only=False``, as in ``torch.load``), or by a sharded strategy (``AsyncModelParallelStrategy``,
     ``AsyncFSDPStrategy``): its tensors assembled whole and, with its ``meta.pt``, laid out as a Trainer's
     checkpoint (``state_dict``, ``optimizer_states``), as Lightning's ``consolidate_checkpoint`` makes it."""
-    from .sync_engine import SyncEngine
+    from ..sync_engine import SyncEngine
 
     with SyncEngine(storage_options=storage_options) as engine:
         checkpoint = engine.load(path, map_location=map_location, weights_only=weights_only)
@@ -924,7 +923,7 @@ def load_from_checkpoint(cls: type, checkpoint_path: Any, map_location: Any = No
     Lightning's own reads single files only; for a native checkpoint this reads it with the engine and then takes
     Lightning's remaining steps (migration, ``hparams_file``, hyper-parameter overrides, ``strict``).
     """
-    from .tools.convert import path_kind
+    from ..tools.convert import path_kind
 
     if path_kind(checkpoint_path) in ("file", None):  # the engine explains an uncommitted directory better
         return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
@@ -982,12 +981,13 @@ def _build(kind: str, flavour: str, module: str) -> type:
         return _built[kind, flavour]
 
 
-_IMPLS: dict[str, type] = {"AsyncCheckpointIO": _AsyncCheckpointIOImpl, "NativeCheckpointIO": _NativeCheckpointIOImpl,
-                           "AsyncFSDPStrategy": _AsyncFSDPStrategyImpl,
-                           "AsyncModelParallelStrategy": _AsyncModelParallelStrategyImpl}
+_IMPLS: dict[str, type] = {"AsyncCheckpointIO": AsyncCheckpointIOMixin, "NativeCheckpointIO": NativeCheckpointIOMixin,
+                           "AsyncFSDPStrategy": AsyncFSDPStrategyMixin,
+                           "AsyncModelParallelStrategy": AsyncModelParallelStrategyMixin}
 
 
-def _lazy(module: Any, flavour: Any) -> Any:
+def lazy_classes(module: Any, flavour: Any) -> Any:
+    """A module ``__getattr__`` that builds each public class on first access, on ``flavour()``'s package."""
     def __getattr__(name: str) -> type:
         if name not in _IMPLS:
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
@@ -1005,8 +1005,18 @@ def _default_flavour() -> str:
                       "(pip install 'asyncckpt[lightning]')")
 
 
-pl = types.ModuleType(__name__ + ".pl", "The plugins and strategies built on pytorch_lightning's hierarchy.")
-pl.__all__ = [*_PLUGINS, *_STRATEGIES]
-pl.__getattr__ = _lazy(pl, lambda: "pytorch_lightning")
-sys.modules.setdefault(pl.__name__, pl)
-__getattr__ = _lazy(sys.modules[__name__], _default_flavour)
+__getattr__ = lazy_classes(sys.modules[__name__], _default_flavour)
+
+if TYPE_CHECKING:  # the classes built on first access, as type checkers see them (lightning's hierarchy)
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    class AsyncCheckpointIO(AsyncCheckpointIOMixin, _WrappingCheckpointIO): ...
+
+    class NativeCheckpointIO(NativeCheckpointIOMixin, _WrappingCheckpointIO): ...
+
+    class AsyncFSDPStrategy(AsyncFSDPStrategyMixin, FSDPStrategy): ...
+
+    class AsyncModelParallelStrategy(AsyncModelParallelStrategyMixin, ModelParallelStrategy): ...
+
+from . import pl  # noqa: E402  (the same classes on pytorch_lightning's hierarchy)
