@@ -83,7 +83,7 @@ from .format.manifest import (
 from .format.tree import decode, encode_plain
 from .io.paths import to_url
 from .load.manifest import read_manifest
-from .load.ranged import ReadStats, Region, read_regions
+from .load.ranged import ReadStats, Region, Rows, read_regions
 from .load.rebuild import unpickle
 from .memory.buffers import aligned_size
 from .options import EngineOptions
@@ -94,7 +94,8 @@ from .snapshot.plan import Chunk, Entry, Plan, prepare_items
 from .snapshot.walk import sharded_kind
 from .sync_engine import SyncEngine
 
-__all__ = ["RankFace", "StorageWriter", "StorageReader", "RankPlan", "Stored", "unwrap", "unwrapped", "shared_engine"]
+__all__ = ["RankFace", "StorageWriter", "StorageReader", "RankPlan", "RankRead", "Stored", "unwrap", "unwrapped",
+           "shared_engine"]
 
 # ---------------------------------------------------------------- engines
 
@@ -643,6 +644,27 @@ class _Layout:
     manifest: GlobalManifest
     index: dict[MetadataIndex, Any]
 
+    def shard_of(self, index: MetadataIndex) -> int | None:
+        """The shard file holding the item or chunk at ``index`` (None: no such item)."""
+        found = self.index.get(index)
+        if found is None:
+            return None
+        return found.span.shard if isinstance(found, ObjectRecord) else found[1].span.shard
+
+
+@dataclass(frozen=True)
+class RankRead:
+    """The ``storage_data`` of a rank's load plan: the save whose manifest it read and, from the coordinator, the
+    shard files other ranks read too.
+
+    Attributes:
+        save_id: the id of the save whose manifest the rank read.
+        shared: indices (into the manifest's shards) of the files more than one rank reads.
+    """
+
+    save_id: str
+    shared: frozenset[int] = frozenset()
+
 
 # ---------------------------------------------------------------- the writer
 
@@ -1065,6 +1087,22 @@ def _direct(target: torch.Tensor, chunk: TensorChunk, lengths: tuple[int, ...], 
     return target.reshape(-1).view(torch.uint8)
 
 
+def _band(target: torch.Tensor, chunk: TensorChunk, offsets: tuple[int, ...], lengths: tuple[int, ...],
+          dtype: torch.dtype) -> Rows | None:
+    """``target`` as the column band (dimension 1) of the saved rows it takes, if the bytes can land in it
+    unchanged: same dtype, dense CPU rows, whole inner dimensions. Its ``offset`` is relative to the rows read."""
+    if (type(target) is not torch.Tensor or target.device.type != "cpu" or target.dtype != dtype
+            or target.dim() < 2 or target.is_conj() or target.is_neg() or not target.numel()
+            or tuple(lengths[2:]) != tuple(chunk.sizes[2:]) or target.stride(-1) != 1
+            or not target[0].is_contiguous()):
+        return None
+    inner = math.prod(chunk.sizes[2:]) * dtype.itemsize
+    raw = target.view(torch.uint8)
+    out = raw.as_strided((lengths[0], lengths[1] * inner), (target.stride(0) * dtype.itemsize, 1),
+                         raw.storage_offset())
+    return Rows(0, chunk.sizes[1] * inner, offsets[1] * inner, out)
+
+
 class StorageReader(_Endpoint, dcp_storage.StorageReader):
     """DCP's ``StorageReader`` on asyncckpt: reads the checkpoints `StorageWriter` commits.
 
@@ -1161,28 +1199,37 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
             plan: this rank's load plan.
 
         Returns:
-            The plan, its ``storage_data`` the id of the save whose manifest this rank read.
+            The plan, its ``storage_data`` a `RankRead` naming the save whose manifest this rank read.
         """
         assert self._layout is not None
-        return dataclasses.replace(plan, storage_data=self._layout.manifest.save_id)
+        return dataclasses.replace(plan, storage_data=RankRead(self._layout.manifest.save_id))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        """Every rank must have read the same manifest: a save that committed between their reads would mix.
+        """Every rank must have read the same manifest: a save that committed between their reads would mix. Each
+        rank then learns which shard files other ranks read too (replicated state, a reshard), which it reads
+        through the page cache, so that the device serves those bytes once.
 
         Args:
             plans: every rank's plan, from `prepare_local_plan`.
 
         Returns:
-            The plans, unchanged.
+            The plans, each ``storage_data`` a `RankRead` with the shards read by more than one rank.
 
         Raises:
             CheckpointError: the ranks read different saves (the path was overwritten meanwhile); load again.
         """
-        ids = {p.storage_data for p in plans}
+        ids = {p.storage_data.save_id if isinstance(p.storage_data, RankRead) else p.storage_data for p in plans}
         if len(ids) > 1:
             raise CheckpointError(f"{self.path} was overwritten while the ranks read its manifest (they found saves "
                                   f"{', '.join(sorted(map(str, ids)))}); load again")
-        return plans
+        assert self._layout is not None
+        readers: dict[int, int] = {}
+        for p in plans:
+            for shard in {self._layout.shard_of(req.storage_index) for req in p.items}:
+                if shard is not None:
+                    readers[shard] = readers.get(shard, 0) + 1
+        read = RankRead(self._layout.manifest.save_id, frozenset(k for k, n in readers.items() if n > 1))
+        return [dataclasses.replace(p, storage_data=read) for p in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read the chunks covering this rank's items, check them, and copy them into its tensors.
@@ -1222,6 +1269,11 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
             lo, hi = _byte_range(chunk, offsets, lengths, record.torch_dtype.itemsize)
             if hi > lo:
                 direct = _direct(dest, chunk, lengths, record.torch_dtype)
+                band = None if direct is not None else _band(dest, chunk, offsets, lengths, record.torch_dtype)
+                if band is not None:  # a column band (a reshard): straight into the destination's rows
+                    regions[chunk.span.shard].append(dataclasses.replace(band, offset=chunk.span.offset + lo))
+                    later.append((req, dest, None))
+                    continue
                 out = direct if direct is not None else torch.empty(hi - lo, dtype=torch.uint8)
                 regions[chunk.span.shard].append((chunk.span.offset + lo, out))
                 later.append((req, dest, None if direct is not None else (record, chunk, out)))
@@ -1230,9 +1282,11 @@ class StorageReader(_Endpoint, dcp_storage.StorageReader):
 
         async def read() -> ReadStats:
             core = self.engine.core
+            shared = plan.storage_data.shared if isinstance(plan.storage_data, RankRead) else frozenset()
             try:
                 return await read_regions(target.storage, target.path, target.display, manifest.shards, self.verify,
-                                          core.pool, regions, " (this rank's tensors may already hold part of it)")
+                                          core.pool, regions, " (this rank's tensors may already hold part of it)",
+                                          shared)
             except OSError as exc:
                 raise CheckpointError(f"cannot load {target.display}: {describe(exc)}") from exc
 

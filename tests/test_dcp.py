@@ -332,6 +332,28 @@ def saved(tmp_path):
     return path
 
 
+def test_shard_files_several_ranks_read_are_marked_shared_for_every_rank(tmp_path):
+    """Each rank reads the files other ranks read too through the page cache (one device read for all)."""
+    from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+
+    path = tmp_path / "two-files"
+    one_process_save(path, {"a": torch.randn(4096), "b": torch.randn(4096)}, chunk_bytes=4096, shard_bytes=16384,
+                     split_bytes=None)
+    reader = StorageReader(path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    layout = metadata.storage_data
+    both = {"a": torch.zeros(4096), "b": torch.zeros(4096)}
+    plans = [reader.prepare_local_plan(create_default_local_load_plan(s, metadata))
+             for s in (both, both, {"b": torch.zeros(4096)})]
+    files = [{layout.shard_of(r.storage_index) for r in p.items} for p in plans]
+    assert len(files[0]) == 2 and files[2] < files[0]  # a and b in files of their own
+    out = reader.prepare_global_plan(plans)
+    assert {p.storage_data.shared for p in out} == {frozenset(files[0])}  # every file is read by two ranks or more
+    assert reader.prepare_global_plan(plans[:1])[0].storage_data.shared == frozenset()  # one reader: direct
+    assert reader.prepare_global_plan([plans[0], plans[2]])[0].storage_data.shared == frozenset(files[2])
+
+
 def rewrite(path: Path, change) -> None:
     doc = json.loads((path / MANIFEST_NAME).read_text())
     doc.pop("manifest_xxh3_64")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from asyncckpt import CheckpointEngine, CorruptCheckpointError
@@ -129,3 +130,25 @@ async def test_model_and_optimizer_resume_bit_exact_through_streaming(tmp_path):
     assert_same(fresh.state_dict(), model.state_dict())
     assert_same(fresh_opt.state_dict(), opt.state_dict())
     assert torch.equal(target["bf16"], state["bf16"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.data())
+def test_a_column_band_lands_in_its_rows_whatever_the_chunks_cut(rows, row_bytes, data):
+    """Rows.scatter, fed the file chunk by chunk (any cut), fills exactly the band's bytes of each row."""
+    from asyncckpt.load.ranged import Rows
+
+    skip = data.draw(st.integers(0, row_bytes - 1))
+    take = data.draw(st.integers(1, row_bytes - skip))
+    lead = data.draw(st.integers(0, 7))  # bytes of the file before the first row
+    file = torch.arange(lead + rows * row_bytes, dtype=torch.int64).remainder(251).to(torch.uint8)
+    expected = file[lead:].view(rows, row_bytes)[:, skip:skip + take]
+    gap = data.draw(st.integers(0, 3))  # the destination's rows lie apart, as in a wider tensor
+    dest = torch.full((rows, take + gap), 255, dtype=torch.uint8)
+    band = Rows(lead, row_bytes, skip, dest[:, :take])
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, file.numel() - 1), max_size=6)))) if file.numel() > 1 else []
+    for a, b in zip([0, *cuts], [*cuts, file.numel()]):
+        band.scatter(file[a:b], a)
+    assert torch.equal(dest[:, :take], expected)
+    assert bool((dest[:, take:] == 255).all())  # nothing outside the band was touched
+    assert band.wanted == rows * take and band.end - band.start == (rows - 1) * row_bytes + take

@@ -162,12 +162,14 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open_reader(self, path: str) -> Reader:
+    async def open_reader(self, path: str, shared: bool = False) -> Reader:
         """Open a regular file for ranged reads; anything that is not a regular file, such as a FIFO or a device,
         is refused without blocking.
 
         Args:
             path: the file.
+            shared: other processes read the same bytes at the same time (ranks of a multi-rank load): a store
+                that can serve them one read (the local page cache) should read so, rather than bypass it.
 
         Returns:
             A reader; close it when done.

@@ -62,7 +62,7 @@ class FsspecStorage(Storage):
     async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> Sink:
         return FsspecSink(self, path)
 
-    async def open_reader(self, path: str) -> Reader:
+    async def open_reader(self, path: str, shared: bool = False) -> Reader:
         return FsspecReader(self, path)
 
     async def put_atomic(self, path: str, data: bytes, fsync: bool) -> None:

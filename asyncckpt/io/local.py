@@ -189,8 +189,8 @@ class LocalStorage(Storage):
             raise
         return fd, direct_fd
 
-    async def open_reader(self, path: str) -> Reader:
-        return LocalReader(self, *await self.io(self._open_for_reading, path))
+    async def open_reader(self, path: str, shared: bool = False) -> Reader:
+        return LocalReader(self, *await self.io(self._open_for_reading, path, shared))
 
     def _open_regular(self, path: str) -> tuple[int, os.stat_result]:
         """A read descriptor of ``path``, which must be a regular file (opening a FIFO does not block: O_NONBLOCK)."""
@@ -212,14 +212,15 @@ class LocalStorage(Storage):
             raise
         return fd, st
 
-    def _open_for_reading(self, path: str) -> tuple[int, int]:
+    def _open_for_reading(self, path: str, shared: bool) -> tuple[int, int]:
         """A descriptor for reading and, where the filesystem allows it, an O_DIRECT one for whole aligned chunks.
 
         A file already in the page cache (just downloaded or copied, or read before) is read buffered: there a
-        read is a memory copy, several times faster than going back to the device."""
+        read is a memory copy, several times faster than going back to the device. So is a ``shared`` one, which
+        other processes read at the same time: the page cache then fetches its bytes from the device once."""
         fd, st = self._open_regular(path)
         direct_fd = -1
-        if self.ops.O_DIRECT and not self.ops.cached(fd, st.st_size):
+        if self.ops.O_DIRECT and not shared and not self.ops.cached(fd, st.st_size):
             try:
                 direct_fd = self.ops.open(path, os.O_RDONLY | self.ops.O_DIRECT | os.O_NOFOLLOW)
             except OSError:

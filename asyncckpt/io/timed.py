@@ -72,8 +72,8 @@ class TimedStorage(Storage):
                                    lambda: self.inner.open_sink(path, nbytes, fsync, chunk_bytes))
         return TimedSink(sink, path, self.timeout)
 
-    async def open_reader(self, path: str) -> Reader:
-        reader = await self._bounded("open for reading", path, lambda: self.inner.open_reader(path))
+    async def open_reader(self, path: str, shared: bool = False) -> Reader:
+        reader = await self._bounded("open for reading", path, lambda: self.inner.open_reader(path, shared))
         return TimedReader(reader, path, self.timeout)
 
     async def put_atomic(self, path: str, data: bytes, fsync: bool) -> None:

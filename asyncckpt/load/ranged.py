@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -21,8 +21,58 @@ from ..memory.buffers import mapped_buffer
 from ..memory.pool import StagingPool
 from .reads import check_sizes, read_chunks
 
-#: a wanted byte range: its offset in the shard file and the uint8 host tensor its bytes land in
-Region = tuple[int, torch.Tensor]
+@dataclass(frozen=True)
+class Rows:
+    """A column band of rows stored back to back: ``out`` (a uint8 host tensor of ``rows × take`` bytes, each row
+    contiguous, rows any distance apart) takes bytes ``[skip, skip + take)`` of each of ``rows`` rows of
+    ``row_bytes`` bytes, the first of which starts at ``offset`` in the shard file. A reshard reads one this way:
+    the band lands straight in the destination's rows, with no copy of whole rows in between."""
+
+    offset: int
+    row_bytes: int
+    skip: int
+    out: torch.Tensor
+
+    @property
+    def start(self) -> int:
+        return self.offset + self.skip
+
+    @property
+    def end(self) -> int:
+        rows, take = self.out.shape
+        return self.start + (rows - 1) * self.row_bytes + take if rows and take else self.start
+
+    @property
+    def wanted(self) -> int:
+        return self.out.numel()
+
+    def scatter(self, chunk: torch.Tensor, start: int) -> None:
+        """Copy the band's bytes that lie in ``chunk`` (the file's bytes from ``start``) to their rows."""
+        rows, take = self.out.shape
+        rb, first, end = self.row_bytes, self.start, start + chunk.numel()
+        lo = max(0, (start - first - take) // rb + 1)  # rows whose band ends past ``start`` ...
+        hi = min(rows, (end - first - 1) // rb + 1)  # ... and begins before ``end``
+        whole_lo = max(lo, -(-(start - first) // rb))  # rows whose band lies wholly in the chunk
+        whole_hi = max(whole_lo, min(hi, (end - first - take) // rb + 1))
+        if whole_hi > whole_lo:
+            src = chunk[first + whole_lo * rb - start:].as_strided((whole_hi - whole_lo, take), (rb, 1))
+            self.out[whole_lo:whole_hi].copy_(src)
+        for k in (*range(lo, whole_lo), *range(whole_hi, hi)):  # at most one row at each end of the chunk
+            a, b = max(first + k * rb, start), min(first + k * rb + take, end)
+            if a < b:
+                self.out[k, a - first - k * rb:b - first - k * rb].copy_(chunk[a - start:b - start])
+
+
+#: a wanted byte range — its offset in the shard file and the uint8 host tensor its bytes land in — or a band
+Region = tuple[int, torch.Tensor] | Rows
+
+
+def _span(region: Region) -> tuple[int, int]:
+    """The file bytes a region lies in, from its first to past its last."""
+    if isinstance(region, Rows):
+        return region.start, region.end
+    offset, out = region
+    return offset, offset + out.numel()
 
 
 @dataclass
@@ -46,17 +96,22 @@ class ReadStats:
 
 def _scatter(chunk: torch.Tensor, start: int, regions: list[Region]) -> None:
     end = start + chunk.numel()
-    for offset, out in regions:
+    for region in regions:
+        if isinstance(region, Rows):
+            region.scatter(chunk, start)
+            continue
+        offset, out = region
         a, b = max(offset, start), min(offset + out.numel(), end)
         out[a - offset:b - offset].copy_(chunk[a - start:b - start])
 
 
 async def read_regions(storage: Storage, path: str, display: str, shards: Sequence[ShardRecord], verify: bool,
-                       pool: StagingPool, regions: list[list[Region]], damaged: str = "") -> ReadStats:
+                       pool: StagingPool, regions: list[list[Region]], damaged: str = "",
+                       shared: Collection[int] = ()) -> ReadStats:
     """Fill every region (``regions[i]`` lie in ``shards[i]``) from the checkpoint at ``path``.
 
     Only chunks that overlap a region are read, and only shards with a region are opened (and their sizes
-    checked). A chunk whose checksum differs reaches no destination and raises CorruptCheckpointError (``damaged``
+    checked); those in ``shared`` are read by other processes at the same time. A chunk whose checksum differs reaches no destination and raises CorruptCheckpointError (``damaged``
     is appended to its message: what the caller's destinations may hold by then).
     """
     stats = ReadStats()
@@ -64,14 +119,15 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
     starts: list[list[int]] = []
     reach: list[list[int]] = []  # per shard: the furthest region end up to each region (bisectable)
     for i, rs in enumerate(regions):
-        rs.sort(key=lambda x: x[0])
+        rs.sort(key=lambda r: _span(r)[0])
         cb = shards[i].chunk_bytes
-        for offset, out in rs:
-            if out.numel():
-                stats.wanted += out.numel()
-                wanted[i].update(range(offset // cb, (offset + out.numel() - 1) // cb + 1))
-        starts.append([offset for offset, _ in rs])
-        reach.append(list(itertools.accumulate((offset + out.numel() for offset, out in rs), max)))
+        for region in rs:
+            lo, hi = _span(region)
+            if hi > lo:
+                stats.wanted += region.wanted if isinstance(region, Rows) else hi - lo
+                wanted[i].update(range(lo // cb, (hi - 1) // cb + 1))
+        starts.append([_span(r)[0] for r in rs])
+        reach.append(list(itertools.accumulate((_span(r)[1] for r in rs), max)))
     await check_sizes(storage, path, display, tuple(s for s, w in zip(shards, wanted) if w))
 
     async def read_chunk(reader: Any, i: int, offset: int, nbytes: int) -> str:
@@ -90,7 +146,7 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
             if verify and sig != shards[i].xxh3_64[shards[i].chunk_of(offset)]:
                 return sig  # reported by the caller; nothing of this chunk reaches a destination
             lo, hi = bisect.bisect_right(reach[i], offset), bisect.bisect_left(starts[i], offset + nbytes)
-            covered = [(o, out) for o, out in regions[i][lo:hi] if o + out.numel() > offset]
+            covered = [r for r in regions[i][lo:hi] if _span(r)[1] > offset]
             if covered:
                 await storage.io(_scatter, buf[:nbytes], offset, covered)
             return sig
@@ -98,5 +154,5 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
             if pooled:
                 pool.retire(buf) if hung else pool.release(buf)
 
-    await read_chunks(storage, path, display, tuple(shards), verify, read_chunk, damaged, wanted)
+    await read_chunks(storage, path, display, tuple(shards), verify, read_chunk, damaged, wanted, shared)
     return stats

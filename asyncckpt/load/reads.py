@@ -49,11 +49,12 @@ SHARD_READS = 32  # chunk reads in flight per open shard: tasks stay bounded how
 
 
 async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...], verify: bool,
-                      read_chunk: ReadChunk, damaged: str = "", wanted: Sequence[Collection[int]] | None = None
-                      ) -> None:
+                      read_chunk: ReadChunk, damaged: str = "", wanted: Sequence[Collection[int]] | None = None,
+                      shared: Collection[int] = ()) -> None:
     """Read every chunk of every shard (or, with ``wanted``, the chunk indices it lists per shard) concurrently
     through ``read_chunk(reader, shard, offset, nbytes)``, which returns the chunk's digest; a digest that differs
-    from the manifest's is a CorruptCheckpointError."""
+    from the manifest's is a CorruptCheckpointError. Shards in ``shared`` are read by other processes too (see
+    `Storage.open_reader`)."""
     open_shards = anyio.CapacityLimiter(OPEN_SHARDS)  # a 600-shard checkpoint must not need 1200 descriptors
 
     async def read_shard(i: int) -> None:
@@ -62,7 +63,7 @@ async def read_chunks(storage: Storage, path: str, display: str, shards: tuple[S
         if not chunks:
             return
         async with open_shards:
-            reader = await storage.open_reader(shard_path(storage, path, s))
+            reader = await storage.open_reader(shard_path(storage, path, s), i in shared)
             todo = iter(chunks)
 
             async def worker() -> None:

@@ -25,8 +25,8 @@ def test_a_file_in_the_page_cache_is_read_buffered_and_a_cold_one_directly(tmp_p
     try:
         storage = LocalStorage(runtime.call(IoRunner, runtime, 2))
 
-        async def read() -> tuple[int, torch.Tensor]:
-            reader = await storage.open_reader(str(path))
+        async def read(shared: bool = False) -> tuple[int, torch.Tensor]:
+            reader = await storage.open_reader(str(path), shared)
             try:
                 out = mapped_buffer(data.numel())
                 await reader.read_into(0, out)
@@ -39,6 +39,9 @@ def test_a_file_in_the_page_cache_is_read_buffered_and_a_cold_one_directly(tmp_p
         if direct_fd < 0:
             pytest.skip("this filesystem refuses O_DIRECT")
         assert torch.equal(cold, data)
+        evict(tmp_path)
+        direct_fd, shared = runtime.call(read, True)  # other processes read it too: through the page cache
+        assert direct_fd == -1 and torch.equal(shared, data)
         path.read_bytes()  # now cached: a read is a memory copy, not a trip to the device
         direct_fd, warm = runtime.call(read)
         assert direct_fd == -1
