@@ -97,8 +97,9 @@ async def write_file(storage: Storage, path: str, data: torch.Tensor, order: lis
     return digests
 
 
-async def read_file(storage: Storage, path: str, nbytes: int, offset: int = 0) -> tuple[torch.Tensor, str]:
-    reader = await storage.open_reader(path)
+async def read_file(storage: Storage, path: str, nbytes: int, offset: int = 0, shared: bool = False
+                    ) -> tuple[torch.Tensor, str]:
+    reader = await storage.open_reader(path, shared)
     try:
         out = torch.empty(nbytes, dtype=torch.uint8)
         return out, await reader.read_into(offset, out)
@@ -123,6 +124,8 @@ def test_ranged_reads_and_reads_past_the_end(backend: Backend) -> None:
     path = backend.path("shard-b")
     backend.run(write_file, backend.storage, path, data)
     out, _ = backend.run(read_file, backend.storage, path, 600, CHUNK - 500)
+    assert torch.equal(out, data[CHUNK - 500:CHUNK + 100])
+    out, _ = backend.run(read_file, backend.storage, path, 600, CHUNK - 500, True)  # read by other ranks too
     assert torch.equal(out, data[CHUNK - 500:CHUNK + 100])
     with pytest.raises(EOFError):
         backend.run(read_file, backend.storage, path, 1000, CHUNK)
