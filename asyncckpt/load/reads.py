@@ -33,8 +33,24 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
 
 
 async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[ShardRecord, ...]) -> None:
-    for s in shards:
-        size = await storage.size(shard_path(storage, path, s))
+    """Refuse a missing shard, or one whose size is not the manifest's, before anything is read. The lookups run
+    concurrently (on object stores each is a request); the first problem in the manifest's order is raised."""
+    sizes: list[int | None | Exception] = [None] * len(shards)
+    limit = anyio.CapacityLimiter(SIZE_LOOKUPS)
+
+    async def look_up(i: int) -> None:
+        async with limit:
+            try:
+                sizes[i] = await storage.size(shard_path(storage, path, shards[i]))
+            except Exception as exc:  # raised below, in the manifest's order
+                sizes[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(shards)):
+            tg.start_soon(look_up, i)
+    for s, size in zip(shards, sizes):
+        if isinstance(size, Exception):
+            raise size
         if size is None:
             raise CorruptCheckpointError(f"{display}: shard {s.file} is missing")
         if size != s.nbytes:
@@ -44,6 +60,7 @@ async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[S
 
 
 ReadChunk = Callable[[Reader, int, int, int], Awaitable[str]]
+SIZE_LOOKUPS = 16  # shard size lookups in flight at once before a load
 OPEN_SHARDS = 64  # shards open at once in one load (up to two descriptors each): far below a 1024-file ulimit
 SHARD_READS = 32  # chunk reads in flight per open shard: tasks stay bounded however small a manifest's chunks are
 
