@@ -237,8 +237,8 @@ NO_VALUE = {"None", "NoReturn", "Iterator[None]", "Generator[None, None, None]"}
 
 def public_objects() -> dict[str, object]:
     """Every name the API reference documents, by dotted name: the package root's ``__all__``, ``asyncckpt.dcp``'s,
-    and what docs/api.md pulls in with ``::: name``.  asyncckpt.lightning is left out for now: its own engineer is
-    rewriting it."""
+    and what docs/api.md pulls in with ``::: name``, and the behaviour of the Lightning classes built at run time
+    (their mixins, which `help()` shows on them)."""
     import importlib
 
     import asyncckpt
@@ -246,8 +246,10 @@ def public_objects() -> dict[str, object]:
 
     names = {f"{m.__name__}.{n}" for m in (asyncckpt, asyncckpt.dcp) for n in m.__all__ if not n.startswith("__")}
     names |= set(re.findall(r"^::: (\S+)", (ROOT / "docs" / "api.md").read_text(), re.M))
+    names |= {f"asyncckpt.lightning.{kind}Mixin" for kind in ("AsyncCheckpointIO", "NativeCheckpointIO",
+                                                             "AsyncFSDPStrategy", "AsyncModelParallelStrategy")}
     found = {}
-    for name in sorted(n for n in names if not n.startswith("asyncckpt.lightning")):
+    for name in sorted(names):
         module, _, attr = name.rpartition(".")
         found[name] = getattr(importlib.import_module(module), attr)
     return found

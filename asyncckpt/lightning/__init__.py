@@ -283,8 +283,8 @@ class AsyncCheckpointIOMixin:
     by the next call.
 
     Args:
-        base: the ``CheckpointIO`` that writes, loads and removes (alias ``checkpoint_io=``, as in Lightning);
-            ``None``: the strategy installs its default.
+        base: the ``CheckpointIO`` that writes, loads and removes; ``None``: the strategy installs its default.
+        checkpoint_io: ``base`` under Lightning's name for it.
         engine: a ``SyncEngine`` to share; waited for at ``teardown``, never closed.
         max_pending_saves: saves in flight at once; the next one waits for the oldest (each holds a full copy of
             the checkpoint in staging memory). ``None``: only ``host_memory_budget`` bounds them.
@@ -292,6 +292,11 @@ class AsyncCheckpointIOMixin:
             ``save_last="link"`` and ``ModelCheckpoint``'s existence checks see pending saves. Default: for
             Lightning's TorchCheckpointIO, which replaces a file at once; other bases may write a directory there.
         **engine_options: options for the engine this plugin creates (``host_memory_budget``, ...).
+
+    Raises:
+        TypeError: the base is given twice (``base`` and ``checkpoint_io``), or both an engine and engine options.
+        ValueError: the base is itself asynchronous; `InvalidArgumentError` (a ValueError too): ``max_pending_saves``
+            is not a positive count or None.
     """
 
     _flavour = "lightning"
@@ -324,6 +329,8 @@ class AsyncCheckpointIOMixin:
 
     @property
     def checkpoint_io(self) -> Any:
+        """The base ``CheckpointIO`` that writes each point-in-time copy (the strategy sets its default when none
+        was given); assigning one follows Lightning's rule: the first base configured stays."""
         return self._checkpoint_io
 
     @checkpoint_io.setter
@@ -388,6 +395,20 @@ class AsyncCheckpointIOMixin:
         self._in_flight.append(handle)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        """Copy ``checkpoint`` into staging memory (the caller may change it as soon as this returns) and have the
+        base write that copy in the background. With ``reserve`` (the default for Lightning's torch base) ``path``
+        shows at once as a placeholder, so Lightning's existence checks see the pending save. A state larger than
+        ``host_memory_budget`` is saved synchronously through the base, with a warning.
+
+        Args:
+            checkpoint: Lightning's checkpoint dict.
+            path: where the base writes it.
+            storage_options: passed on to the base's ``save_checkpoint``.
+
+        Raises:
+            CheckpointError: the state cannot be copied (an unpicklable value), or an earlier save failed and
+                nobody has seen its error yet.
+        """
         from ..errors import BudgetExceededError
 
         base = self._base()
@@ -429,7 +450,11 @@ class AsyncCheckpointIOMixin:
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the checkpoint at ``path`` once its pending saves have landed; a symlink (``save_last="link"``)
-        is removed itself, never what it points to."""
+        is removed itself, never what it points to.
+
+        Args:
+            path: the checkpoint (or the link) to remove.
+        """
         self._settle(path)
         link = _local_link(path)
         if link is not None:
@@ -439,8 +464,23 @@ class AsyncCheckpointIOMixin:
             self._base().remove_checkpoint(path)
 
     def load_checkpoint(self, path: Any, *args: Any, state: Any = None, **kwargs: Any) -> Any:
-        """Lightning 2.6's ``(path, map_location, weights_only)`` or the newer form with ``state=``; a base that
-        cannot restore in place gets no ``state`` and returns the whole checkpoint (all of it still to apply)."""
+        """Load through the base once a pending save of ``path`` (on any rank) has landed.
+
+        Lightning 2.6's ``(path, map_location, weights_only)`` or the newer form with ``state=``; a base that
+        cannot restore in place gets no ``state`` and returns the whole checkpoint (all of it still to apply).
+
+        Args:
+            path: the checkpoint.
+            *args: ``map_location`` and ``weights_only``, passed on to the base.
+            state: restore into it in place, where the base can.
+            **kwargs: passed on to the base.
+
+        Returns:
+            What the base returns: the checkpoint dict, or with ``state`` what was not applied.
+
+        Raises:
+            IncompleteCheckpointError: ``path`` is the placeholder of a save that never finished.
+        """
         self._settle(path, ranks=True)
         if _placeholder(path):
             from ..errors import IncompleteCheckpointError
@@ -479,9 +519,14 @@ class NativeCheckpointIOMixin(AsyncCheckpointIOMixin):
     before switching) still load and get removed through the base, so a run can resume from them.  It is of
     Lightning's wrapping kind only so that every strategy, XLA's included, accepts it and installs that base.
 
-    Args: as :class:`AsyncCheckpointIO` (``storage_options=`` for remote paths goes to the engine). Saves stream
-    through the staging budget, so ``max_pending_saves`` defaults to ``None``; a local path is reserved (an empty
-    directory) unless ``reserve=False``.
+    Saves stream through the staging budget, so ``max_pending_saves`` defaults to ``None``; a local path is reserved
+    (an empty directory) unless ``reserve=False``.
+
+    Args:
+        base: the ``CheckpointIO`` for single files, as for `AsyncCheckpointIO`.
+        max_pending_saves: saves in flight at once (``None``: only ``host_memory_budget`` bounds them).
+        **kwargs: `AsyncCheckpointIO`'s other arguments (``storage_options=`` for remote paths goes to the
+            engine).
     """
 
     requires_state_on_load = False  # newer Lightning: it loads without `state` too (the whole dict)
@@ -494,6 +539,18 @@ class NativeCheckpointIOMixin(AsyncCheckpointIOMixin):
         return self._reserve is not False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        """Snapshot ``checkpoint`` into the engine's staging memory and write it in the engine's format (a
+        directory of shards, committed by its manifest) in the background; a single file of that name is
+        replaced.
+
+        Args:
+            checkpoint: Lightning's checkpoint dict.
+            path: the checkpoint directory (a local path or fsspec URL).
+            storage_options: fsspec options for a URL (default: the plugin's).
+
+        Raises:
+            CheckpointError: the state cannot be saved, or an earlier save failed and nobody has seen its error.
+        """
         url = to_url(path)
         if is_local(url) and os.path.isfile(local_path(url)):
             os.remove(local_path(url))  # replaces a single file of that name, as torch.save would
@@ -515,6 +572,12 @@ class NativeCheckpointIOMixin(AsyncCheckpointIOMixin):
         return self.engine.run(kind_of, core, core.target(path, None))
 
     def remove_checkpoint(self, path: Any) -> None:
+        """Remove a native checkpoint (manifest first) or a single file, once a pending save of it has landed; a
+        symlink is removed itself, never what it points to.
+
+        Args:
+            path: the checkpoint, file or link to remove.
+        """
         link = _local_link(path)
         if link is not None:
             self._settle(path)
@@ -529,8 +592,22 @@ class NativeCheckpointIOMixin(AsyncCheckpointIOMixin):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None, *,
                         state: Any = None, **kwargs: Any) -> Any:
-        """The checkpoint dict, or with ``state`` (restored in place) what was not applied; tensors on the CPU
-        unless ``map_location`` says otherwise, as with TorchCheckpointIO."""
+        """Load a native checkpoint (checksums verified) or a single file, once a pending save of it has landed.
+
+        Args:
+            path: the checkpoint.
+            map_location: where tensors go, as for ``torch.load`` (default: the CPU for a returned dict).
+            weights_only: load pickled values with torch's weights-only rules (None: the default, on).
+            state: restore into it in place (tensors keep their devices).
+            **kwargs: passed on to the engine's ``load`` (``strict``, ``verify``, ...) or to the base.
+
+        Returns:
+            The checkpoint dict, or with ``state`` what was not applied.
+
+        Raises:
+            FileNotFoundError: nothing is at ``path``.
+            CheckpointError: the checkpoint is damaged, incomplete or refused (see the engine's ``load``).
+        """
         kind = self._kind(path, ranks=True)
         if kind is None:
             raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -664,6 +741,19 @@ class ShardedSavesMixin:
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
                         ) -> None:
+        """A sharded save: each rank copies its shards once into staging and returns; the writes, the global
+        commit and ``meta.pt`` follow in the strategy's checkpoint thread. Other saves go through the
+        ``CheckpointIO`` as in Lightning.
+
+        Args:
+            checkpoint: Lightning's checkpoint dict (its model and optimizer states sharded).
+            filepath: the checkpoint directory (local).
+            storage_options: refused for sharded saves, as Lightning's strategies refuse it.
+
+        Raises:
+            TypeError: ``storage_options`` given for a sharded save.
+            CheckpointError: the state cannot be staged, or an earlier save failed and nobody has seen its error.
+        """
         if not self._saves_sharded():  # one file through the CheckpointIO, as Lightning does
             self._settle(filepath)
             super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
@@ -724,7 +814,11 @@ class ShardedSavesMixin:
                               writer.options.fsync)
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        """Remove the checkpoint once its pending save has landed (rank 0); a symlink is removed itself."""
+        """Remove the checkpoint once its pending save has landed (rank 0); a symlink is removed itself.
+
+        Args:
+            filepath: the checkpoint directory (or link).
+        """
         if not self.is_global_zero:  # type: ignore[attr-defined]
             return
         try:
@@ -737,6 +831,16 @@ class ShardedSavesMixin:
                 super().remove_checkpoint(filepath)  # type: ignore[misc]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Any:
+        """Load a sharded checkpoint into the model and optimizers in place through asyncckpt's `StorageReader`
+        (Lightning's own sharded checkpoints too), after every pending save.
+
+        Args:
+            checkpoint_path: the checkpoint directory (rank 0's path is used on every rank).
+            weights_only: load pickled values with torch's weights-only rules.
+
+        Returns:
+            What Lightning's strategy returns from a load: the checkpoint's remaining entries (``meta.pt``'s).
+        """
         from pathlib import Path
 
         from ..format.manifest import MANIFEST_NAME
@@ -798,7 +902,11 @@ class AsyncModelParallelStrategyMixin(ShardedSavesMixin):
         return bool(self._save_distributed_checkpoint)  # type: ignore[attr-defined]
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Lightning's, but not offloaded to the CPU for a sharded save: staging is the one copy off the device."""
+        """Lightning's, but not offloaded to the CPU for a sharded save: staging is the one copy off the device.
+
+        Returns:
+            The model's state dict (sharded: DTensors).
+        """
         if not self._saves_sharded():
             return super().lightning_module_state_dict()  # type: ignore[misc,no-any-return]
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -806,7 +914,14 @@ class AsyncModelParallelStrategyMixin(ShardedSavesMixin):
         return get_model_state_dict(self.model, options=StateDictOptions())  # type: ignore[attr-defined]
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        """Lightning's, not offloaded to the CPU for a sharded save (see :meth:`lightning_module_state_dict`)."""
+        """Lightning's, not offloaded to the CPU for a sharded save (see `lightning_module_state_dict`).
+
+        Args:
+            optimizer: the optimizer (or Lightning's wrapper of it).
+
+        Returns:
+            Its state dict (sharded state as DTensors).
+        """
         if not self._saves_sharded():
             return super().optimizer_state(optimizer)  # type: ignore[misc,no-any-return]
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -885,7 +1000,15 @@ class AsyncFSDPStrategyMixin(ShardedSavesMixin):
 
 
 def is_native_checkpoint(path: Any, storage_options: Optional[dict] = None) -> bool:
-    """True when ``path`` holds a committed checkpoint in the engine's format."""
+    """Whether ``path`` holds a committed checkpoint in the engine's format.
+
+    Args:
+        path: a local path or fsspec URL.
+        storage_options: fsspec options for a URL.
+
+    Returns:
+        True for a committed native (or sharded strategy's) checkpoint; False for a single file or nothing.
+    """
     from ..tools.convert import path_kind
 
     return path_kind(path, storage_options) == "native"
@@ -896,7 +1019,20 @@ def read_checkpoint(path: Any, *, map_location: Any = "cpu", weights_only: Optio
     """Read a checkpoint written by :class:`NativeCheckpointIO` (checksums verified; pickled values only with
     ``weights_only=False``, as in ``torch.load``), or by a sharded strategy (``AsyncModelParallelStrategy``,
     ``AsyncFSDPStrategy``): its tensors assembled whole and, with its ``meta.pt``, laid out as a Trainer's
-    checkpoint (``state_dict``, ``optimizer_states``), as Lightning's ``consolidate_checkpoint`` makes it."""
+    checkpoint (``state_dict``, ``optimizer_states``), as Lightning's ``consolidate_checkpoint`` makes it.
+
+    Args:
+        path: the checkpoint directory (local path or fsspec URL).
+        map_location: where tensors go, as for ``torch.load``.
+        weights_only: load pickled values with torch's weights-only rules (None: on).
+        storage_options: fsspec options for a URL.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: ``path`` is not a committed checkpoint, or it is damaged or refused.
+    """
     from ..sync_engine import SyncEngine
 
     with SyncEngine(storage_options=storage_options) as engine:
@@ -922,6 +1058,22 @@ def load_from_checkpoint(cls: type, checkpoint_path: Any, map_location: Any = No
 
     Lightning's own reads single files only; for a native checkpoint this reads it with the engine and then takes
     Lightning's remaining steps (migration, ``hparams_file``, hyper-parameter overrides, ``strict``).
+
+    Args:
+        cls: the ``LightningModule`` or ``LightningDataModule`` class.
+        checkpoint_path: a single file, a native checkpoint or a sharded strategy's checkpoint.
+        map_location: where tensors go, as for ``torch.load``.
+        hparams_file: a ``.yaml`` / ``.csv`` file of hyper-parameters, as in Lightning.
+        strict: whether the state dict must match the module exactly, as in Lightning.
+        weights_only: load pickled values with torch's weights-only rules.
+        **kwargs: hyper-parameters that override the saved ones.
+
+    Returns:
+        The module (on the device its saved tensors were loaded to) or the data module.
+
+    Raises:
+        TypeError: ``cls`` is not a Lightning module or data module.
+        ValueError: ``hparams_file`` is neither ``.csv``, ``.yml`` nor ``.yaml``.
     """
     from ..tools.convert import path_kind
 
