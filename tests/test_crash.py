@@ -338,6 +338,25 @@ def manager_trials(server: ForkServer, tmp: Path, trials: int, seed: int) -> Cou
                     stats["references followed"] += len(refs)
         if newest:
             assert newest in found or newest + 1 in found, f"trial {trial}: the newest logged step {newest} is gone"
+    # restarted once more after the last kill, one more save: what is kept is exactly what the policy says of every
+    # step ever committed (a killed step is saved again by the next process, so steps 1..last all were)
+    with asyncckpt.SyncCheckpointManager(root, keep_last=2, keep_every_steps=5, incremental=True,
+                                         full_every=3) as manager:
+        last = (manager.latest_step() or 0) + 1
+        manager.save(last, crash_writer.manager_state(last)).result()
+        manager.wait()
+        expected = {s for s in range(1, last + 1) if s % 5 == 0} | {last - 1, last}
+        todo = list(expected)
+        while todo:  # and whatever a kept incremental checkpoint references, transitively
+            doc = json.loads((root / f"step-{todo.pop():06d}" / MANIFEST_NAME).read_text())
+            for ref in {int(sh["in"][5:]) for sh in doc["shards"] if sh.get("in")} - expected:
+                expected.add(ref)
+                todo.append(ref)
+        assert set(manager.steps()) == expected, (sorted(manager.steps()), sorted(expected))
+    assert {int(p.name[5:]) for p in root.glob("step-*")} == expected
+    with asyncckpt.SyncEngine() as engine:
+        for step in expected:
+            assert same(engine.load(root / f"step-{step:06d}"), crash_writer.manager_state(step)), step
     stats["kills"] = trials
     stats["steps committed"] = newest
     return stats
