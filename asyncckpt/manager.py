@@ -163,6 +163,25 @@ class ManagerCore:
             self.manifests.pop(self.entries.pop(step).name, None)  # half-removed, it must be read again
             await core.remove(await core.open_target(self.path(step), None))
             log.info("removed %s (retention)", self.path(step))
+        await self.sweep_incomplete(core, protected)
+
+    async def sweep_incomplete(self, core: EngineCore, protected: set[str]) -> None:
+        """Remove step directories older than the newest checkpoint that hold no manifest: what a save or a
+        removal killed half-way left (removal goes manifest first). One manager owns its directory, so none of them
+        can still be being written; files that are not a checkpoint's stay."""
+        if not self.entries:
+            return
+        newest = max(self.entries)
+        target = await core.open_target(self.url, None)
+        for name in await target.storage.list(target.path):
+            m = STEP_RE.match(name)
+            if m is None or name in self.manifests or name in protected or int(m.group(1)) >= newest:
+                continue
+            path = self.path(int(m.group(1)))
+            if not path.endswith("/" + name):  # not a name this manager writes (another zero-padding)
+                continue
+            await core.remove(await core.open_target(path, None))
+            log.warning("removed %s: an incomplete checkpoint, left by a save or a removal that was interrupted", path)
 
     async def drain(self) -> None:
         """*(loop)* Wait until every save in flight and its retention have finished."""

@@ -353,7 +353,8 @@ def manager_trials(server: ForkServer, tmp: Path, trials: int, seed: int) -> Cou
                 expected.add(ref)
                 todo.append(ref)
         assert set(manager.steps()) == expected, (sorted(manager.steps()), sorted(expected))
-    assert {int(p.name[5:]) for p in root.glob("step-*")} == expected
+    on_disk = {int(p.name[5:]) for p in root.glob("step-*")}
+    assert on_disk == expected, (sorted(on_disk - expected), sorted(expected - on_disk))
     with asyncckpt.SyncEngine() as engine:
         for step in expected:
             assert same(engine.load(root / f"step-{step:06d}"), crash_writer.manager_state(step)), step

@@ -272,3 +272,25 @@ async def test_a_manager_used_before_it_is_entered_says_how_to_open_it(tmp_path)
     with pytest.raises(CheckpointError, match="not open"):  # and after it was left
         sync.save(2, state(2))
     assert steps_on_disk(tmp_path) == [1]
+
+
+def test_what_interrupted_saves_and_removals_left_is_swept_by_the_next_retention(tmp_path):
+    with SyncCheckpointManager(tmp_path, keep_last=3) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, state(step)).result()
+        manager.wait()
+    (tmp_path / "step-000001" / "manifest.json").unlink()  # a removal killed after its manifest went
+    debris = tmp_path / "step-000000"  # a save killed before its commit
+    debris.mkdir()
+    (debris / "shard-00000000deadbeef-00000.safetensors").write_bytes(b"\0" * 100)
+    foreign = tmp_path / "step-000002x"  # not a name the manager writes: left alone
+    foreign.mkdir()
+    with SyncCheckpointManager(tmp_path, keep_last=3) as manager:
+        assert manager.steps() == [2, 3]
+        manager.save(4, state(4)).result()
+        manager.wait()
+        assert manager.steps() == [2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000002x", "step-000003", "step-000004"]
+    with asyncckpt.SyncEngine() as engine:
+        for step in (2, 3, 4):
+            assert_same(engine.load(tmp_path / f"step-{step:06d}"), state(step))
