@@ -23,6 +23,7 @@ asyncckpt error (a `CheckpointError`) that caused it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -315,18 +316,31 @@ class _Staged:
         self.engine, self.plan, self.buffers = engine, plan, buffers
         self.by_pointer: dict[int, tuple[int, Entry]] = {}  # data_ptr of a staged view -> (shard, entry)
         self.by_path: dict[tuple[str | int, ...], int] = {}  # DCP key path of a staged tensor -> its shard
+        # plain tensors this rank staged only rows of, or none of: the rank wrote only those in its last save of
+        # this state, and the coordinator gives them to it again (`assign`); the staged state holds a meta tensor
+        self.pieces: dict[tuple[str | int, ...], tuple[Piece, Entry, torch.dtype]] = {}  # path -> rows staged
+        self.skipped: set[tuple[str | int, ...]] = set()
+        self.piece_views: dict[MetadataIndex, torch.Tensor] = {}  # the pieces by DCP index (prepare_local_plan)
+        self.fqn_paths: dict[str, tuple[str | int, ...]] = {}  # DCP name -> key path of each plain tensor item
+        self.fingerprint: Fingerprint | None = None
         self.claimed = False  # a save's planning has taken it
         self._lock = threading.Lock()
         self._alive = 0
         self.released = False
         self.serial = next(_serials)
 
-    def view(self, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        raw = self.buffers[entry.shard][entry.offset:entry.offset + entry.nbytes]
+    def raw(self, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A view of ``entry``'s staged bytes that does not keep the buffers from the pool (see `view`)."""
         if not entry.nbytes:
             return torch.empty(shape, dtype=dtype)
-        self.by_pointer[raw.data_ptr()] = (entry.shard, entry)
-        view = raw.view(dtype).view(shape)
+        return self.buffers[entry.shard][entry.offset:entry.offset + entry.nbytes].view(dtype).view(shape)
+
+    def view(self, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A view of ``entry``'s staged bytes; the buffers stay out of the pool while any such view lives."""
+        view = self.raw(entry, dtype, shape)
+        if not entry.nbytes:
+            return view
+        self.by_pointer[view.data_ptr()] = (entry.shard, entry)
         with self._lock:
             self._alive += 1
         weakref.finalize(view, self._dropped)
@@ -351,6 +365,49 @@ class _Staged:
             return
         for buf in self.buffers:
             core.runtime.call_soon(core.pool.release, buf)
+
+
+#: a piece of a replicated tensor cut by rows: (offsets, sizes) of its chunk of the whole
+Piece = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+#: the plain tensors of a state on many ranks, as the key paths, dtypes and shapes, and the world size
+Fingerprint = tuple[int, tuple[tuple[tuple[str | int, ...], torch.dtype, tuple[int, ...]], ...]]
+#: a rank's share of a state's plain tensors: key path -> None (the whole tensor) or the rows it writes
+Shares = dict[tuple[str | int, ...], Piece | None]
+#: the key paths of the plain tensors DCP made items of, and the rank's share of them
+Written = tuple[frozenset[tuple[str | int, ...]], Shares]
+
+
+class _Written:
+    """What this process's rank wrote of the plain (replicated) tensors in its last ``async_save`` of a state, by
+    the state's `Fingerprint`: a key path maps to None (the tensor whole) or the rows it wrote. The next `stage`
+    of the same state copies only those, since the coordinator then hands every rank the same share again.
+
+    Taken (removed) by the next stage, put back by its ``write_data``: a save that failed leaves nothing, and the
+    save after it stages everything. Kept per engine, a few states each (a model and an optimizer saved apart).
+    """
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_engine: weakref.WeakKeyDictionary[SyncEngine, dict[Fingerprint, Written]] = weakref.WeakKeyDictionary()
+
+    def take(self, engine: SyncEngine, fingerprint: Fingerprint) -> Written | None:
+        with self._lock:
+            return self._by_engine.get(engine, {}).pop(fingerprint, None)
+
+    def put(self, engine: SyncEngine, fingerprint: Fingerprint, written: Written) -> None:
+        with self._lock:
+            known = self._by_engine.setdefault(engine, {})
+            known.pop(fingerprint, None)
+            known[fingerprint] = written
+            while len(known) > self.KEEP:
+                known.pop(next(iter(known)))
+
+
+_written = _Written()
 
 
 def _terminal(value: Any) -> bool:
@@ -389,15 +446,14 @@ def _replicated(t: torch.Tensor) -> bool:
 class LocalStaging:
     """The ``storage_data`` of a rank's local plan: the bytes of each whole plain tensor it holds (other ranks may
     hold the same ones: DDP's replicated state) and, under ``dcp.async_save``, which staged shard holds each item
-    and each shard's size, so the coordinator can give whole shards to one rank each (written without a copy)."""
+    and each shard's size, so the coordinator can give whole shards to one rank each (written without a copy).
+    A plain tensor the rank staged only rows of (``pieces``) or none of is not among its ``tensors``."""
 
     shard_of: dict[MetadataIndex, int]
     nbytes: dict[int, int]
     tensors: dict[MetadataIndex, int] = dataclasses.field(default_factory=dict)
-
-
-#: a piece of a replicated tensor cut by rows: (offsets, sizes) of its chunk of the whole
-Piece = tuple[tuple[int, ...], tuple[int, ...]]
+    pieces: dict[MetadataIndex, Piece] = dataclasses.field(default_factory=dict)  # rows staged of a whole item
+    skipped: frozenset[MetadataIndex] = frozenset()  # plain tensors it staged none of
 
 
 def _cut(item: WriteItem, holders: int) -> list[Piece]:
@@ -424,8 +480,13 @@ def assign(plans: list[SavePlan], split_bytes: int | None) -> tuple[list[SavePla
     whole to one of the ranks that staged it (written straight from staging, no copy). Then the whole plain tensors
     several ranks hold go, largest first, to the holder with the fewest bytes so far, and one of at least
     ``split_bytes`` bytes (None: never) is cut by rows into a piece per holder (DCP alone writes each replicated
-    tensor whole on one rank). Returns the plans and, by key, the pieces of the tensors that were cut. What no rank
+    tensor whole on one rank). A tensor that ranks staged only rows of (they wrote those rows in the last save) goes
+    to them in those pieces. Returns the plans and, by key, the pieces of the tensors that were cut. What no rank
     reported holding (a custom planner's items, objects) stays where DCP put it.
+
+    Raises:
+        CheckpointError: no rank staged all of a plain tensor (the ranks' states changed unlike each other since
+            the last save; the next save stages everything).
     """
     stagings = [p.storage_data for p in plans]
     if not all(isinstance(s, LocalStaging) for s in stagings):
@@ -438,6 +499,33 @@ def assign(plans: list[SavePlan], split_bytes: int | None) -> tuple[list[SavePla
     for r, p in enumerate(plans):
         for it in p.items:
             items[it.index] = (r, it)
+    pieces: dict[str, list[Piece]] = {}
+    staged_rows: dict[MetadataIndex, dict[Piece, int]] = {}
+    for r, staging in reversed(list(enumerate(stagings))):  # a piece two ranks staged goes to the lower one
+        for index, piece in staging.pieces.items():
+            staged_rows.setdefault(index, {})[piece] = r
+    for index, rows in staged_rows.items():
+        if index in holders or index not in items:  # some rank staged it whole
+            continue
+        whole = items.pop(index)[1]
+        assert whole.tensor_data is not None
+        cut_ = sorted(rows, key=lambda piece: piece[0][0])
+        size = tuple(whole.tensor_data.size)
+        ends = [0] + [offsets[0] + sizes[0] for offsets, sizes in cut_]
+        if ends[-1] != size[0] or any(offsets[0] != end or tuple(sizes[1:]) != size[1:]
+                                      for (offsets, sizes), end in zip(cut_, ends)):
+            raise CheckpointError(f"no rank staged all of {index.fqn}: the ranks' states changed unlike each other "
+                                  "since the last save (this save is not committed; the next one copies everything)")
+        pieces[index.fqn] = cut_
+        for piece in cut_:
+            it = _piece_item(whole, piece)
+            items[it.index] = (rows[piece], it)
+    skipped = frozenset().union(*(staging.skipped for staging in stagings))
+    missing = [index.fqn for index in items if index in skipped and index not in holders]
+    if missing:
+        raise CheckpointError(f"no rank staged {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}: the ranks' "
+                              "states changed unlike each other since the last save (this save is not committed; "
+                              "the next one copies everything)")
 
     def cut(index: MetadataIndex) -> bool:
         it = items[index][1]
@@ -466,12 +554,12 @@ def assign(plans: list[SavePlan], split_bytes: int | None) -> tuple[list[SavePla
     for index, (r, it) in items.items():
         if index in chosen:
             out[chosen[index]].append(it)
-        elif it.type == WriteItemType.TENSOR and len(holders.get(index, ())) > 1:
-            movable.append(it)
+        elif it.type == WriteItemType.TENSOR and index in holders and (len(holders[index]) > 1
+                                                                        or r not in holders[index]):
+            movable.append(it)  # several ranks hold it, or DCP left it with one that staged none of it
         else:
             out[r].append(it)
             load[r] += it.tensor_storage_size() or 0
-    pieces: dict[str, list[Piece]] = {}
     for it in sorted(movable, key=lambda it: -(it.tensor_storage_size() or 0)):
         held = sorted(holders[it.index], key=lambda r: (load[r], r))
         if cut(it.index):
@@ -524,9 +612,13 @@ class StagedState(dict):
     cannot hand to another process.
     """
 
-    __slots__ = ("staged",)
+    __slots__ = ("staged", "held")
 
     def __reduce__(self) -> Any:
+        if self.staged.skipped or self.staged.pieces:
+            raise CheckpointError("this rank staged only its share of the replicated tensors, as its last "
+                                  "thread-mode async_save of this state wrote; DCP's process mode needs all of "
+                                  "them (this save is not committed; the next one copies everything)")
         return dict, (), None, None, iter(_in_shared_memory(self, self.staged).items())
 
 
@@ -711,6 +803,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         self.rank = 0
         self.is_coordinator = True
         self._staged: "weakref.WeakSet[_Staged]" = weakref.WeakSet()
+        self._claimed: dict[int, weakref.ref[_Staged]] = {}  # the staging each planning thread took
         self.split_bytes = split_bytes
         self._saves: dict[int, tuple[RankPlan, dict[str, list[Piece]]]] = {}  # coordinator: saves being planned,
         # by the thread running each
@@ -718,11 +811,12 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         self.files_written = 0  # this rank's shard files in its last save
         self.tensors_written = 0  # tensor items this rank wrote in its last save
         self.bytes_from_staging = 0  # of those, the bytes written straight from stage()'s buffers (no second copy)
+        self.bytes_staged = 0  # the bytes its last stage() copied
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_staged")
-        state["_saves"] = {}
+        state["_saves"], state["_claimed"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -770,28 +864,57 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Say which whole plain tensors this rank holds and, under ``async_save``, which staged shard holds each
-        item (by DCP's key paths), for `assign`.
+        item (by DCP's key paths) and which plain tensors it staged only rows of or none of, for `assign`.
 
         Args:
             plan: this rank's save plan.
 
         Returns:
             The plan, its ``storage_data`` a ``LocalStaging`` with those facts (sizes in bytes).
+
+        Raises:
+            CheckpointError: this rank staged only its share of the plain tensors, and the planner records no key
+                paths (DCP's ``planner_data``) to match them by.
         """
-        tensors = {item.index: item.tensor_storage_size() or 0 for item in plan.items
-                   if item.type == WriteItemType.TENSOR}
         staged = next((s for s in sorted(self._staged, key=lambda s: s.serial) if not s.claimed), None)
         mapping = plan.planner_data
-        shard_of = {}
-        if staged is not None and isinstance(mapping, Mapping):
+        if staged is not None and not isinstance(mapping, Mapping):
+            if staged.skipped or staged.pieces:
+                raise CheckpointError("the save planner records no key paths (DCP's planner_data), and this rank "
+                                      "staged only its share of the plain tensors; use DefaultSavePlanner or a "
+                                      "subclass of it (this save is not committed; the next one copies everything)")
+            staged = None
+        tensors: dict[MetadataIndex, int] = {}
+        shard_of: dict[MetadataIndex, int] = {}
+        pieces: dict[MetadataIndex, Piece] = {}
+        skipped: set[MetadataIndex] = set()
+        if staged is not None:
             staged.claimed = True
-            for item in plan.items:
-                path = mapping.get(item.index.fqn)
-                k = staged.by_path.get(tuple(path)) if isinstance(path, (tuple, list)) else None
-                if k is not None and item.type != WriteItemType.BYTE_IO:
-                    shard_of[item.index] = k
+            self._claimed[threading.get_ident()] = weakref.ref(staged)
+        for item in plan.items:
+            path = mapping.get(item.index.fqn) if staged is not None else None
+            path = tuple(path) if isinstance(path, (tuple, list)) else None
+            if item.type == WriteItemType.TENSOR:
+                if staged is not None and path is not None:
+                    staged.fqn_paths[item.index.fqn] = path
+                    if path in staged.skipped:
+                        skipped.add(item.index)
+                        continue
+                    if path in staged.pieces:
+                        piece, entry, dtype = staged.pieces[path]
+                        index = MetadataIndex(item.index.fqn, torch.Size(piece[0]))
+                        pieces[item.index] = piece
+                        staged.piece_views[index] = staged.raw(entry, dtype, piece[1])
+                        if entry.nbytes:
+                            shard_of[index] = entry.shard
+                        continue
+                tensors[item.index] = item.tensor_storage_size() or 0
+            k = staged.by_path.get(path) if staged is not None and path is not None else None
+            if k is not None and item.type != WriteItemType.BYTE_IO:
+                shard_of[item.index] = k
         nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())} if staged is not None else {}
-        return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes, tensors))
+        return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes, tensors, pieces,
+                                                                   frozenset(skipped)))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator names the save (one id for every rank's files, and each rank's number) and evens out the
@@ -803,6 +926,9 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         Returns:
             Every rank's plan, items moved between ranks that hold them, each with its `RankPlan` as
                 ``storage_data``.
+
+        Raises:
+            CheckpointError: no rank staged all of a plain tensor (see `assign`).
         """
         plans, pieces = assign(plans, self.split_bytes)
         info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next(), frozenset(pieces))
@@ -820,17 +946,22 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
             A future that is already done, holding one ``WriteResult`` per item (``storage_data``: `Stored`).
 
         Raises:
-            CheckpointError: the plan was not made by an asyncckpt ``StorageWriter``, or a write failed (a store
-                error, such as `S3Error` or `StorageTimeoutError`).
+            CheckpointError: the plan was not made by an asyncckpt ``StorageWriter``, gives this rank a tensor it
+                did not stage, or a write failed (a store error, such as `S3Error` or `StorageTimeoutError`).
         """
         info = plan.storage_data
         if not isinstance(info, RankPlan):
             raise CheckpointError("the save plan carries no asyncckpt storage data: its global planning did not go "
                                   "through this StorageWriter")
+        claimed = self._claimed.pop(threading.get_ident(), None)
+        staged = claimed() if claimed is not None else None
         tensors: list[tuple[WriteItem, torch.Tensor]] = []
         objects: list[tuple[WriteItem, bytes]] = []
         for item in plan.items:
-            if item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a replicated tensor
+            data = staged.piece_views.get(item.index) if staged is not None else None
+            if data is not None:  # rows this rank staged alone
+                pass
+            elif item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a replicated tensor
                 whole = MetadataIndex(item.index.fqn, torch.Size([0] * len(item.tensor_data.size)))
                 chunk = item.tensor_data.chunk
                 data = planner.resolve_data(dataclasses.replace(item, index=whole, type=WriteItemType.TENSOR))
@@ -839,10 +970,22 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 objects.append((item, data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
+            elif data.device.type == "meta":  # assign() gives a rank only what it staged: a broken invariant
+                raise CheckpointError(f"rank {info.rank} was given {item.index.fqn} to write, which it did not stage "
+                                      "(this save is not committed; please report it)")
             else:
                 tensors.append((item, data.detach()))
         future: Future[list[WriteResult]] = Future()
         future.set_result(self._write(info, tensors, objects))
+        if staged is not None and staged.fingerprint is not None:  # the next stage of this state copies this share
+            mine: Shares = {}
+            for item in plan.items:
+                path = staged.fqn_paths.get(item.index.fqn)
+                if path is not None and item.tensor_data is not None:
+                    chunk = item.tensor_data.chunk
+                    mine[path] = ((tuple(chunk.offsets), tuple(chunk.sizes)) if item.index.fqn in info.pieces
+                                  else None)
+            _written.put(staged.engine, staged.fingerprint, (frozenset(staged.fqn_paths.values()), mine))
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -890,6 +1033,11 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         those copies in place of the tensors (other values deep-copied). Training may change the originals as
         soon as this returns. Waits for memory while earlier saves still hold the budget.
 
+        On many ranks, a state saved before through this process's engine (same plain tensors: key paths, dtypes,
+        shapes) has only this rank's share of its plain tensors copied — those, or the rows of those, that the
+        rank wrote in that save — and the coordinator gives each rank the same share again; the others stand in
+        the staged state as meta tensors. With DDP, each rank copies about 1/world of the replicated state.
+
         Args:
             state_dict: this rank's state dict as ``dcp.async_save`` passes it.
 
@@ -905,13 +1053,35 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         leaves: list[tuple[tuple[str | int, ...], Any]] = []
         _tensor_leaves(state_dict, (), leaves)
         locals_ = [(".".join(map(str, path)), _local(t, ".".join(map(str, path)))) for path, t in leaves]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # The plain tensors (replicated: DDP) this rank wrote last time it saved this very state are all it copies
+        # now: the coordinator hands every rank the same share again (assign). The others become meta tensors.
+        plain = [i for i, (_, t) in enumerate(leaves) if sharded_kind(t) is None]
+        fingerprint: Fingerprint | None = None
+        last: Written | None = None
+        if world > 1 and plain:
+            fingerprint = (world, tuple((leaves[i][0], leaves[i][1].dtype, tuple(leaves[i][1].shape)) for i in plain))
+            last = _written.take(engine, fingerprint)
+        rows: dict[int, Piece | None] = {}  # leaf -> the rows to stage (None: all of it); leaves not in it: none
+        if last is None:
+            rows = dict.fromkeys(range(len(leaves)))
+        else:
+            known, mine = last
+            named = collections.Counter(id(t) for _, t in leaves)
+            for i, (path, t) in enumerate(leaves):
+                if sharded_kind(t) is not None or named[id(t)] > 1 or path not in known or mine.get(path, 0) is None:
+                    rows[i] = None  # tied tensors (one object, two keys) stay whole
+                elif path in mine:
+                    rows[i] = mine[path]
+        chosen = list(rows)
+        staging = [(locals_[i][0], locals_[i][1] if rows[i] is None else locals_[i][1].narrow(
+            0, rows[i][0][0], rows[i][1][0])) for i in chosen]  # type: ignore[index]
         # Items other ranks also hold get shards of their own, a few per rank, laid out alike on every holder:
         # the coordinator can then give each such shard whole to one of them (assign), and no rank copies twice.
-        shared = [i for i, (_, t) in enumerate(leaves) if _replicated(t)]
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        total = sum(locals_[i][1].nbytes for i in shared)
+        shared = [j for j, i in enumerate(chosen) if _replicated(leaves[i][1])]
+        total = sum(locals_[i][1].nbytes for i, (_, t) in enumerate(leaves) if _replicated(t))
         size = min(self.options.file_shard_bytes, max(self.options.chunk_bytes, -(-total // (4 * world))))
-        plan, index = prepare_items(locals_, [], self.options.file_shard_bytes, self.options.chunk_bytes,
+        plan, index = prepare_items(staging, [], self.options.file_shard_bytes, self.options.chunk_bytes,
                                     [(shared, size)] if shared else None)
         if plan.total_bytes > core.pool.budget:
             raise CheckpointError(
@@ -934,17 +1104,31 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 core.runtime.call_soon(core.pool.release, buf)
             raise
         staged = _Staged(engine, plan, buffers)
+        staged.fingerprint = fingerprint
+        self.bytes_staged = plan.total_bytes
         copies: dict[int, torch.Tensor] = {}
-        for (path, t), (_, local), i in zip(leaves, locals_, index):
-            e = plan.tensors[i].entry
+        held: list[torch.Tensor] = []  # the staged rows: kept with the staged state, out of DCP's sight
+        for i, (path, t) in enumerate(leaves):
+            if rows.get(i, ()) is not None:  # staged in part or not at all: DCP plans with a meta tensor
+                if i not in rows:
+                    staged.skipped.add(path)
+                copies[id(t)] = torch.empty(locals_[i][1].shape, dtype=locals_[i][1].dtype, device="meta")
+        for j, i in enumerate(chosen):
+            (path, t), local = leaves[i], staging[j][1]
+            e = plan.tensors[index[j]].entry
             assert e is not None
-            copies[id(t)] = staged.view(e, local.dtype, tuple(local.shape))
+            view = staged.view(e, local.dtype, tuple(local.shape))
+            if rows[i] is not None:
+                staged.pieces[path] = (rows[i], e, local.dtype)  # type: ignore[assignment]
+                held.append(view)
+                continue
+            copies[id(t)] = view
             if e.nbytes:
                 staged.by_path[path] = e.shard
         result = StagedState(_rebuild(state_dict, copies))
-        result.staged = staged
+        result.staged, result.held = staged, held
         del copies
-        if staged.by_pointer:
+        if staged.by_pointer or staged.skipped or staged.pieces:
             self._staged.add(staged)
         else:
             staged.release()  # nothing staged but empty tensors

@@ -410,3 +410,87 @@ def asyncio_face(rank: int, world: int, path: str, blocked: str) -> dict[str, An
 
     out = asyncio.run(main())
     return {"expected": expected, **out}
+
+
+def _ddp_embedding(seed: int) -> tuple[Any, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(seed)
+    net = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
+    return net, torch.optim.Adam(net.parameters(), lr=0.1)
+
+
+def ddp_repeat(rank: int, world: int, path: str, saves: int = 3) -> dict[str, Any]:
+    """DDP + Adam saved again and again with dcp.async_save (parameters changed as soon as each returns): from the
+    second save on, a rank copies only the replicated tensors (and rows) it wrote the time before."""
+    net, opt = _ddp_embedding(0)
+    records = []
+    for n in range(saves):
+        torch.manual_seed(100 + 10 * rank + n)
+        net(torch.randint(0, 4096, (32,))).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        msd, osd = get_state_dict(net, opt)
+        state = {"model": msd, "optim": osd}
+        expected = digests(state)
+        writer = StorageWriter(f"{path}/step-{n}", **ENGINE, split_bytes=256 << 10)
+        with unwrapped():
+            future = dcp.async_save(state, storage_writer=writer)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(1000.0)
+            future.result()
+        records.append({"expected": expected, "staged": writer.bytes_staged, "written": writer.bytes_written,
+                        "from_staging": writer.bytes_from_staging})
+    for n, record in enumerate(records):
+        fresh, fresh_opt = _ddp_embedding(1)
+        fresh(torch.randint(0, 4096, (4,))).sum().backward()
+        fresh_opt.step()  # Adam's state exists to load into
+        msd2, osd2 = get_state_dict(fresh, fresh_opt)
+        target = {"model": msd2, "optim": osd2}
+        load(target, f"{path}/step-{n}")
+        set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        msd3, osd3 = get_state_dict(fresh, fresh_opt)
+        record["loaded"] = digests({"model": msd3, "optim": osd3})
+    return {"saves": records}
+
+
+def ddp_diverge(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Replicated tensors saved with dcp.async_save; then rank 1 drops from its state one that it wrote: rank 0,
+    whose state did not change, copies only its share, so nobody holds that tensor — the save fails on every rank
+    with our error, the checkpoint it would have replaced stays, and the next save (rank 1's state whole again)
+    commits."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from asyncckpt.dcp import unwrap
+    from asyncckpt.format.manifest import MANIFEST_NAME, parse
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {f"w{i}": torch.full((256, 256), float(step * 10 + i)) for i in range(8)}
+
+    def save(s: dict[str, torch.Tensor]) -> str:
+        try:
+            dcp.async_save(s, storage_writer=StorageWriter(path, **ENGINE)).result()
+        except CheckpointException as exc:
+            return f"{type(unwrap(exc)).__name__}: {unwrap(exc)}"
+        return ""
+
+    first = save(state(1))
+    with open(f"{path}/{MANIFEST_NAME}", "rb") as f:
+        manifest = parse(f.read(), path)
+    by = {t.fqn: {manifest.shards[c.span.shard].file.split("-")[2] for c in t.chunks} for t in manifest.tensors}
+    dropped = sorted(k for k, ranks in by.items() if ranks == {"r00001"})[0]
+    second_state = state(2)
+    if rank == 1:
+        del second_state[dropped]
+    second = save(second_state)
+    after_failure = {k: float(v[0, 0]) for k, v in _load_plain(path, state(0)).items()}
+    third = save(state(3))
+    after = {k: float(v[0, 0]) for k, v in _load_plain(path, state(0)).items()}
+    return {"first": first, "dropped": dropped, "second": second, "after_failure": after_failure, "third": third,
+            "after": after}
+
+
+def _load_plain(path: str, target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    load(target, path)
+    return target

@@ -119,6 +119,34 @@ def test_large_replicated_tensors_are_cut_so_each_rank_writes_its_share(ranks, t
     assert dist_scenarios.digest(whole["model"]["0.weight"]) == results[0]["expected"][".model.0.weight"]
 
 
+def test_repeated_async_saves_copy_only_what_each_rank_writes(ranks, tmp_path):
+    results = ranks.run("ddp_repeat", path=str(tmp_path / "ddp"), saves=3)
+    saves = [r["saves"] for r in results]
+    for per_rank in saves:
+        for record in per_rank:  # every save holds the values of its moment (they changed as async_save returned)
+            same(record)
+    first = [per_rank[0]["staged"] for per_rank in saves]
+    assert first[0] == first[1], first  # the first save copies everything, on every rank
+    for n in (1, 2):
+        staged = [per_rank[n]["staged"] for per_rank in saves]
+        written = [per_rank[n]["written"] for per_rank in saves]
+        # each rank copies about its half (the shard headers aside) and writes all of it straight from staging
+        assert all(s <= 0.6 * first[0] for s in staged), (n, staged, first)
+        assert sum(staged) >= first[0], (n, staged, first)
+        assert [per_rank[n]["from_staging"] for per_rank in saves] == staged, saves
+        assert max(written) <= 1.1 * min(written), written
+
+
+def test_a_rank_whose_state_changed_unlike_the_others_fails_one_save_cleanly(ranks, tmp_path):
+    results = ranks.run("ddp_diverge", path=str(tmp_path / "ck"))
+    dropped = results[0]["dropped"]
+    for r in results:
+        assert r["first"] == "" and r["third"] == "", r
+        assert r["second"].startswith("CheckpointError: ") and f"no rank staged {dropped}:" in r["second"], r
+        assert r["after_failure"] == {f"w{i}": 10.0 + i for i in range(8)}, r  # the first save stays
+        assert r["after"] == {f"w{i}": 30.0 + i for i in range(8)}, r
+
+
 def test_replicated_tensors_stay_whole_when_cutting_is_off(ranks, tmp_path):
     path = tmp_path / "ddp-whole"
     results = ranks.run("ddp_large", path=str(path), split_bytes=None)
