@@ -305,7 +305,28 @@ class Stored:
 _serials = itertools.count()
 
 
-class _Staged:
+class _Share:
+    """What a staged state says of its tensors, for the save's planning: which staged shard holds each one, and the
+    plain tensors the rank staged only rows of or none of (it wrote only those in its last save of this state; the
+    coordinator gives them to it again, `assign`; the staged state holds meta tensors for them)."""
+
+    def __init__(self) -> None:
+        self.by_path: dict[tuple[str | int, ...], int] = {}  # DCP key path of a staged tensor -> its shard
+        # path -> (rows, the shard holding them or None, the staged rows)
+        self.pieces: dict[tuple[str | int, ...], tuple[Piece, int | None, torch.Tensor]] = {}
+        self.skipped: set[tuple[str | int, ...]] = set()
+        self.piece_views: dict[MetadataIndex, torch.Tensor] = {}  # the pieces by DCP index (prepare_local_plan)
+        self.fqn_paths: dict[str, tuple[str | int, ...]] = {}  # DCP name -> key path of each plain tensor item
+        self.fingerprint: Fingerprint | None = None  # set where the next save may stage in part
+        self.claimed = False  # a save's planning has taken it
+        self.serial = next(_serials)
+
+
+#: states staged in part that arrived in DCP's checkpoint process (process mode), for its writer's planning
+_arrivals: "weakref.WeakSet[_Share]" = weakref.WeakSet()
+
+
+class _Staged(_Share):
     """One ``stage()``'s copy: whole-shard buffers from the engine's pool, laid out as this rank's shard files.
 
     The buffers go back to the pool once the save has written them, or once nothing refers to the staged tensors
@@ -313,21 +334,12 @@ class _Staged:
     """
 
     def __init__(self, engine: SyncEngine, plan: Plan, buffers: list[torch.Tensor]) -> None:
+        super().__init__()
         self.engine, self.plan, self.buffers = engine, plan, buffers
         self.by_pointer: dict[int, tuple[int, Entry]] = {}  # data_ptr of a staged view -> (shard, entry)
-        self.by_path: dict[tuple[str | int, ...], int] = {}  # DCP key path of a staged tensor -> its shard
-        # plain tensors this rank staged only rows of, or none of: the rank wrote only those in its last save of
-        # this state, and the coordinator gives them to it again (`assign`); the staged state holds a meta tensor
-        self.pieces: dict[tuple[str | int, ...], tuple[Piece, Entry, torch.dtype]] = {}  # path -> rows staged
-        self.skipped: set[tuple[str | int, ...]] = set()
-        self.piece_views: dict[MetadataIndex, torch.Tensor] = {}  # the pieces by DCP index (prepare_local_plan)
-        self.fqn_paths: dict[str, tuple[str | int, ...]] = {}  # DCP name -> key path of each plain tensor item
-        self.fingerprint: Fingerprint | None = None
-        self.claimed = False  # a save's planning has taken it
         self._lock = threading.Lock()
         self._alive = 0
         self.released = False
-        self.serial = next(_serials)
 
     def raw(self, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of ``entry``'s staged bytes that does not keep the buffers from the pool (see `view`)."""
@@ -615,11 +627,24 @@ class StagedState(dict):
     __slots__ = ("staged", "held")
 
     def __reduce__(self) -> Any:
-        if self.staged.skipped or self.staged.pieces:
-            raise CheckpointError("this rank staged only its share of the replicated tensors, as its last "
-                                  "thread-mode async_save of this state wrote; DCP's process mode needs all of "
-                                  "them (this save is not committed; the next one copies everything)")
-        return dict, (), None, None, iter(_in_shared_memory(self, self.staged).items())
+        assert isinstance(self.staged, _Staged)
+        moved = _in_shared_memory(self, self.staged)
+        if not (self.staged.skipped or self.staged.pieces):
+            return dict, (), None, None, iter(moved.items())
+        pieces = {path: (piece, None, torch.empty_like(rows).share_memory_().copy_(rows))
+                  for path, (piece, _, rows) in self.staged.pieces.items()}
+        return _arrive, (moved, frozenset(self.staged.skipped), pieces)
+
+
+def _arrive(state: dict[str, Any], skipped: frozenset[tuple[str | int, ...]],
+            pieces: dict[tuple[str | int, ...], tuple[Piece, int | None, torch.Tensor]]) -> StagedState:
+    """A state staged in part, unpickled in DCP's checkpoint process: its writer plans with what it says."""
+    share = _Share()
+    share.skipped, share.pieces = set(skipped), pieces
+    out = StagedState(state)
+    out.staged, out.held = share, []
+    _arrivals.add(share)
+    return out
 
 
 def _in_shared_memory(state: dict[str, Any], staged: _Staged) -> dict[str, Any]:
@@ -803,7 +828,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         self.rank = 0
         self.is_coordinator = True
         self._staged: "weakref.WeakSet[_Staged]" = weakref.WeakSet()
-        self._claimed: dict[int, weakref.ref[_Staged]] = {}  # the staging each planning thread took
+        self._claimed: dict[int, weakref.ref[_Share]] = {}  # the staging each planning thread took
         self.split_bytes = split_bytes
         self._saves: dict[int, tuple[RankPlan, dict[str, list[Piece]]]] = {}  # coordinator: saves being planned,
         # by the thread running each
@@ -876,7 +901,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
             CheckpointError: this rank staged only its share of the plain tensors, and the planner records no key
                 paths (DCP's ``planner_data``) to match them by.
         """
-        staged = next((s for s in sorted(self._staged, key=lambda s: s.serial) if not s.claimed), None)
+        staged = next((s for s in sorted([*self._staged, *_arrivals], key=lambda s: s.serial) if not s.claimed),
+                      None)
         mapping = plan.planner_data
         if staged is not None and not isinstance(mapping, Mapping):
             if staged.skipped or staged.pieces:
@@ -901,18 +927,18 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                         skipped.add(item.index)
                         continue
                     if path in staged.pieces:
-                        piece, entry, dtype = staged.pieces[path]
+                        piece, shard, rows = staged.pieces[path]
                         index = MetadataIndex(item.index.fqn, torch.Size(piece[0]))
                         pieces[item.index] = piece
-                        staged.piece_views[index] = staged.raw(entry, dtype, piece[1])
-                        if entry.nbytes:
-                            shard_of[index] = entry.shard
+                        staged.piece_views[index] = rows
+                        if shard is not None:
+                            shard_of[index] = shard
                         continue
                 tensors[item.index] = item.tensor_storage_size() or 0
             k = staged.by_path.get(path) if staged is not None and path is not None else None
             if k is not None and item.type != WriteItemType.BYTE_IO:
                 shard_of[item.index] = k
-        nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())} if staged is not None else {}
+        nbytes = {k: staged.plan.shard_sizes[k] for k in set(shard_of.values())} if isinstance(staged, _Staged) else {}
         return dataclasses.replace(plan, storage_data=LocalStaging(shard_of, nbytes, tensors, pieces,
                                                                    frozenset(skipped)))
 
@@ -985,6 +1011,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                     chunk = item.tensor_data.chunk
                     mine[path] = ((tuple(chunk.offsets), tuple(chunk.sizes)) if item.index.fqn in info.pieces
                                   else None)
+            assert isinstance(staged, _Staged)
             _written.put(staged.engine, staged.fingerprint, (frozenset(staged.fqn_paths.values()), mine))
         return future
 
@@ -1119,7 +1146,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
             assert e is not None
             view = staged.view(e, local.dtype, tuple(local.shape))
             if rows[i] is not None:
-                staged.pieces[path] = (rows[i], e, local.dtype)  # type: ignore[assignment]
+                staged.pieces[path] = (rows[i], e.shard if e.nbytes else None,  # type: ignore[assignment]
+                                       staged.raw(e, local.dtype, tuple(local.shape)))
                 held.append(view)
                 continue
             copies[id(t)] = view

@@ -494,3 +494,21 @@ def ddp_diverge(rank: int, world: int, path: str) -> dict[str, Any]:
 def _load_plain(path: str, target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     load(target, path)
     return target
+
+
+def thread_then_process(rank: int, world: int, path: str) -> dict[str, Any]:
+    """The same replicated state saved by async_save in thread mode, then twice in process mode: the first process
+    save carries a state staged in part (the thread save's share) to DCP's checkpoint process, which writes that
+    share; the next one (no share known: the checkpoint process wrote the last) stages everything."""
+    state = {f"w{i}": torch.full((256, 256), float(i)) for i in range(4)}
+    outcomes, staged = [], []
+    for n, kind in enumerate((AsyncCheckpointerType.THREAD, AsyncCheckpointerType.PROCESS,
+                              AsyncCheckpointerType.PROCESS)):
+        writer = StorageWriter(f"{path}/{n}", **ENGINE)
+        with unwrapped():
+            dcp.async_save(state, storage_writer=writer, async_checkpointer_type=kind).result()
+        staged.append(writer.bytes_staged)
+        target = {k: torch.zeros(256, 256) for k in state}
+        load(target, f"{path}/{n}")
+        outcomes.append(all(torch.equal(target[k], v) for k, v in state.items()))
+    return {"outcomes": outcomes, "staged": staged}

@@ -147,6 +147,13 @@ def test_a_rank_whose_state_changed_unlike_the_others_fails_one_save_cleanly(ran
         assert r["after"] == {f"w{i}": 30.0 + i for i in range(8)}, r
 
 
+def test_a_state_staged_in_part_goes_to_the_process_mode_and_saves_whole(ranks, tmp_path):
+    for r in ranks.run("thread_then_process", path=str(tmp_path / "ck"), timeout=120, wait_s=180):
+        assert r["outcomes"] == [True, True, True], r
+        first, in_part, again = r["staged"]
+        assert in_part <= 0.6 * first and again == first, r
+
+
 def test_replicated_tensors_stay_whole_when_cutting_is_off(ranks, tmp_path):
     path = tmp_path / "ddp-whole"
     results = ranks.run("ddp_large", path=str(path), split_bytes=None)
