@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import io
 import itertools
+import logging
 import math
 import os
 import threading
@@ -99,6 +100,8 @@ __all__ = ["RankFace", "StorageWriter", "StorageReader", "RankPlan", "RankRead",
            "shared_engine"]
 
 # ---------------------------------------------------------------- engines
+
+log = logging.getLogger("asyncckpt")
 
 _engines: dict[tuple[int, EngineOptions], SyncEngine] = {}
 _engines_lock = threading.Lock()
@@ -1044,14 +1047,28 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         target = self.target()
         fsync = self.options.fsync
 
-        async def commit() -> None:
+        committer = Committer(target.storage, target.path, fsync)
+
+        async def commit() -> list[str]:
             await target.storage.makedirs(target.path, fsync)
-            await Committer(target.storage, target.path, fsync).commit(manifest, lambda: {info.save_id})
+            await committer.commit(manifest, lambda: {info.save_id}, sweep=False)
+            try:  # listed now, before any rank can start the next save of this path, whose files it never holds
+                return await committer.stale(manifest, lambda: {info.save_id})
+            except Exception:  # best effort: the next commit of this path sweeps again
+                return []
+
+        async def sweep(names: list[str]) -> None:
+            try:
+                await committer.remove(names)
+            except Exception as exc:
+                log.debug("sweeping %s after its commit: %s (the next commit sweeps again)", target.display, exc)
 
         try:
-            self.engine.run(commit)
+            stale = self.engine.run(commit)
         except OSError as exc:
             raise CheckpointError(f"cannot commit {target.display}: {describe(exc)}") from exc
+        if stale:  # the checkpoint is durable: the files of the save it replaced go in the background
+            self.engine.core.runtime.start(sweep, stale)
 
     # ------------------------------------------------------------ staging
 

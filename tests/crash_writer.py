@@ -210,13 +210,13 @@ def install_hooks(mark: Marker) -> None:
 
     Plan.fill = marked_fill  # type: ignore[method-assign]
 
-    sweep = Committer.sweep
+    stale = Committer.stale
 
-    async def marked_sweep(self: Any, *args: Any) -> None:
-        mark("X")
-        await sweep(self, *args)
+    async def marked_stale(self: Any, *args: Any) -> list[str]:
+        mark("X")  # the sweep starts
+        return await stale(self, *args)
 
-    Committer.sweep = marked_sweep  # type: ignore[method-assign]
+    Committer.stale = marked_stale  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- the writer

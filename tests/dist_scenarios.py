@@ -283,7 +283,7 @@ def overwrite(rank: int, world: int, path: str, step: int, marks: str, mode: str
         with open(marks, "a") as f:
             f.write(f"{rank} {what} {time.monotonic()}\n")
 
-    sink_write, put, sweep = local.LocalSink._write, local.LocalStorage.put_atomic, committer.Committer.sweep
+    sink_write, put, sweep = local.LocalSink._write, local.LocalStorage.put_atomic, committer.Committer.remove
     write_data = StorageWriter.write_data
 
     def slow_write(self: Any, *a: Any) -> Any:
@@ -310,11 +310,13 @@ def overwrite(rank: int, world: int, path: str, step: int, marks: str, mode: str
         return out
 
     local.LocalSink._write, local.LocalStorage.put_atomic = slow_write, marked_put
-    committer.Committer.sweep, StorageWriter.write_data = marked_sweep, marked_write_data
+    committer.Committer.remove, StorageWriter.write_data = marked_sweep, marked_write_data
     state = trial_state(step, world, rank)
     mark("start")
-    save(state, path, mode, chunk_bytes=16 << 10)
+    writer = save(state, path, mode, chunk_bytes=16 << 10)
     mark("done")
+    writer.engine.close()  # the files of the save it replaced are removed in the background: let that end (the
+    # ranks leave through os._exit, which a normal exit's flush would not)
     return {"ok": True}
 
 

@@ -25,14 +25,18 @@ def save_id_of(name: str) -> str | None:
 class Committer:
     """Publishes manifests under ``directory``."""
 
+    REMOVALS = 16  # files a sweep removes at once
+
     def __init__(self, storage: Storage, directory: str, fsync: bool) -> None:
         self.storage, self.directory, self.fsync = storage, directory, fsync
         self.publishing = False  # the manifest write has started: it may have taken effect even if it raised
 
-    async def commit(self, manifest: AnyManifest, running: Callable[[], set[str]]) -> int:
-        """Write ``manifest`` atomically, then sweep; returns the manifest's size. ``running()`` names the save ids
-        of saves of this path still in flight, whose files the sweep must leave alone. A manifest that references
-        other checkpoints first marks each of them (so their own sweeps and removals keep those shards)."""
+    async def commit(self, manifest: AnyManifest, running: Callable[[], set[str]], *, sweep: bool = True) -> int:
+        """Write ``manifest`` atomically, then (``sweep``) delete what is stale; returns the manifest's size.
+        ``running()`` names the save ids of saves of this path still in flight, whose files the sweep must leave
+        alone. A manifest that references other checkpoints first marks each of them (so their own sweeps and
+        removals keep those shards). Without ``sweep``, the caller finds the stale files (`stale`) and removes
+        them (`remove`) when it likes: the checkpoint is committed either way."""
         data = manifest.seal()
         if len(data) > MAX_MANIFEST_BYTES:  # never publish what a load would refuse
             raise CheckpointError(f"the manifest of {self.directory} would take {len(data)} bytes, more than the "
@@ -45,24 +49,44 @@ class Committer:
         with anyio.CancelScope(shield=True):  # once the commit starts it completes: no manifest without shards
             self.publishing = True
             await self.storage.put_atomic(self.storage.join(self.directory, MANIFEST_NAME), data, self.fsync)
-            try:
-                await self.sweep(manifest, running())
-            except Exception:  # best effort: the checkpoint is committed; the next save of this path sweeps again
-                pass
+            if sweep:
+                try:
+                    await self.remove(await self.stale(manifest, running))
+                except Exception:  # best effort: the checkpoint is committed; the next save of this path sweeps
+                    pass
         return len(data)
 
-    async def sweep(self, manifest: AnyManifest, running: set[str]) -> None:
-        """Delete shards of earlier saves of this path (now unreferenced, also by incremental checkpoints that build
-        on this one) and leftovers of killed saves."""
+    async def stale(self, manifest: AnyManifest, running: Callable[[], set[str]]) -> list[str]:
+        """The shards of earlier saves of this path (now unreferenced, also by incremental checkpoints that build
+        on this one) and leftovers of killed saves: what a sweep deletes once ``manifest`` is committed. Saves
+        still running are asked for after the listing, so a file the listing shows is never one of theirs."""
         names = await self.storage.list(self.directory)
         keep = {s.file for s in manifest.shards if s.base is None}
         for files in (await references(self.storage, self.directory, names)).values():
             keep |= files
-        for name in names:
-            save_id = save_id_of(name)
-            stale_shard = save_id is not None and name not in keep and save_id not in running
-            if stale_shard or is_temporary(name):
-                await self.storage.remove(self.storage.join(self.directory, name))
+        live = running()
+        return [name for name in names
+                if is_temporary(name) or (save_id_of(name) is not None and name not in keep
+                                          and save_id_of(name) not in live)]
+
+    async def remove(self, names: list[str]) -> None:
+        """Delete ``names`` (files of this directory), several at once; raises the first failure once every
+        removal has ended."""
+        async def one(name: str) -> None:
+            async with limiter:
+                try:
+                    await self.storage.remove(self.storage.join(self.directory, name))
+                except Exception as exc:
+                    errors.append(exc)
+
+        limiter = anyio.CapacityLimiter(self.REMOVALS)
+
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(one, name)
+        if errors:
+            raise errors[0]
 
 
 async def references(storage: Storage, directory: str, names: list[str]) -> dict[str, set[str]]:
