@@ -8,7 +8,7 @@ import torch
 import asyncckpt
 from faultfs import FaultPlan, faulty_os
 
-from .helpers import assert_same
+from .helpers import assert_same, same
 
 
 def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_each_saves_values(tmp_path):
@@ -107,6 +107,26 @@ async def test_a_tensor_changed_during_a_deferred_copy_fails_the_save_and_names_
         w.add_(1)
         await handle
         assert torch.equal((await engine.load(tmp_path / "fenced"))["w"], torch.ones(1 << 20))
+
+
+def test_each_piece_of_a_chunk_lands_in_its_place_around_the_batched_copies(tmp_path):
+    # back-to-back host tensors of a chunk are copied by one batch; a strided tensor, a chunk boundary cutting a
+    # tensor, a pickled value and the aligned slots of a copy for a foreign serializer each end a batch
+    g = torch.Generator().manual_seed(5)
+    dtypes = (torch.float32, torch.int64, torch.bfloat16, torch.bool, torch.int16, torch.complex64)
+    state = {"small": [torch.randn(1 + 7 * i, generator=g).to(dtypes[i % len(dtypes)]) for i in range(40)],
+             "strided": torch.randn(33, 17, generator=g).t(),
+             "cut": torch.randn(3000, generator=g),  # 12000 bytes: spans chunks of 4096
+             "note": {"tags": {"x"}},
+             "tail": [torch.randn(5, generator=g), torch.randn(9, generator=g)[::2], torch.arange(11)]}
+    seen = []
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        for _ in range(2):  # the second save reuses the plan
+            engine.save(state, tmp_path / "native").result()
+            assert_same(engine.load(tmp_path / "native"), state)
+            engine.save_with(state, lambda copy: seen.append(same(copy, state)), tmp_path / "copy").result()
+        assert engine.core.plans.reused == 1
+    assert seen == [True, True]
 
 
 def _hash_items() -> list[tuple[torch.Tensor, torch.Tensor | None]]:
