@@ -47,6 +47,35 @@ def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_eac
             assert got["note"] == {"tags": {f"s{step % 2}"}}  # pickled values are new every save
 
 
+def test_a_tensor_changed_in_place_in_memory_shape_layout_dtype_or_sharing_gets_a_new_plan(tmp_path):
+    # each change alters one thing the plan depends on, on the same tensor object (no new key, no new object)
+    w, v, z = torch.arange(12.0), torch.randn(4), torch.tensor([1 + 2j, 3 - 4j])
+    state = {"w": w, "v": v, "b": torch.zeros(4), "z": z, "step": 0}
+    changes = {
+        "memory": lambda: w.set_(torch.arange(12.0) * 2),
+        "shape": lambda: w.resize_(6),  # the same memory, fewer elements
+        "strides": lambda: w.set_(w.untyped_storage(), 0, (6,), (2,)),
+        "offset": lambda: w.set_(w.untyped_storage(), 1, (6,), (2,)),
+        "dtype": lambda: setattr(w, "data", w.data.view(torch.int32)),  # .data: no version bump
+        "requires_grad": lambda: v.requires_grad_(True),
+        "sharing": lambda: state.update(b=w),  # one tensor under two keys
+        "conjugate bit": lambda: state.update(z=z.conj()),  # the same bytes, seen conjugated
+    }
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        plans = engine.core.plans
+        engine.save(state, tmp_path / "ck").result()
+        for what, change in changes.items():
+            change()
+            reused = plans.reused
+            engine.save(state, tmp_path / "ck").result()
+            assert plans.reused == reused, what
+            got = engine.load(tmp_path / "ck")
+            assert torch.equal(got.pop("z"), state["z"].resolve_conj()), what
+            assert_same(got, {k: v for k, v in state.items() if k != "z"}, what)
+            engine.save(state, tmp_path / "ck").result()  # unchanged since: the new plan is reused
+            assert plans.reused == reused + 1, what
+
+
 def test_a_reused_plan_never_gives_a_save_in_flight_the_next_saves_plain_values(tmp_path):
     w = torch.randn(4096)
     with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
