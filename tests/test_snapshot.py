@@ -8,7 +8,7 @@ import torch
 import asyncckpt
 from faultfs import FaultPlan, faulty_os
 
-from .helpers import assert_same
+from .helpers import assert_same, same
 
 
 def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_each_saves_values(tmp_path):
@@ -45,6 +45,35 @@ def test_a_plan_is_reused_while_the_structure_holds_and_the_checkpoints_hold_eac
             got = engine.load(tmp_path / f"s{step}")
             assert_same(got["model"], type(got["model"])(saved[step]))
             assert got["note"] == {"tags": {f"s{step % 2}"}}  # pickled values are new every save
+
+
+def test_a_tensor_changed_in_place_in_memory_shape_layout_dtype_or_sharing_gets_a_new_plan(tmp_path):
+    # each change alters one thing the plan depends on, on the same tensor object (no new key, no new object)
+    w, v, z = torch.arange(12.0), torch.randn(4), torch.tensor([1 + 2j, 3 - 4j])
+    state = {"w": w, "v": v, "b": torch.zeros(4), "z": z, "step": 0}
+    changes = {
+        "memory": lambda: w.set_(torch.arange(12.0) * 2),
+        "shape": lambda: w.resize_(6),  # the same memory, fewer elements
+        "strides": lambda: w.set_(w.untyped_storage(), 0, (6,), (2,)),
+        "offset": lambda: w.set_(w.untyped_storage(), 1, (6,), (2,)),
+        "dtype": lambda: setattr(w, "data", w.data.view(torch.int32)),  # .data: no version bump
+        "requires_grad": lambda: v.requires_grad_(True),
+        "sharing": lambda: state.update(b=w),  # one tensor under two keys
+        "conjugate bit": lambda: state.update(z=z.conj()),  # the same bytes, seen conjugated
+    }
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        plans = engine.core.plans
+        engine.save(state, tmp_path / "ck").result()
+        for what, change in changes.items():
+            change()
+            reused = plans.reused
+            engine.save(state, tmp_path / "ck").result()
+            assert plans.reused == reused, what
+            got = engine.load(tmp_path / "ck")
+            assert torch.equal(got.pop("z"), state["z"].resolve_conj()), what
+            assert_same(got, {k: v for k, v in state.items() if k != "z"}, what)
+            engine.save(state, tmp_path / "ck").result()  # unchanged since: the new plan is reused
+            assert plans.reused == reused + 1, what
 
 
 def test_a_reused_plan_never_gives_a_save_in_flight_the_next_saves_plain_values(tmp_path):
@@ -107,6 +136,26 @@ async def test_a_tensor_changed_during_a_deferred_copy_fails_the_save_and_names_
         w.add_(1)
         await handle
         assert torch.equal((await engine.load(tmp_path / "fenced"))["w"], torch.ones(1 << 20))
+
+
+def test_each_piece_of_a_chunk_lands_in_its_place_around_the_batched_copies(tmp_path):
+    # back-to-back host tensors of a chunk are copied by one batch; a strided tensor, a chunk boundary cutting a
+    # tensor, a pickled value and the aligned slots of a copy for a foreign serializer each end a batch
+    g = torch.Generator().manual_seed(5)
+    dtypes = (torch.float32, torch.int64, torch.bfloat16, torch.bool, torch.int16, torch.complex64)
+    state = {"small": [torch.randn(1 + 7 * i, generator=g).to(dtypes[i % len(dtypes)]) for i in range(40)],
+             "strided": torch.randn(33, 17, generator=g).t(),
+             "cut": torch.randn(3000, generator=g),  # 12000 bytes: spans chunks of 4096
+             "note": {"tags": {"x"}},
+             "tail": [torch.randn(5, generator=g), torch.randn(9, generator=g)[::2], torch.arange(11)]}
+    seen = []
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        for _ in range(2):  # the second save reuses the plan
+            engine.save(state, tmp_path / "native").result()
+            assert_same(engine.load(tmp_path / "native"), state)
+            engine.save_with(state, lambda copy: seen.append(same(copy, state)), tmp_path / "copy").result()
+        assert engine.core.plans.reused == 1
+    assert seen == [True, True]
 
 
 def _hash_items() -> list[tuple[torch.Tensor, torch.Tensor | None]]:

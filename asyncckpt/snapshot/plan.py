@@ -134,9 +134,7 @@ class Plan:
         """Copy ``chunk``'s bytes into ``buf``; runs on the caller's thread. Returns the CUDA event the bytes are
         ready after (copies from a device are queued on a side stream), or None when they are there already."""
         if self.stream is None:
-            for entry, start, end, at in chunk.pieces:
-                entry.copy_into(buf[at:at + end - start], start, end, False)
-                entry.copied(end)
+            _fill_host(chunk, buf)
             return None
         with torch.cuda.stream(self.stream):
             for entry, start, end, at in chunk.pieces:
@@ -195,6 +193,28 @@ class Plan:
             return built[i]
 
         return decode(self.tree, tensor, self.values.__getitem__)
+
+
+def _fill_host(chunk: Chunk, buf: torch.Tensor) -> None:
+    """`Plan.fill` from host memory. Back-to-back pieces of contiguous host bytes (most of a chunk) go in one
+    ``torch.cat``: one call into torch for hundreds of small tensors, not one Python-level copy each."""
+    batch: list[torch.Tensor] = []
+    first = stop = 0  # the part of ``buf`` that ``batch`` fills
+    for entry, start, end, at in chunk.pieces:
+        src = entry.src
+        if entry.typed is not None or not src.is_cpu:
+            entry.copy_into(buf[at:at + end - start], start, end, False)
+            continue
+        if at != stop:
+            if batch:
+                torch.cat(batch, out=buf[first:stop])
+            batch, first = [], at
+        batch.append(src if start == 0 and end == src.numel() else src[start:end])
+        stop = at + end - start
+    if batch:
+        torch.cat(batch, out=buf[first:stop])
+    for entry, _, end, _ in chunk.pieces:
+        entry.copied(end)
 
 
 # ---------------------------------------------------------------- leaves to entries

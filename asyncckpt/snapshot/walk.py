@@ -53,20 +53,19 @@ class Walker:
         if t.is_meta:
             raise CheckpointError(f"tensor at {path or '<root>'} is on the meta device and has no data to save; "
                                   "materialise it (e.g. module.to_empty + init) before saving")
-        shape, numel = tuple(t.shape), t.numel()
-        if len(shape) > MAX_DIMS or numel * t.element_size() >= MAX_INDEX or (not numel and shape and
-                                                                               max(shape) >= MAX_INDEX):
+        shape, nbytes = t.shape, t.nbytes  # a torch.Size: a tuple, compared and hashed as one
+        if len(shape) > MAX_DIMS or nbytes >= MAX_INDEX or (not nbytes and shape and max(shape) >= MAX_INDEX):
             raise CheckpointError(f"cannot save the tensor at {path or '<root>'}: "
                                   f"{shape_problem(shape, t.element_size())}")
         key: tuple[Any, ...] = (id(t),)
-        if numel and not t.is_xla:  # XLA storages expose no data pointer: such views stay distinct
+        if nbytes and not t.is_xla:  # XLA storages expose no data pointer: such views stay distinct
             st = t.untyped_storage()
             key = (t.device, st.data_ptr(), st.nbytes(), t.storage_offset(), shape, t.stride(), t.dtype,
                    t.is_conj(), t.is_neg())  # z and z.conj() share every byte but not their values
-        index = self.view_index.get(key)
-        if index is None:
-            index = self.view_index[key] = len(self.views)
-            self.views.append((t, path))
+        views = self.views
+        index = self.view_index.setdefault(key, len(views))
+        if index == len(views):
+            views.append((t, path))
             self.keys.append(key)
         return index
 
@@ -132,20 +131,20 @@ def mapping(w: Walker, value: dict[Any, Any], path: str, depth: int) -> Any:
     w.enter(value, path)
     try:
         pairs = []
-        walk = w.walk
+        walk, prefix, depth = w.walk, f"{path}." if path else "", depth + 1
         for k, v in value.items():
             if type(k) is str:
-                key = k
                 w.json_bound += 12 * len(k) + NODE_JSON
+                pairs.append([k, walk(v, prefix + k, depth)])
             else:
-                key = walk(k, f"{path}.<key>", depth + 1)
-            pairs.append([key, walk(v, f"{path}.{k}" if path and type(k) is str else key_path(path, k), depth + 1)])
+                key = walk(k, f"{path}.<key>", depth)
+                pairs.append([key, walk(v, key_path(path, k), depth)])
         if type(value) is dict:
             return {"dict": pairs}
         node: dict[str, Any] = {"odict": pairs}
         metadata = getattr(value, "_metadata", None)  # state_dict() versions, read by load_state_dict
         if metadata is not None:
-            node["metadata"] = w.walk(metadata, f"{path}._metadata", depth + 1)
+            node["metadata"] = w.walk(metadata, f"{path}._metadata", depth)
         return node
     finally:
         w.leave(value)
