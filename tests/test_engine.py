@@ -572,3 +572,18 @@ def test_latest_survives_the_wall_clock_stepping_back(tmp_path, monkeypatch) -> 
     del doc["sequence"], doc["manifest_xxh3_64"]
     (tmp_path / "d" / "manifest.json").write_bytes(seal(doc))
     assert [os.path.basename(path) for path, _ in asyncckpt.committed(tmp_path)] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("snapshot", ["eager", "deferred"])
+def test_a_first_save_under_inference_mode_leaves_buffers_later_saves_can_use(tmp_path, snapshot):
+    state = {"a": torch.randn(10), "b": torch.arange(7)}
+    with asyncckpt.SyncEngine(chunk_bytes=4096, snapshot=snapshot) as engine:
+        with torch.inference_mode():
+            engine.save(state, tmp_path / "x").result()
+        state["a"].add_(1)
+        engine.save(state, tmp_path / "y").result()  # used to fail: "Inplace update to inference tensor outside..."
+        with torch.inference_mode():
+            engine.save(state, tmp_path / "z").result()
+        for name in ("y", "z"):
+            loaded = engine.load(tmp_path / name)
+            assert torch.equal(loaded["a"], state["a"]) and torch.equal(loaded["b"], state["b"])

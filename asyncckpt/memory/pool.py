@@ -54,7 +54,9 @@ class StagingPool:
     def _new(self, size: int) -> torch.Tensor:
         """Allocate a buffer whose bytes are already counted in ``_allocated`` (outside the lock: it may be slow)."""
         try:
-            buf = pinned_buffer(size) if self.pin_memory else mapped_buffer(size)
+            with torch.inference_mode(False):  # a save made under inference mode must not leave the pool buffers
+                # that later saves cannot write (inference tensors take no in-place update outside that mode)
+                buf = pinned_buffer(size) if self.pin_memory else mapped_buffer(size)
         except BaseException:
             with self._lock:
                 self._allocated -= size
