@@ -6,8 +6,8 @@ Each rank (a forked process on gloo, CPU) holds ``--mib`` MiB of DTensor shards 
 tensors) plus a replicated tensor. In one run, for both storages: ``dcp.save`` (time to durable), ``dcp.async_save``
 thread mode (time it blocked, time to durable), ``dcp.load`` into the same placement, and a reshard load into
 Shard(1) with the bytes each rank read against its share (asyncckpt's reader reports them). Then the same saves and
-a load of a DDP model with Adam (``--ddp-mib`` MiB of weights, every rank holding all of it). Loads read from the
-disk: the checkpoint's files are pushed out of the page cache first. Figures are the slowest rank's, medians over
+a load of a DDP model with Adam (an embedding of half ``--ddp-mib`` MiB, every rank holding all of it). Loads read
+from the disk: the checkpoint's files are pushed out of the page cache first. Figures are the slowest rank's, medians over
 rounds; bytes written per rank come from the files.
 """
 
@@ -96,7 +96,8 @@ def _ddp_state(width: int, vocab: int, train: bool) -> tuple[dict[str, Any], Any
 
 
 def _ddp_shape(mib: int) -> tuple[int, int]:
-    """Width and vocabulary of a :func:`_ddp_model` whose weights take about ``mib`` MiB, half in the embedding."""
+    """Width and vocabulary of a :func:`_ddp_model` whose embedding takes half of ``mib`` MiB (the layers and head
+    add 4.5 MiB; Adam's moments triple it all)."""
     width = 512
     vocab = max(256, (mib * MiB // 2) // (width * 4))
     return width, vocab
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks multirank", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--mib", type=int, default=256, help="DTensor shards per rank")
-    parser.add_argument("--ddp-mib", type=int, default=64, help="weights of the DDP model (Adam adds twice that)")
+    parser.add_argument("--ddp-mib", type=int, default=64,
+                        help="twice the DDP model's embedding, in MiB (64: 36.5 MiB of weights, 110 MiB with Adam)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
