@@ -474,19 +474,46 @@ def _structure(walker: Walker, cut: tuple[Any, ...]) -> Any:
     return (cut, walker.keys, extra, [(len(obj), path, kind) for obj, path, kind in walker.objects])
 
 
+def _canonical(keys: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """View keys with each storage (or object) named by its order of appearance instead of its address: equal for
+    two states whose tensors differ only in where their memory lies."""
+    names: dict[Any, int] = {}
+    return [("object", names.setdefault(k, len(names))) if len(k) == 1
+            else (k[0], names.setdefault((k[0], k[1]), len(names)), *k[2:]) for k in keys]
+
+
+def _rebind(plan: Plan, index: int, t: torch.Tensor) -> None:
+    """Point the plan's bytes for view ``index`` at ``t`` (as `_tensor_entries` does): a tensor in new memory, or a
+    lazily conjugated or negated one, whose resolved bytes are new at every save."""
+    info = plan.tensors[index]
+    if info.view is not None:  # one of several views that share a stored storage
+        entry = plan.storages[info.view[0]]
+        entry.src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        entry.source = t
+    elif info.entry is not None:
+        src = t.detach()
+        if src.is_conj() or src.is_neg():
+            src = src.resolve_conj().resolve_neg()
+        info.entry.src, info.entry.typed = (_byte_view(src), None) if src.is_contiguous() else (src, src)
+        info.entry.source = t
+
+
 class PlanCache:
     """The last native plan, reused while the state keeps its structure.
 
-    A training loop saves the same structure every N steps: the same dicts, the same tensors in the same memory
-    (updated in place), plain values such as the step that change. Then the layout, shard headers and manifest
-    records of the last save are still right; only the structure (with those plain values) and the pickled values
-    are new. The check compares everything the layout depends on (see ``_structure``); holding the plan keeps those
-    tensors' storages alive until the next save or close.
+    A training loop saves the same structure every N steps: the same dicts, the same tensors updated in place, plain
+    values such as the step that change. Then the layout, shard headers and manifest records of the last save are
+    still right; only the structure (with those plain values) and the pickled values are new. The check compares
+    everything the layout depends on (see ``_structure``). Tensors that moved to other memory with the same layout
+    (Lightning's new score tensors at every save, a module rebuilt alike) keep the plan, its bytes pointed at them;
+    holding the plan keeps the tensors' storages alive until the next save or close.
     """
 
     def __init__(self) -> None:
         self._plan: Plan | None = None
         self._key: Any = None
+        self._resolved: list[int] = []  # views whose bytes are resolved at plan time (lazy conjugate / negative)
+        self._canon: list[tuple[Any, ...]] | None = None  # the last key's views, addresses left out (_canonical)
         self.reused = 0  # how many saves reused the plan (tests and benchmarks read it)
 
     def prepare(self, state: Any, shard_bytes: int, chunk_bytes: int, *, rules: PartRules = NO_RULES,
@@ -494,8 +521,15 @@ class PlanCache:
         tree, walker = walk_state(state, pickle_objects=True)
         key = _structure(walker, (shard_bytes, chunk_bytes, rules, chunk_limit))
         plan = self._plan
-        if plan is not None and key is not None and key == self._key:
+        same = plan is not None and key is not None and key == self._key
+        if plan is not None and key is not None and (same or self._same_layout(key)):
             _check_structure(tree, walker)
+            moved = set(self._resolved)
+            if not same:
+                moved.update(i for i, (k, old) in enumerate(zip(key[1], self._key[1])) if k != old)
+                self._key = key
+            for i in sorted(moved):
+                _rebind(plan, i, walker.views[i][0])
             for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
                 entry.src = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else entry.src
             if plan.stream is not None:
@@ -504,7 +538,18 @@ class PlanCache:
             return dataclasses.replace(plan, tree=tree)  # a save still writing the last one keeps its structure
         plan = layout(tree, walker, shard_bytes, chunk_bytes, rules=rules, chunk_limit=chunk_limit)
         self._plan, self._key = (plan, key) if key is not None else (None, None)
+        self._resolved = [i for i, k in enumerate(walker.keys) if len(k) > 1 and (k[7] or k[8])]
+        self._canon = None
         return plan
+
+    def _same_layout(self, key: Any) -> bool:
+        """Whether ``key`` gives the last plan's layout: equal to its key but for where tensors' memory lies."""
+        old = self._key
+        if not (key[0] == old[0] and key[2] == old[2] and key[3] == old[3] and len(key[1]) == len(old[1])):
+            return False
+        if self._canon is None:
+            self._canon = _canonical(old[1])
+        return _canonical(key[1]) == self._canon
 
     def clear(self) -> None:
         self._plan = self._key = None
