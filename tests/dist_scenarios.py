@@ -120,19 +120,41 @@ def ddp_adam(rank: int, world: int, path: str, mode: str = "sync", reference: st
             "from_staging": writer.bytes_from_staging, "read": stats(reader)}
 
 
+def _ddp_embedding(seed: int) -> tuple[Any, Any]:
+    """A DDP model with a large embedding (4096 x 64: 1 MiB, and so each of Adam's moments) and its Adam."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(seed)
+    net = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
+    return net, torch.optim.Adam(net.parameters(), lr=0.1)
+
+
+def _embedding_step(net: Any, opt: Any, rank: int, step: int) -> None:
+    torch.manual_seed(100 + 10 * rank + step)
+    net(torch.randint(0, 4096, (32,))).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _loaded_embedding(path: str) -> dict[str, str]:
+    """Digests of a fresh `_ddp_embedding` state loaded from ``path``."""
+    fresh, fresh_opt = _ddp_embedding(1)
+    fresh(torch.randint(0, 4096, (4,))).sum().backward()
+    fresh_opt.step()  # Adam's state exists to load into
+    msd, osd = get_state_dict(fresh, fresh_opt)
+    target = {"model": msd, "optim": osd}
+    load(target, path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    msd, osd = get_state_dict(fresh, fresh_opt)
+    return digests({"model": msd, "optim": osd})
+
+
 def ddp_large(rank: int, world: int, path: str, mode: str = "sync", split_bytes: int | None = 256 << 10
               ) -> dict[str, Any]:
     """DDP with a large embedding and Adam: its weight and both moments (1 MiB each) are cut across the ranks."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.manual_seed(0)
-    net = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net, opt = _ddp_embedding(0)
     for i in range(2):
-        torch.manual_seed(100 + 10 * rank + i)
-        net(torch.randint(0, 4096, (32,))).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
+        _embedding_step(net, opt, rank, i)
     msd, osd = get_state_dict(net, opt)
     state = {"model": msd, "optim": osd}
     expected = digests(state)
@@ -143,18 +165,7 @@ def ddp_large(rank: int, world: int, path: str, mode: str = "sync", split_bytes:
                 p.add_(1000.0)
 
     writer = save(state, path, mode, mutate, split_bytes=split_bytes)
-    torch.manual_seed(1)
-    fresh = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
-    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
-    fresh(torch.randint(0, 4096, (4,))).sum().backward()
-    fresh_opt.step()  # Adam's state exists to load into
-    msd2, osd2 = get_state_dict(fresh, fresh_opt)
-    target = {"model": msd2, "optim": osd2}
-    load(target, path)
-    set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    msd3, osd3 = get_state_dict(fresh, fresh_opt)
-    return {"expected": expected, "loaded": digests({"model": msd3, "optim": osd3}),
-            "bytes_written": writer.bytes_written}
+    return {"expected": expected, "loaded": _loaded_embedding(path), "bytes_written": writer.bytes_written}
 
 
 def fsdp2(rank: int, world: int, path: str, mode: str = "sync") -> dict[str, Any]:
@@ -414,24 +425,13 @@ def asyncio_face(rank: int, world: int, path: str, blocked: str) -> dict[str, An
     return {"expected": expected, **out}
 
 
-def _ddp_embedding(seed: int) -> tuple[Any, Any]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.manual_seed(seed)
-    net = DDP(torch.nn.Sequential(torch.nn.Embedding(4096, 64), torch.nn.Linear(64, 8)))
-    return net, torch.optim.Adam(net.parameters(), lr=0.1)
-
-
 def ddp_repeat(rank: int, world: int, path: str, saves: int = 3) -> dict[str, Any]:
     """DDP + Adam saved again and again with dcp.async_save (parameters changed as soon as each returns): from the
     second save on, a rank copies only the replicated tensors (and rows) it wrote the time before."""
     net, opt = _ddp_embedding(0)
     records = []
     for n in range(saves):
-        torch.manual_seed(100 + 10 * rank + n)
-        net(torch.randint(0, 4096, (32,))).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
+        _embedding_step(net, opt, rank, n)
         msd, osd = get_state_dict(net, opt)
         state = {"model": msd, "optim": osd}
         expected = digests(state)
@@ -445,15 +445,7 @@ def ddp_repeat(rank: int, world: int, path: str, saves: int = 3) -> dict[str, An
         records.append({"expected": expected, "staged": writer.bytes_staged, "written": writer.bytes_written,
                         "from_staging": writer.bytes_from_staging})
     for n, record in enumerate(records):
-        fresh, fresh_opt = _ddp_embedding(1)
-        fresh(torch.randint(0, 4096, (4,))).sum().backward()
-        fresh_opt.step()  # Adam's state exists to load into
-        msd2, osd2 = get_state_dict(fresh, fresh_opt)
-        target = {"model": msd2, "optim": osd2}
-        load(target, f"{path}/step-{n}")
-        set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-        msd3, osd3 = get_state_dict(fresh, fresh_opt)
-        record["loaded"] = digests({"model": msd3, "optim": osd3})
+        record["loaded"] = _loaded_embedding(f"{path}/step-{n}")
     return {"saves": records}
 
 
