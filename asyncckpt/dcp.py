@@ -987,15 +987,14 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         tensors: list[tuple[WriteItem, torch.Tensor]] = []
         objects: list[tuple[WriteItem, bytes]] = []
         for item in plan.items:
-            data = staged.piece_views.get(item.index) if staged is not None else None
-            if data is not None:  # rows this rank staged alone
-                pass
-            elif item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a replicated tensor
+            data = staged.piece_views.get(item.index) if staged is not None else None  # rows it staged alone
+            if data is None and item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a
+                # replicated tensor that this rank staged whole
                 whole = MetadataIndex(item.index.fqn, torch.Size([0] * len(item.tensor_data.size)))
                 chunk = item.tensor_data.chunk
                 data = planner.resolve_data(dataclasses.replace(item, index=whole, type=WriteItemType.TENSOR))
                 data = data.narrow(0, chunk.offsets[0], chunk.sizes[0])
-            else:
+            elif data is None:
                 data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 objects.append((item, data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
