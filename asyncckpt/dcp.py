@@ -628,6 +628,8 @@ class StagedState(dict):
     """
 
     __slots__ = ("staged", "held")
+    staged: _Share  # what planning needs to know of the staging (a `_Staged` in the process that staged it)
+    held: list[torch.Tensor]  # staged rows kept alive with the state, out of DCP's sight
 
     def __reduce__(self) -> Any:
         assert isinstance(self.staged, _Staged)
@@ -987,7 +989,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         tensors: list[tuple[WriteItem, torch.Tensor]] = []
         objects: list[tuple[WriteItem, bytes]] = []
         for item in plan.items:
-            data = staged.piece_views.get(item.index) if staged is not None else None  # rows it staged alone
+            data: Any = staged.piece_views.get(item.index) if staged is not None else None  # rows it staged alone
             if data is None and item.index.fqn in info.pieces and item.tensor_data is not None:  # rows of a
                 # replicated tensor that this rank staged whole
                 whole = MetadataIndex(item.index.fqn, torch.Size([0] * len(item.tensor_data.size)))
