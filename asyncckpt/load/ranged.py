@@ -111,8 +111,9 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
     """Fill every region (``regions[i]`` lie in ``shards[i]``) from the checkpoint at ``path``.
 
     Only chunks that overlap a region are read, and only shards with a region are opened (and their sizes
-    checked); those in ``shared`` are read by other processes at the same time. A chunk whose checksum differs reaches no destination and raises CorruptCheckpointError (``damaged``
-    is appended to its message: what the caller's destinations may hold by then).
+    checked); those in ``shared`` are read by other processes at the same time. A chunk whose checksum differs
+    reaches no destination and raises CorruptCheckpointError (``damaged`` is appended to its message: what the
+    caller's destinations may hold by then).
     """
     stats = ReadStats()
     wanted: list[set[int]] = [set() for _ in shards]

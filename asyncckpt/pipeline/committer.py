@@ -65,13 +65,15 @@ class Committer:
         for files in (await references(self.storage, self.directory, names)).values():
             keep |= files
         live = running()
-        return [name for name in names
-                if is_temporary(name) or (save_id_of(name) is not None and name not in keep
-                                          and save_id_of(name) not in live)]
+        return [name for name in names if is_temporary(name)
+                or name not in keep and save_id_of(name) not in (None, *live)]
 
     async def remove(self, names: list[str]) -> None:
         """Delete ``names`` (files of this directory), several at once; raises the first failure once every
         removal has ended."""
+        limiter = anyio.CapacityLimiter(self.REMOVALS)
+        errors: list[Exception] = []
+
         async def one(name: str) -> None:
             async with limiter:
                 try:
@@ -79,9 +81,6 @@ class Committer:
                 except Exception as exc:
                     errors.append(exc)
 
-        limiter = anyio.CapacityLimiter(self.REMOVALS)
-
-        errors: list[Exception] = []
         async with anyio.create_task_group() as tg:
             for name in names:
                 tg.start_soon(one, name)

@@ -224,6 +224,19 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
+def _own_bytes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An entry's ``src`` and ``typed`` for ``t``'s values (a lazy conjugate or negative resolved into new bytes)."""
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return (_byte_view(t), None) if t.is_contiguous() else (t, t)
+
+
+def _storage_blob(t: torch.Tensor) -> torch.Tensor:
+    """uint8 tensor over all of ``t``'s storage (several overlapping views stored once)."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
 def _overlapping(ts: list[torch.Tensor]) -> bool:
     spans = []
     for t in ts:
@@ -254,9 +267,8 @@ def _tensor_entries(walker: Walker, share_overlaps: bool = True
     for members in groups.values() if share_overlaps else ():
         if len(members) > 1 and _overlapping([views[i][0] for i in members]):
             base = views[members[0]][0]
-            st = base.untyped_storage()
-            blob = torch.empty(0, dtype=torch.uint8, device=base.device).set_(st)
-            storages.append(Entry(f"__storage__.{len(storages)}", st.nbytes(), 1, blob, st_shape=(st.nbytes(),),
+            blob = _storage_blob(base)
+            storages.append(Entry(f"__storage__.{len(storages)}", blob.numel(), 1, blob, st_shape=(blob.numel(),),
                                   source=base))
             entries.append(storages[-1])
             for i in members:
@@ -273,13 +285,10 @@ def _tensor_entries(walker: Walker, share_overlaps: bool = True
         if i in shared:
             info.view = (shared[i], t.storage_offset(), tuple(t.stride()))
             continue
-        t = t.detach()
-        if t.is_conj() or t.is_neg():
-            t = t.resolve_conj().resolve_neg()
+        src, typed = _own_bytes(t)
         nbytes = t.numel() * t.element_size()
         st_dtype = SAFETENSORS_DTYPES.get(t.dtype, "U8")
-        info.entry = Entry(path or "<root>", nbytes, t.element_size(), _byte_view(t) if t.is_contiguous() else t,
-                           typed=None if t.is_contiguous() else t, st_dtype=st_dtype,
+        info.entry = Entry(path or "<root>", nbytes, t.element_size(), src, typed=typed, st_dtype=st_dtype,
                            st_shape=tuple(t.shape) if st_dtype != "U8" or t.dtype == torch.uint8 else (nbytes,),
                            source=None if i in host else original)
         entries.append(info.entry)
@@ -488,14 +497,9 @@ def _rebind(plan: Plan, index: int, t: torch.Tensor) -> None:
     info = plan.tensors[index]
     if info.view is not None:  # one of several views that share a stored storage
         entry = plan.storages[info.view[0]]
-        entry.src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        entry.source = t
+        entry.src, entry.source = _storage_blob(t), t
     elif info.entry is not None:
-        src = t.detach()
-        if src.is_conj() or src.is_neg():
-            src = src.resolve_conj().resolve_neg()
-        info.entry.src, info.entry.typed = (_byte_view(src), None) if src.is_contiguous() else (src, src)
-        info.entry.source = t
+        (info.entry.src, info.entry.typed), info.entry.source = _own_bytes(t), t
 
 
 class PlanCache:
@@ -524,11 +528,11 @@ class PlanCache:
         same = plan is not None and key is not None and key == self._key
         if plan is not None and key is not None and (same or self._same_layout(key)):
             _check_structure(tree, walker)
-            moved = set(self._resolved)
+            moved = self._resolved  # usually empty: a steady save rebinds nothing
             if not same:
-                moved.update(i for i, (k, old) in enumerate(zip(key[1], self._key[1])) if k != old)
+                moved = sorted({*moved, *(i for i, (k, old) in enumerate(zip(key[1], self._key[1])) if k != old)})
                 self._key = key
-            for i in sorted(moved):
+            for i in moved:
                 _rebind(plan, i, walker.views[i][0])
             for (obj, _, _), (_, _, entry) in zip(walker.objects, plan.objects):
                 entry.src = torch.frombuffer(obj, dtype=torch.uint8) if len(obj) else entry.src
