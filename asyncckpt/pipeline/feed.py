@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Generator
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..snapshot.plan import Chunk
 from .jobs import Job
 
 Steps = Generator[int, "torch.Tensor | None", None]
@@ -33,12 +35,16 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
     runtime, plan = job.runtime, job.plan
     try:
         job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
+        held: list[tuple[Chunk, torch.Tensor, Any]] = []  # filled, not yet handed over (see ``Job.holds_writes``)
         for chunk in plan.chunks:
             check()
             if job.error is not None:
                 break
             buf = job.try_acquire(chunk.nbytes)
             if buf is None:
+                if held:  # out of budget: only writes free buffers now
+                    runtime.call_soon(job.submit_all, held)
+                    held = []
                 buf = yield chunk.nbytes
                 if buf is None:
                     break
@@ -47,7 +53,12 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 if ready is not None:  # a device copy: prove what was copied, not what was queued
                     ready.synchronize()
                 plan.check_unchanged(chunk)
-            runtime.call_soon(job.submit, chunk, buf, ready)
+            if job.holds_writes:
+                held.append((chunk, buf, ready))
+            else:
+                runtime.call_soon(job.submit, chunk, buf, ready)
+        if held:
+            runtime.call_soon(job.submit_all, held)
         plan.finish()
     except BaseException as exc:
         runtime.call_soon(job.fail, snapshot_error(exc))

@@ -82,6 +82,9 @@ class Job:
         self._ready = anyio.Event()  # start() finished: chunks may be written
         self._may_write = anyio.Event()  # the snapshot no longer needs the machine to itself (see ``yield_to_copy``)
         self._waits: set[anyio.CancelScope] = set()
+        #: writes wait for the snapshot to end (or to wait for budget): the feed hands its chunks over together,
+        #: waking the loop once instead of once per chunk while the caller is blocked
+        self.holds_writes = yield_to_copy
         if not yield_to_copy:
             self._may_write.set()
         self._tg: Any = None
@@ -148,6 +151,11 @@ class Job:
             if not (self.owns_buffers_until_finish or self.borrows_buffers):
                 self.pool.release(buf)
             self.fail(exc)
+
+    def submit_all(self, items: list[tuple[Chunk, torch.Tensor, Any]]) -> None:
+        """`submit` each ``(chunk, buffer, ready)`` of ``items``."""
+        for chunk, buf, ready in items:
+            self.submit(chunk, buf, ready)
 
     def write_seconds(self) -> float:
         """Seconds since the snapshot ended."""
