@@ -11,9 +11,14 @@ def digest(data: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def hasher() -> "xxhash.xxh3_64":
+    """An incremental checksum: ``update`` it piece by piece; its ``hexdigest()`` is `digest` of the whole."""
+    return xxhash.xxh3_64()
+
+
 def digest_pieces(pieces: Iterable[memoryview | bytes]) -> str:
     """The digest of the pieces' concatenation, read one piece at a time."""
-    h = xxhash.xxh3_64()
+    h = hasher()
     for piece in pieces:
         h.update(piece)
     return h.hexdigest()

@@ -42,6 +42,7 @@ class FaultProxy:
         self.requests: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()
         self.ranged_gets = 0
+        self.checksum_mode_gets = 0  # ... of which asked the store for the object's checksum (x-amz-checksum-mode)
         self.part_puts = 0  # upload_part requests seen
         self.crc32_part_puts = 0  # ... of which carried an x-amz-checksum-crc32 header
         self.inflight: Counter[str] = Counter()
@@ -111,6 +112,7 @@ class FaultProxy:
                 fault = self._choose(method, target)
                 if method == "GET" and "range" in headers:
                     self.ranged_gets += 1
+                    self.checksum_mode_gets += headers.get("x-amz-checksum-mode", "").upper() == "ENABLED"
                 if method == "PUT" and "partNumber=" in target:
                     self.part_puts += 1
                     self.crc32_part_puts += "x-amz-checksum-crc32" in headers

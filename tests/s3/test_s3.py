@@ -143,6 +143,8 @@ def test_load_uses_concurrent_ranged_reads(s3, bucket, proxy, proxy_options):
     assert_same(out, state)
     chunks = sum(math.ceil(s["nbytes"] / s["chunk_bytes"]) for s in manifest(s3, bucket, "ckpt")["shards"])
     assert ranged == chunks
+    # the manifest's xxh3-64 checks every chunk read: no CRC32 of the same bytes is asked for and checked again
+    assert proxy.checksum_mode_gets == 0
     assert proxy.max_inflight["GET"] >= 2 and proxy.max_inflight["PUT"] >= 2, proxy.max_inflight
     # parts carry the CRC32 botocore would add by default (computed off the loop by the sink), which S3 checks
     assert proxy.part_puts >= 6 and proxy.crc32_part_puts == proxy.part_puts

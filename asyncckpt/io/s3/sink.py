@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import math
 import zlib
@@ -83,15 +84,15 @@ class S3Sink:
         filled[0] += len(view)
         if filled[0] == size:
             del self._gather[part]
-            body = bytes(buf)
-            checksum = await self.storage.io.cpu(_crc32, body) if crc else {}
+            body = _body(buf)
+            checksum = await self.storage.io.cpu(_crc32, buf) if crc else {}
             if self.parts_expected == 1:  # the whole shard in one part: a plain PUT
                 await self._put(body, checksum)
             else:
                 await self._upload(part + 1, body, checksum)
         return sig
 
-    async def _put(self, body: bytes, checksum: dict[str, str]) -> None:
+    async def _put(self, body: io.BytesIO, checksum: dict[str, str]) -> None:
         self.put = True
         await self.storage.request("put_object", Bucket=self.bucket, Key=self.key, Body=body, **checksum)
         self.completed = True
@@ -108,7 +109,7 @@ class S3Sink:
                 self.storage.active_uploads.add(self.upload_id)
             return self.upload_id
 
-    async def _upload(self, number: int, body: bytes, checksum: dict[str, str]) -> None:
+    async def _upload(self, number: int, body: io.BytesIO, checksum: dict[str, str]) -> None:
         upload_id = await self._ensure_upload()
         resp = await self.storage.request("upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload_id,
                                           PartNumber=number, Body=body, **checksum)
@@ -172,9 +173,18 @@ def _crc32(data: bytes | memoryview) -> dict[str, str]:
     return {"ChecksumAlgorithm": "CRC32", "ChecksumCRC32": value}
 
 
-def _digest_and_copy(view: memoryview, crc: bool) -> tuple[str, bytes, dict[str, str]]:
+def _body(data: bytes | bytearray | memoryview) -> io.BytesIO:
+    """A request body holding a copy of ``data``: a ``BytesIO`` that owns its buffer, so that the HTTP client
+    sends it without copying it again (it would unshare a ``BytesIO`` made over ``bytes``)."""
+    body = io.BytesIO()
+    body.write(data)
+    body.seek(0)
+    return body
+
+
+def _digest_and_copy(view: memoryview, crc: bool) -> tuple[str, io.BytesIO, dict[str, str]]:
     """Our digest, the request body, and its S3 checksum: all the CPU work of one upload, off the loop."""
-    return digest(view), bytes(view), _crc32(view) if crc else {}
+    return digest(view), _body(view), _crc32(view) if crc else {}
 
 
 def _digest_into(view: memoryview, buf: bytearray, at: int) -> str:

@@ -9,6 +9,7 @@ from ...errors import S3Error
 from ...format.parts import PartRules
 from ...options import RetryPolicy
 from ..fsspec import FsspecStorage, filesystem_options
+from .reader import S3Reader
 from .retry import HINTS, retrying
 from .sink import MAX_PART, MAX_PARTS, MIN_PART, S3Sink
 
@@ -37,6 +38,9 @@ class S3Storage(FsspecStorage):
         config.setdefault("retries", {"mode": "standard", "total_max_attempts": 1})  # we retry (see .retry)
         # one pooled connection per concurrent request, or requests queue inside aiohttp
         config.setdefault("max_pool_connections", max(10, io.limit + 2))
+        # every chunk a load reads is checked against the manifest's xxh3-64: botocore checking a CRC32 of the
+        # same bytes again (its default since 1.36) only costs CPU. Uploads keep their CRC32 (see wants_crc32).
+        config.setdefault("response_checksum_validation", "when_required")
         options["config_kwargs"] = config
         options.update(asynchronous=True, skip_instance_cache=True)
         fs = s3fs.S3FileSystem(**options)
@@ -59,7 +63,11 @@ class S3Storage(FsspecStorage):
         """One S3 API call through s3fs's client (its credentials and session), retried per the policy."""
         bucket, key = params.get("Bucket", "?"), params.get("Key", "")
 
+        body = params.get("Body")
+
         async def once() -> Any:
+            if hasattr(body, "seek"):  # a file-like body is sent from where it stands: every attempt from its start
+                body.seek(0)
             async with self.io.limiter:
                 return await self.fs._call_s3(op, **params)
 
@@ -91,6 +99,9 @@ class S3Storage(FsspecStorage):
 
     async def open_sink(self, path: str, nbytes: int, fsync: bool, chunk_bytes: int) -> S3Sink:
         return S3Sink(self, path, nbytes, chunk_bytes)
+
+    async def open_reader(self, path: str, shared: bool = False) -> S3Reader:
+        return S3Reader(self, path)
 
     async def makedirs(self, path: str, fsync: bool) -> bool:
         """Prefixes need no creating; check once that the bucket exists (s3fs would silently create it)."""
