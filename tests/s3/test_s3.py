@@ -276,6 +276,23 @@ def test_transient_faults_are_retried(s3, bucket, proxy, proxy_options, caplog):
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("shard_bytes", [12 * MiB + 64 * 1024, None], ids=["multipart", "one-put-per-shard"])
+def test_a_request_sent_again_sends_its_whole_body(s3, bucket, proxy, proxy_options, shard_bytes):
+    """An upload that reached the store but whose answer was lost is sent again from its first byte (its body is
+    a file object, which a retry must rewind): the checkpoint holds every byte."""
+    state = big_state(3)
+
+    async def main():
+        async with engine(dict(proxy_options, retry=FAST), shard_bytes=shard_bytes) as eng:
+            proxy.configure(0.5, ("truncate",), match=lambda m, t: m == "PUT" and "manifest" not in t)
+            await (await eng.save(state, f"s3://{bucket}/ckpt"))
+            proxy.configure(0.0)
+            return await eng.load(f"s3://{bucket}/ckpt")
+
+    assert_same(run(main()), state)
+    assert proxy.injected["truncate"] >= 2, proxy.injected
+
+
 def test_failures_that_never_stop_commit_nothing(s3, bucket, proxy, proxy_options):
     """Every part upload is throttled forever: the save fails naming the key, and leaves no object or upload."""
     state = big_state()
