@@ -82,15 +82,18 @@ class Job:
         self._ready = anyio.Event()  # start() finished: chunks may be written
         self._may_write = anyio.Event()  # the snapshot no longer needs the machine to itself (see ``yield_to_copy``)
         self._waits: set[anyio.CancelScope] = set()
-        #: writes wait for the snapshot to end (or to wait for budget): the feed hands its chunks over together,
-        #: waking the loop once instead of once per chunk while the caller is blocked
-        self.holds_writes = yield_to_copy
         if not yield_to_copy:
             self._may_write.set()
         self._tg: Any = None
         self._snapshot_done = time.perf_counter()
 
     # ------------------------------------------------------------ from the feed (caller's thread)
+
+    @property
+    def holds_writes(self) -> bool:
+        """Whether writes still wait for the snapshot (until it ends or waits for budget): meanwhile the feed hands
+        its chunks over together, waking the loop once instead of once per chunk while the caller is blocked."""
+        return not self._may_write.is_set()
 
     def try_acquire(self, nbytes: int) -> torch.Tensor | None:
         buf = self.pool.try_acquire(nbytes)
