@@ -1069,7 +1069,10 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         except OSError as exc:
             raise CheckpointError(f"cannot commit {target.display}: {describe(exc)}") from exc
         if stale:  # the checkpoint is durable: the files of the save it replaced go in the background
-            self.engine.core.runtime.start(sweep, stale)
+            try:
+                self.engine.core.runtime.start(sweep, stale)
+            except CheckpointError as exc:  # the engine closed meanwhile: the commit stands, the next one sweeps
+                log.debug("not sweeping %s after its commit: %s", target.display, exc)
 
     # ------------------------------------------------------------ staging
 
