@@ -8,6 +8,7 @@ takes the snapshot on its caller's thread through the one feed loop, and reaches
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -157,7 +158,11 @@ class EngineCore:
                                                       not self.options.overlap_writes, **extra))
             queue.append(job)
             self._jobs.append(job)
-        self.runtime.start(self._run, job)
+        launch = functools.partial(self.runtime.start, self._run, job)
+        if job.holds_writes:
+            job.launch_on_delivery(launch)
+        else:
+            launch()
         return job
 
     def wait_for_buffer(self, job: Job, nbytes: int, check: Callable[[], None] = lambda: None,
@@ -177,8 +182,7 @@ class EngineCore:
 
     def abandon(self, job: Job, exc: BaseException) -> None:
         """``job``'s snapshot never started (``exc`` stopped it): fail it, so it concludes and frees its path."""
-        self.runtime.call_soon(job.fail, snapshot_error(exc))
-        self.runtime.call_soon(job.close_input, 0.0)
+        self.runtime.call_soon(job.deliver, [], 0.0, snapshot_error(exc))
         job.handle.observed = True  # the caller sees ``exc`` itself
 
     def defer(self, job: Job, t0: float) -> None:

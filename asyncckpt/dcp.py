@@ -1242,11 +1242,12 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 files += names
                 job = core.begin(BorrowedShardJob, target, borrowed, fsync=fsync, files=names, save_id=info.save_id)
                 jobs.append(job)
+                pieces = []
                 for chunk in borrowed.chunks:  # the staged buffers themselves, chunk by chunk: no second copy
                     buf = staged.buffers[whole[chunk.shard]]
-                    piece = buf[chunk.offset:min(buf.numel(), chunk.offset + aligned_size(chunk.nbytes))]
-                    core.runtime.call_soon(job.submit, chunk, piece)
-                core.runtime.call_soon(job.close_input, 0.0)
+                    pieces.append((chunk, buf[chunk.offset:min(buf.numel(), chunk.offset + aligned_size(chunk.nbytes))],
+                                   None))
+                core.runtime.call_soon(job.deliver, pieces, 0.0)
                 renumber = {k: i for i, k in enumerate(whole)}
                 for item, _ in tensors:
                     if id(item) in located:

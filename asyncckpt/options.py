@@ -51,7 +51,8 @@ class EngineOptions:
             and tensors changed in place before their bytes were copied fail the save (see docs/concepts.md).
         overlap_writes: start writing a save's chunks while its snapshot is still copying. The checkpoint is durable
             sooner, but the copy then shares cores and memory bandwidth with the writes and blocks the caller longer.
-            Off by default: writes wait for the copy, unless the copy itself waits for memory that only writes free.
+            Off by default: writes (and the save's storage set-up) wait for the copy, unless the copy itself waits
+            for memory that only writes free.
         io_timeout: seconds one storage operation (a chunk written or read, a listing, a commit) may take before
             the save or load it belongs to fails with `StorageTimeoutError` naming the operation
             and path; committed checkpoints stay. ``None``: no limit (a hung store or NFS mount blocks forever).

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import anyio
@@ -16,6 +17,8 @@ from safetensors import safe_open
 import asyncckpt
 from asyncckpt import CheckpointEngine, CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from asyncckpt.format.dtypes import SAFETENSORS_DTYPES
+
+from faultfs import FaultPlan, faulty_os  # on the path: tests/conftest.py
 
 from .helpers import assert_same, lightning_state, tiny_model
 
@@ -131,6 +134,35 @@ async def test_state_larger_than_budget_streams_within_budget(tmp_path):
         loaded = await engine.load(tmp_path / "big")
     assert 0 < peak <= budget
     assert_same(loaded, state)
+
+
+class _FirstOperation(FaultPlan):
+    """Notes when the first local-disk operation starts."""
+
+    def check(self, op, path):
+        if self.started is None:
+            self.started = time.perf_counter()
+        return super().check(op, path)
+
+    started: float | None = None
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap_writes"])
+async def test_storage_work_waits_for_the_snapshot_unless_writes_overlap_it(tmp_path, overlap):
+    """By default nothing of a save touches storage (not even its set-up) until the copy has ended: on a machine of
+    few cores the copy has them to itself. With ``overlap_writes=True`` writing starts during the copy."""
+    state = {f"t{i}": torch.randn(128 * KiB) for i in range(256)}  # 128 MiB in 512 chunks
+    plan = _FirstOperation()
+    with faulty_os(plan):
+        async with small_engine(overlap_writes=overlap, chunk_bytes=256 * KiB, shard_bytes=16 * MiB,
+                                host_memory_budget=256 * MiB) as engine:
+            before = time.perf_counter()
+            result = await (await engine.save(state, tmp_path / "c"))
+    copy_ended_by = before + result.snapshot_seconds  # the save's own clock started after ``before``
+    assert plan.started is not None
+    assert (plan.started >= copy_ended_by) is not overlap, (plan.started - before, result.snapshot_seconds)
+    async with small_engine() as engine:
+        assert_same(await engine.load(tmp_path / "c"), state)
 
 
 async def test_tied_weights_are_written_once_and_stay_tied(tmp_path):

@@ -33,18 +33,18 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
     A ``deferred`` feed runs while the caller computes: after each chunk it proves that no tensor it copied was
     modified since ``save`` (``Plan.check_unchanged``)."""
     runtime, plan = job.runtime, job.plan
+    held: list[tuple[Chunk, torch.Tensor, Any]] = []  # filled, not yet handed over (see ``Job.holds_writes``)
+    error: Exception | None = None
     try:
         job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
-        held: list[tuple[Chunk, torch.Tensor, Any]] = []  # filled, not yet handed over (see ``Job.holds_writes``)
         for chunk in plan.chunks:
             check()
             if job.error is not None:
                 break
             buf = job.try_acquire(chunk.nbytes)
             if buf is None:
-                if held:  # out of budget: only writes free buffers now
-                    runtime.call_soon(job.submit_all, held)
-                    held = []
+                runtime.call_soon(job.deliver, held)  # out of budget: only writes free buffers now
+                held = []
                 buf = yield chunk.nbytes
                 if buf is None:
                     break
@@ -57,15 +57,14 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 held.append((chunk, buf, ready))
             else:
                 runtime.call_soon(job.submit, chunk, buf, ready)
-        if held:
-            runtime.call_soon(job.submit_all, held)
         plan.finish()
     except BaseException as exc:
-        runtime.call_soon(job.fail, snapshot_error(exc))
+        error = snapshot_error(exc)
         job.handle.observed = True  # the caller sees this exception right now
         raise
-    finally:
-        runtime.call_soon(job.close_input, time.perf_counter() - t0)
+    finally:  # one wake-up of the loop for the rest: the job's start, the held chunks, the end of the input
+        job.handle.mark_copied()
+        runtime.call_soon(job.deliver, held, time.perf_counter() - t0, error)
 
 
 def _advance(steps: Steps, buf: torch.Tensor | None = None, error: BaseException | None = None) -> int | None:

@@ -189,6 +189,11 @@ class SaveHandle:
         if not self._copied.wait(timeout):
             raise TimeoutError(f"the snapshot of {self.path} is still copying after {timeout} s")
 
+    def mark_copied(self) -> None:
+        """The snapshot is over, said by the thread that copied, before the loop hears of it (`mark_snapshotted`):
+        code that waited on that thread (an optimizer step after a deferred copy) then sees `snapshot_done`."""
+        self._copied.set()
+
     def mark_snapshotted(self) -> None:
         """The snapshot is over (on the engine's loop)."""
         self._copied.set()

@@ -85,6 +85,7 @@ class Job:
         if not yield_to_copy:
             self._may_write.set()
         self._tg: Any = None
+        self._launch: Callable[[], None] | None = None
         self._snapshot_done = time.perf_counter()
 
     # ------------------------------------------------------------ from the feed (caller's thread)
@@ -94,6 +95,12 @@ class Job:
         """Whether writes still wait for the snapshot (until it ends or waits for budget): meanwhile the feed hands
         its chunks over together, waking the loop once instead of once per chunk while the caller is blocked."""
         return not self._may_write.is_set()
+
+    def launch_on_delivery(self, launch: Callable[[], None]) -> None:
+        """Start the job's background task (``launch()``) at its first `deliver`, not now: a job that holds its
+        writes has nothing to do before then, and starting it would wake the loop (and set up storage) while the
+        caller copies."""
+        self._launch = launch
 
     def try_acquire(self, nbytes: int) -> torch.Tensor | None:
         buf = self.pool.try_acquire(nbytes)
@@ -155,10 +162,20 @@ class Job:
                 self.pool.release(buf)
             self.fail(exc)
 
-    def submit_all(self, items: list[tuple[Chunk, torch.Tensor, Any]]) -> None:
-        """`submit` each ``(chunk, buffer, ready)`` of ``items``."""
+    def deliver(self, items: list[tuple[Chunk, torch.Tensor, Any]], snapshot_seconds: float | None = None,
+                error: BaseException | None = None) -> None:
+        """What the feed hands over in one wake-up of the loop: start the job if it waited for this, record the
+        snapshot's ``error``, `submit` each ``(chunk, buffer, ready)`` of ``items``, and with ``snapshot_seconds``
+        close the input (the snapshot ended)."""
+        if self._launch is not None:
+            launch, self._launch = self._launch, None
+            launch()
+        if error is not None:
+            self.fail(error)
         for chunk, buf, ready in items:
             self.submit(chunk, buf, ready)
+        if snapshot_seconds is not None:
+            self.close_input(snapshot_seconds)
 
     def write_seconds(self) -> float:
         """Seconds since the snapshot ended."""
