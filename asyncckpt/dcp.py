@@ -1240,14 +1240,14 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 borrowed = _sub_plan(staged.plan, whole)
                 names = [shard_name(info.save_id, k, info.rank) for k in range(len(whole))]
                 files += names
-                job = core.begin(BorrowedShardJob, target, borrowed, fsync=fsync, files=names, save_id=info.save_id)
-                jobs.append(job)
                 pieces = []
                 for chunk in borrowed.chunks:  # the staged buffers themselves, chunk by chunk: no second copy
                     buf = staged.buffers[whole[chunk.shard]]
                     pieces.append((chunk, buf[chunk.offset:min(buf.numel(), chunk.offset + aligned_size(chunk.nbytes))],
                                    None))
-                core.runtime.call_soon(job.deliver, pieces, 0.0)
+                job = core.begin(BorrowedShardJob, target, borrowed, fsync=fsync, files=names, save_id=info.save_id)
+                jobs.append(job)
+                core.runtime.call_soon(job.deliver, pieces, 0.0)  # begun and delivered at once: it always concludes
                 renumber = {k: i for i, k in enumerate(whole)}
                 for item, _ in tensors:
                     if id(item) in located:
