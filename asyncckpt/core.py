@@ -151,6 +151,8 @@ class EngineCore:
         """Register a save of ``target`` after those already pending for it, and start its background task."""
         self.check()
         with self._lock:
+            if self._closed:  # closing waits for the jobs registered before it: this one must not slip in after
+                raise CheckpointError("the engine is closed; create a new one")
             queue = self._pending.setdefault(target.key, [])
             job = self.runtime.build(lambda: job_type(self.runtime, self.pool, target, plan,
                                                       queue[-1] if queue else None,

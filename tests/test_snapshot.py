@@ -164,6 +164,23 @@ def test_deferred_save_returns_before_the_copy_and_optimizer_steps_wait_for_it(t
     assert_same(got["model"], type(got["model"])(expected), grad=False)
 
 
+async def test_a_save_whose_copy_fails_never_touches_storage(tmp_path):
+    """A save that fails during its copy (here: tensors changed during a deferred copy) ends before its job started:
+    its storage set-up never runs, so nothing is created only to be undone."""
+    state = {f"t{i}": torch.zeros(1 << 20) for i in range(64)}  # 256 MiB: the copy takes tens of milliseconds
+    plan = FaultPlan()
+    with faulty_os(plan):
+        async with asyncckpt.CheckpointEngine(chunk_bytes=4 << 20, host_memory_budget=512 << 20) as engine:
+            handle = await engine.save(state, tmp_path / "ck", snapshot="deferred")
+            for t in state.values():  # without the fence, while the copy runs: those not copied yet are caught
+                t.add_(1)
+            with pytest.raises(asyncckpt.CheckpointError, match="was modified while the deferred snapshot"):
+                await handle
+    ours = str(tmp_path / "ck")
+    assert not [op for op in plan.log if op[1].startswith(ours)]
+    assert not (tmp_path / "ck").exists()
+
+
 async def test_a_tensor_changed_during_a_deferred_copy_fails_the_save_and_names_it(tmp_path):
     w, other = torch.zeros(1 << 20), torch.zeros(1 << 20)
     async with asyncckpt.CheckpointEngine(chunk_bytes=1 << 20, host_memory_budget=1 << 20) as engine:

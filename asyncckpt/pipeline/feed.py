@@ -34,6 +34,7 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
     modified since ``save`` (``Plan.check_unchanged``)."""
     runtime, plan = job.runtime, job.plan
     held: list[tuple[Chunk, torch.Tensor, Any]] = []  # filled, not yet handed over (see ``Job.holds_writes``)
+    delivered = False  # the job may still wait for its first delivery to start (``Job.launch_on_delivery``)
     error: Exception | None = None
     try:
         job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
@@ -43,8 +44,9 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 break
             buf = job.try_acquire(chunk.nbytes)
             if buf is None:
-                runtime.call_soon(job.deliver, held)  # out of budget: only writes free buffers now
-                held = []
+                if held or not delivered:  # out of budget: only writes free buffers now
+                    runtime.call_soon(job.deliver, held)
+                    held, delivered = [], True
                 buf = yield chunk.nbytes
                 if buf is None:
                     break

@@ -193,7 +193,8 @@ class Job:
                     tg.start_soon(self._guarded, chunk, buf, ready)
                 self._backlog.clear()
                 try:
-                    await self.start()
+                    if self.error is None:  # failed before it was launched: nothing to set up, only to undo
+                        await self.start()
                 except Exception as exc:
                     self.fail(exc)
                 self._ready.set()
