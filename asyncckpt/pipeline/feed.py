@@ -38,6 +38,7 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
     error: Exception | None = None
     try:
         job.pool.reserve([chunk.nbytes for chunk in plan.chunks])
+        last = plan.chunks[-1] if plan.chunks else None
         for chunk in plan.chunks:
             check()
             if job.error is not None:
@@ -50,6 +51,11 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 buf = yield chunk.nbytes
                 if buf is None:
                     break
+            if chunk is last and held and not delivered:
+                # start the job while the last chunk copies: the copy releases the GIL, so the loop's wake-up and
+                # start run beside it rather than after it; the job's storage and writes still wait for the copy
+                runtime.call_soon(job.deliver, held)
+                held, delivered = [], True
             ready = plan.fill(chunk, buf)  # a buffer not submitted stays the job's: it returns it when it concludes
             if deferred:
                 if ready is not None:  # a device copy: prove what was copied, not what was queued
@@ -64,7 +70,7 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
         error = snapshot_error(exc)
         job.handle.observed = True  # the caller sees this exception right now
         raise
-    finally:  # one wake-up of the loop for the rest: the job's start, the held chunks, the end of the input
+    finally:  # one more wake-up of the loop: the job's start (if not yet), the held chunks, the end of the input
         job.handle.mark_copied()
         runtime.call_soon(job.deliver, held, time.perf_counter() - t0, error)
 

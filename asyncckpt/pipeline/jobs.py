@@ -93,13 +93,14 @@ class Job:
     @property
     def holds_writes(self) -> bool:
         """Whether writes still wait for the snapshot (until it ends or waits for budget): meanwhile the feed hands
-        its chunks over together, waking the loop once instead of once per chunk while the caller is blocked."""
+        its chunks over together — before the last chunk's copy and at the end — instead of waking the loop once
+        per chunk while the caller is blocked."""
         return not self._may_write.is_set()
 
     def launch_on_delivery(self, launch: Callable[[], None]) -> None:
         """Start the job's background task (``launch()``) at its first `deliver`, not now: a job that holds its
-        writes has nothing to do before then, and starting it would wake the loop (and set up storage) while the
-        caller copies."""
+        writes has nothing to do before then, and each wake-up of the loop while the caller copies costs the caller
+        the GIL. Even once started, such a job sets up storage only when the copy has ended."""
         self._launch = launch
 
     def try_acquire(self, nbytes: int) -> torch.Tensor | None:
@@ -193,6 +194,7 @@ class Job:
                     tg.start_soon(self._guarded, chunk, buf, ready)
                 self._backlog.clear()
                 try:
+                    await self._may_write.wait()  # started while its last chunk copies: storage waits for the copy
                     if self.error is None:  # failed before it was launched: nothing to set up, only to undo
                         await self.start()
                 except Exception as exc:
