@@ -148,11 +148,10 @@ class EngineCore:
     # ------------------------------------------------------------ saves
 
     def begin(self, job_type: type[Job], target: Target, plan: Plan, **extra: Any) -> Job:
-        """Register a save of ``target`` after those already pending for it, and start its background task."""
-        self.check()
+        """Register a save of ``target`` after those already pending for it, and start its background task (a job
+        that holds its writes starts at its first delivery instead: `Job.launch_on_delivery`)."""
         with self._lock:
-            if self._closed:  # closing waits for the jobs registered before it: this one must not slip in after
-                raise CheckpointError("the engine is closed; create a new one")
+            self.check()  # under the lock ``close`` takes, so no job is registered after close has listed them
             queue = self._pending.setdefault(target.key, [])
             job = self.runtime.build(lambda: job_type(self.runtime, self.pool, target, plan,
                                                       queue[-1] if queue else None,
