@@ -62,13 +62,13 @@ class S3Sink:
         view = as_memoryview(data)[:nbytes]  # staging buffers are rounded up to whole pages
         crc = await self.storage.wants_crc32()
         if offset == 0 and nbytes == self.nbytes:  # the whole shard is one chunk: a plain PUT
-            sig, body, checksum = await self.storage.io.cpu(_digest_and_copy, view, crc)
-            await self._put(body, checksum)
+            sig, checksum = await self.storage.io.cpu(_digests, view, crc)
+            await self._put(_Body(view), checksum)
             return sig
         index = offset // self.chunk
         if self.per_part == 1:
-            sig, body, checksum = await self.storage.io.cpu(_digest_and_copy, view, crc)
-            await self._upload(index + 1, body, checksum)
+            sig, checksum = await self.storage.io.cpu(_digests, view, crc)
+            await self._upload(index + 1, _Body(view), checksum)
             return sig
         return await self._gather_chunk(index, offset, view, crc)
 
@@ -84,7 +84,7 @@ class S3Sink:
         filled[0] += len(view)
         if filled[0] == size:
             del self._gather[part]
-            body = _body(buf)
+            body = _Body(memoryview(buf))
             checksum = await self.storage.io.cpu(_crc32, buf) if crc else {}
             if self.parts_expected == 1:  # the whole shard in one part: a plain PUT
                 await self._put(body, checksum)
@@ -173,18 +173,41 @@ def _crc32(data: bytes | memoryview) -> dict[str, str]:
     return {"ChecksumAlgorithm": "CRC32", "ChecksumCRC32": value}
 
 
-def _body(data: bytes | bytearray | memoryview) -> io.BytesIO:
-    """A request body holding a copy of ``data``: a ``BytesIO`` that owns its buffer, so that the HTTP client
-    sends it without copying it again (it would unshare a ``BytesIO`` made over ``bytes``)."""
-    body = io.BytesIO()
-    body.write(data)
-    body.seek(0)
-    return body
+class _Body(io.BytesIO):
+    """A request body read straight from bytes the sink holds (a staging chunk, a gathered part): no copy of them.
+
+    aiobotocore hands a ``BytesIO`` to aiohttp, which sends it in slices it reads one after another; these slices
+    are views of the bytes, so the kernel's copy into the socket is the only one (a copy into a fresh buffer cost
+    more CPU than the request's checksums). The bytes stay as they are while the request runs: the sink awaits it.
+    """
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data, self._pos = data, 0
+
+    def read(self, size: int | None = -1) -> memoryview:  # type: ignore[override]
+        end = len(self._data) if size is None or size < 0 else min(len(self._data), self._pos + size)
+        piece, self._pos = self._data[self._pos:end], max(self._pos, end)
+        return piece
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def getbuffer(self) -> memoryview:
+        return self._data[:]  # a view of its own: callers release what they get
+
+    def getvalue(self) -> bytes:
+        return bytes(self._data)
 
 
-def _digest_and_copy(view: memoryview, crc: bool) -> tuple[str, io.BytesIO, dict[str, str]]:
-    """Our digest, the request body, and its S3 checksum: all the CPU work of one upload, off the loop."""
-    return digest(view), _body(view), _crc32(view) if crc else {}
+def _digests(view: memoryview, crc: bool) -> tuple[str, dict[str, str]]:
+    """Our digest and the request's S3 checksum: all the CPU work of one upload, off the loop."""
+    return digest(view), _crc32(view) if crc else {}
 
 
 def _digest_into(view: memoryview, buf: bytearray, at: int) -> str:
