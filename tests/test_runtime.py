@@ -87,3 +87,32 @@ def test_options_are_validated_once_for_both_faces(face):
         make(chunk_bytes=1000)
     with pytest.raises(ValueError, match="host_memory_budget"):  # also a ValueError, as before
         make(host_memory_budget=4096, chunk_bytes=8192)
+
+
+def test_calls_made_for_later_run_after_their_delay_in_the_order_made():
+    """What a copying thread hands over with ``call_later`` runs on the loop once the delay has passed, in the order
+    it was handed over, whichever thread made the call; a ``call_soon`` made after them may run first."""
+    from asyncckpt.concurrency.runtime import Runtime
+
+    runtime = Runtime(workers=1)
+    try:
+        ran: list[tuple[str, float, bool]] = []
+        done = threading.Event()
+
+        def note(name: str) -> None:
+            ran.append((name, time.perf_counter(), runtime.in_loop))
+            if name == "last":
+                done.set()
+
+        t0 = time.perf_counter()
+        for name in ("a", "b", "c"):
+            runtime.call_later(0.3, note, name)
+        runtime.call_soon(note, "soon")
+        runtime.call_soon(runtime.call_later, 0.3, note, "last")  # made on the loop itself
+        assert done.wait(10)
+        assert [name for name, _, _ in ran] == ["soon", "a", "b", "c", "last"]
+        assert all(in_loop for _, _, in_loop in ran)
+        assert all(at - t0 >= 0.3 for name, at, _ in ran if name != "soon")
+        assert ran[0][1] - t0 < 0.3
+    finally:
+        runtime.close()

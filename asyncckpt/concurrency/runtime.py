@@ -13,6 +13,7 @@ A forked child inherits the object but not its threads: every call from another 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextvars
 import os
@@ -62,6 +63,7 @@ class Runtime:
         self.name = name
         self.closed = False
         self._exit_callbacks: list[Callable[[], Any]] = []
+        self._later: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
         self.abandoned: set[concurrent.futures.Future[Any]] = set()  # hung calls given up on, still running
         self._ready = threading.Event()
@@ -152,6 +154,34 @@ class Runtime:
             fn(*args)
         else:
             self.loop.call_soon_threadsafe(self._context.copy().run, fn, *args)
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule the plain function ``fn(*args)`` on the loop about ``delay`` seconds from now, from any thread;
+        these calls run in the order they were made (``call_soon`` calls made after them may run first).
+
+        A thread that wakes the loop releases the GIL while it does; the loop thread then usually takes it and
+        runs what it was woken for while the waking thread waits. A thread about to return to its caller (a
+        snapshot handing its last chunks over) delays the work so that it runs beside the caller instead: the
+        loop wakes only to arm a timer.
+        """
+        self.check()
+        assert self.loop is not None
+        call = (self._context.copy().run, (fn, *args))
+        if self.in_loop:
+            self._schedule_later(delay, call)
+        else:
+            self.loop.call_soon_threadsafe(self._schedule_later, delay, call)
+
+    def _schedule_later(self, delay: float, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+        self._later.append(call)
+        if len(self._later) == 1:  # one timer runs every call queued until it fires, in order
+            assert self.loop is not None
+            self.loop.call_later(delay, self._run_later)
+
+    def _run_later(self) -> None:
+        while self._later:
+            run, args = self._later.popleft()
+            run(*args)
 
     def build(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the calling thread, with anyio primitives it creates belonging to the runtime's loop

@@ -28,6 +28,11 @@ def snapshot_error(exc: BaseException) -> Exception:
     return CheckpointError("the save was interrupted during its snapshot; nothing of it was committed")
 
 
+#: how long the loop waits before starting a job's work handed over by a copying thread (`Runtime.call_later`):
+#: longer than the thread takes to get back to copying or to return to its caller, well under a write's time
+HAND_OVER_DELAY = 0.0005
+
+
 def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred: bool = False) -> Steps:
     """Fill and submit each chunk of ``job``'s plan; ``check()`` runs between chunks (raising aborts the save).
     A ``deferred`` feed runs while the caller computes: after each chunk it proves that no tensor it copied was
@@ -52,9 +57,9 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 if buf is None:
                     break
             if chunk is last and held and not delivered:
-                # start the job while the last chunk copies: the copy releases the GIL, so the loop's wake-up and
-                # start run beside it rather than after it; the job's storage and writes still wait for the copy
-                runtime.call_soon(job.deliver, held)
+                # start the job while the last chunk copies: the copy releases the GIL, so the loop's start runs
+                # beside it rather than before it; the job's storage and writes still wait for the copy
+                runtime.call_later(HAND_OVER_DELAY, job.deliver, held)
                 held, delivered = [], True
             ready = plan.fill(chunk, buf)  # a buffer not submitted stays the job's: it returns it when it concludes
             if deferred:
@@ -72,7 +77,7 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
         raise
     finally:  # one more wake-up of the loop: the job's start (if not yet), the held chunks, the end of the input
         job.handle.mark_copied()
-        runtime.call_soon(job.deliver, held, time.perf_counter() - t0, error)
+        runtime.call_later(HAND_OVER_DELAY, job.deliver, held, time.perf_counter() - t0, error)
 
 
 def _advance(steps: Steps, buf: torch.Tensor | None = None, error: BaseException | None = None) -> int | None:
