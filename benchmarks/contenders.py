@@ -328,6 +328,16 @@ class OursOverlap(OursNative):
         return {"overlap_writes": True}
 
 
+class OursDeferred(OursNative):
+    """The engine with ``snapshot="deferred"``: ``save`` returns after planning; the copy runs in the background."""
+
+    name = "asyncckpt-deferred"
+    label = "asyncckpt, snapshot=\"deferred\""
+
+    def engine_options(self, workload: Any) -> dict[str, Any]:
+        return {"snapshot": "deferred"}
+
+
 class OursBudget(OursNative):
     """The engine held to a host staging budget of 25% of the state's tensor bytes."""
 
@@ -353,8 +363,9 @@ class OursBudget(OursNative):
 
 
 CONTENDERS: dict[str, type[Contender]] = {c.name: c for c in (
-    TorchSave, LightningAsync, DCPAsync, TorchSnapshot, OursNative, OursOverlap, OursLightning,
+    TorchSave, LightningAsync, DCPAsync, TorchSnapshot, OursNative, OursOverlap, OursDeferred, OursLightning,
     OursLightningNative, OursBudget)}
 
 PEERS = ("torch.save", "lightning-async", "dcp-async", "torchsnapshot")
-OURS = ("asyncckpt", "asyncckpt-overlap", "asyncckpt-lightning", "asyncckpt-lightning-native", "asyncckpt-budget")
+OURS = ("asyncckpt", "asyncckpt-overlap", "asyncckpt-deferred", "asyncckpt-lightning", "asyncckpt-lightning-native",
+        "asyncckpt-budget")

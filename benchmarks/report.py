@@ -26,6 +26,7 @@ MEM_METRICS = ("save_peak_rss_growth", "rss_drift", "load_peak_rss_growth")
 
 # Target thresholds (see docs/benchmarks.md).
 BLOCKING_VS_FLOOR = 1.25
+DEFERRED_VS_FLOOR = 0.05
 DURABLE_VS_RAW = 0.85
 DURABLE_VS_PEERS = 2.0
 LOAD_VS_RAW = 0.85
@@ -164,6 +165,14 @@ def targets(w: dict[str, Any]) -> list[dict[str, Any]]:
         pv = _med(e, "steady_blocking_s")
         add(f"steady blocking <= {label(p)}", _fmt_s(sb), f"<= {_fmt_s(pv)}",
             None if sb is None or pv is None else sb <= pv)
+
+    deferred = w["contenders"].get("asyncckpt-deferred", {})
+    if deferred.get("status") == "ok":
+        db = _med(deferred, "steady_blocking_s")
+        add("deferred: save returns <= 0.05x copy floor",
+            _fmt_s(db) + (f" = {db / floor:.3f}x floor" if db and floor else ""),
+            f"<= {_fmt_s(floor * DEFERRED_VS_FLOOR) if floor else '?'}",
+            None if db is None or floor is None else db <= DEFERRED_VS_FLOOR * floor)
 
     dg = _med(ours, "durable_gbps")
     wr = lim["raw_write_gbps"]["median"] if lim.get("raw_write_gbps") else None
