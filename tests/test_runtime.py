@@ -116,3 +116,26 @@ def test_calls_made_for_later_run_after_their_delay_in_the_order_made():
         assert ran[0][1] - t0 < 0.3
     finally:
         runtime.close()
+
+
+def test_a_call_made_for_later_that_raises_stops_neither_the_next_nor_later_ones():
+    """A hand-over that fails must not strand those queued behind it: they would never run, and every save after
+    them would wait forever for its job to start."""
+    from asyncckpt.concurrency.runtime import Runtime
+
+    runtime = Runtime(workers=1)
+    try:
+        ran: list[str] = []
+        done = threading.Event()
+
+        def boom() -> None:
+            raise RuntimeError("a failing hand-over")
+
+        runtime.call_later(0.01, boom)
+        runtime.call_later(0.01, ran.append, "queued behind it")
+        time.sleep(0.2)  # the first timer has fired
+        runtime.call_later(0.01, done.set)  # a later hand-over arms a timer of its own
+        assert done.wait(10)
+        assert ran == ["queued behind it"]
+    finally:
+        runtime.close()

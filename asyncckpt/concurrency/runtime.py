@@ -164,24 +164,21 @@ class Runtime:
         snapshot handing its last chunks over) delays the work so that it runs beside the caller instead: the
         loop wakes only to arm a timer.
         """
-        self.check()
-        assert self.loop is not None
-        call = (self._context.copy().run, (fn, *args))
-        if self.in_loop:
-            self._schedule_later(delay, call)
-        else:
-            self.loop.call_soon_threadsafe(self._schedule_later, delay, call)
+        self.call_soon(self._schedule_later, delay, fn, args)
 
-    def _schedule_later(self, delay: float, call: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
-        self._later.append(call)
+    def _schedule_later(self, delay: float, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._later.append((fn, args))
         if len(self._later) == 1:  # one timer runs every call queued until it fires, in order
             assert self.loop is not None
             self.loop.call_later(delay, self._run_later)
 
     def _run_later(self) -> None:
-        while self._later:
-            run, args = self._later.popleft()
-            run(*args)
+        """The timer fired: queue every waiting call, in order, as a callback of its own (one that raises is
+        reported by the loop and stops neither the others nor the next timer)."""
+        assert self.loop is not None
+        calls, self._later = self._later, collections.deque()
+        for fn, args in calls:
+            self.loop.call_soon(self._context.copy().run, fn, *args)
 
     def build(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the calling thread, with anyio primitives it creates belonging to the runtime's loop
