@@ -96,7 +96,10 @@ def one(name: str, width: int, layers: int, every: int, checkpoints: int, pairs:
             await contender.durable(p)
         out["drain_s"].append(time.perf_counter() - t1)
         for path in paths:  # room for the next pair's checkpoints, outside the timed loop
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     async def run() -> None:
         await contender.open(workdir, None)
