@@ -19,7 +19,7 @@ from .core import EngineCore
 from .errors import CheckpointError, InvalidArgumentError
 from .load.rebuild import check_map_location
 from .memory.pool import StagingPool
-from .options import SNAPSHOT_MODES, EngineOptions
+from .options import IO_TIMEOUT, SNAPSHOT_MODES, EngineOptions
 from .pipeline.feed import drive_async, feed
 from .pipeline.handles import SaveHandle
 from .io.contract import Storage
@@ -48,7 +48,7 @@ class EngineBase:
             planning; the copy runs while the caller computes, and optimizer steps wait for it).
         overlap_writes: write a save's chunks while its snapshot still copies (durable sooner, blocks longer).
         io_timeout: seconds one storage operation (a chunk write or read, a listing, the commit) may take; past it
-            the save or load fails with `StorageTimeoutError`. None: no limit.
+            the save or load fails with `StorageTimeoutError`. Default 600; None: no limit.
         process_group: (`CheckpointEngine` only) a ``torch.distributed`` group: every rank of it saves and
             loads its part of one checkpoint through ``torch.distributed.checkpoint`` (see docs/distributed.md).
 
@@ -59,7 +59,7 @@ class EngineBase:
     def __init__(self, *, write_concurrency: int = 8, host_memory_budget: int | None = None,
                  shard_bytes: int | None = None, chunk_bytes: int = 32 * MiB, fsync: bool = True, verify: bool = True,
                  storage_options: Mapping[str, Any] | None = None, snapshot: str = "eager",
-                 overlap_writes: bool = False, io_timeout: float | None = None, process_group: Any = None
+                 overlap_writes: bool = False, io_timeout: float | None = IO_TIMEOUT, process_group: Any = None
                  ) -> None:
         self.process_group = process_group
         self.options = EngineOptions(write_concurrency=write_concurrency, host_memory_budget=host_memory_budget,

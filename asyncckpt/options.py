@@ -15,6 +15,10 @@ MiB = 1 << 20
 PAGE = 4096
 SNAPSHOT_MODES = ("eager", "deferred")
 
+#: seconds one storage operation may take unless the caller says otherwise: long enough for a 32 MiB chunk over a
+#: link of 60 KB/s, short enough that a hung mount or endpoint fails the save instead of blocking it forever
+IO_TIMEOUT = 600.0
+
 
 def default_budget() -> int:
     """A quarter of physical memory, capped at 16 GiB: room for a few in-flight copies of a large state."""
@@ -55,7 +59,8 @@ class EngineOptions:
             for memory that only writes free.
         io_timeout: seconds one storage operation (a chunk written or read, a listing, a commit) may take before
             the save or load it belongs to fails with `StorageTimeoutError` naming the operation
-            and path; committed checkpoints stay. ``None``: no limit (a hung store or NFS mount blocks forever).
+            and path; committed checkpoints stay. Default 600 (ten minutes). ``None``: no limit (a hung store or
+            NFS mount then blocks the save, and closing the engine, forever).
 
     Raises:
         InvalidArgumentError: an option is out of range or of the wrong type (a count or size below 1, a
@@ -72,7 +77,7 @@ class EngineOptions:
     storage_options: Mapping[str, Any] | None = field(default=None, hash=False)
     snapshot: str = "eager"
     overlap_writes: bool = False
-    io_timeout: float | None = None
+    io_timeout: float | None = IO_TIMEOUT
 
     def __post_init__(self) -> None:
         for name in ("write_concurrency", "shard_bytes", "chunk_bytes"):

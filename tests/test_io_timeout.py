@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 
@@ -80,3 +81,31 @@ def test_a_hung_listing_after_the_commit_does_not_hang_the_save(tmp_path):
 def test_io_timeout_must_be_a_positive_number(bad):
     with pytest.raises(InvalidArgumentError, match="io_timeout must be a positive number"):
         asyncckpt.EngineOptions(io_timeout=bad)
+
+
+def test_engines_bound_each_storage_operation_by_default():
+    """A hung NFS mount or endpoint fails a save after ten minutes unless the caller asks for no limit."""
+    assert asyncckpt.EngineOptions().io_timeout == 600
+    assert asyncckpt.CheckpointEngine().options.io_timeout == 600
+    with asyncckpt.SyncEngine() as engine:
+        assert engine.options.io_timeout == 600
+    assert asyncckpt.EngineOptions(io_timeout=None).io_timeout is None
+
+
+async def test_a_cancelled_save_waits_for_a_blocked_write_only_until_io_timeout(tmp_path):
+    """Leaving the engine's scope by cancellation waits for a write already running (it reads a staging buffer),
+    but a write blocked past ``io_timeout`` is hung: it is given up on and the exit returns."""
+    plan = FaultPlan(hang_s=60).add("pwrite", nth=0, action="hang", match="shard-")
+    try:
+        with faulty_os(plan):
+            t0 = time.monotonic()
+            with anyio.move_on_after(0.2):
+                async with asyncckpt.CheckpointEngine(**{**OPTS, "io_timeout": 3.0}) as engine:
+                    await engine.save(state(1), str(tmp_path / "ckpt"))
+                    await anyio.sleep(60)
+            waited = time.monotonic() - t0
+            assert any(op == "pwrite" for op, _, _ in plan.fired)
+            assert 2.5 < waited < LIMIT, waited
+    finally:
+        plan.release()
+    assert asyncckpt.latest(str(tmp_path)) is None  # the cancelled save committed nothing

@@ -190,25 +190,32 @@ class Runtime:
         finally:
             sniffio.thread_local.name = saved
 
-    async def run_sync(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
+    async def run_sync(self, fn: Callable[..., T], *args: Any, patience: float | None = None) -> T:
         """Run the blocking ``fn(*args)`` in a worker thread (from the loop). Cancellation waits for a call that has
-        started, since it may still use buffers the caller is about to release; with ``abandon`` it does not (the
-        call is hung: the caller gives up on it and keeps its buffers away from reuse)."""
+        started, since it may still use buffers the caller is about to release, but at most ``patience`` seconds
+        from the call's start: a call still running then is hung, and is abandoned (the caller gives up on it and
+        keeps its buffers away from reuse)."""
         assert self.loop is not None
         done = anyio.Event()
         loop = self.loop
-        future = self._executor.submit(fn, *args)
+        started: list[float] = []
+
+        def call() -> T:
+            started.append(loop.time())
+            return fn(*args)
+
+        future = self._executor.submit(call)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
         try:
             await done.wait()
         except anyio.get_cancelled_exc_class():
             if not future.cancel():
-                if abandon:
+                deadline = float("inf") if patience is None else (started or [loop.time()])[0] + patience
+                with anyio.CancelScope(shield=True, deadline=deadline):
+                    await done.wait()
+                if not done.is_set():
                     self.abandoned.add(future)
                     future.add_done_callback(self.abandoned.discard)
-                    raise
-                with anyio.CancelScope(shield=True):
-                    await done.wait()
             raise
         return future.result()
 
@@ -248,7 +255,8 @@ class IoRunner:
     """Blocking calls in the runtime's worker threads, at most ``limit`` at once: the engine's I/O concurrency.
 
     Async stores use `limiter` directly to bound their requests in flight. ``timeout`` is the engine's
-    ``io_timeout``: with one, blocking calls cut short by it are abandoned rather than awaited (they are hung).
+    ``io_timeout``: a call cut short (by the timeout, or by a cancelled save or load) is waited for until it has run
+    that long, then abandoned as hung.
     """
 
     def __init__(self, runtime: Runtime, limit: int, timeout: float | None = None) -> None:
@@ -259,7 +267,7 @@ class IoRunner:
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         async with self.limiter:
-            return await self.runtime.run_sync(fn, *args, abandon=self.timeout is not None)
+            return await self.runtime.run_sync(fn, *args, patience=self.timeout)
 
     async def cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """A CPU-bound call (hashing, copying) off the loop, not counted against the I/O concurrency."""
