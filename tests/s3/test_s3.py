@@ -13,6 +13,7 @@ import torch
 import asyncckpt
 from asyncckpt import RetryPolicy, S3Error
 from asyncckpt.io.s3 import S3Storage
+from asyncckpt.io.timed import TimedStorage
 
 from asyncckpt.testing.emulators import KEY, REGION, SECRET
 
@@ -184,7 +185,9 @@ def test_storage_options_reach_s3fs(s3, bucket, moto):
         async with engine(opts) as eng:
             await (await eng.save(state, f"s3://{bucket}/opts"))
             out = await eng.load(f"s3://{bucket}/opts")
-            storage = eng.core.cached_target(f"s3://{bucket}/opts", None).storage
+            timed = eng.core.cached_target(f"s3://{bucket}/opts", None).storage
+            assert isinstance(timed, TimedStorage) and timed.timeout == 600  # the default io_timeout
+            storage = timed.inner
             assert isinstance(storage, S3Storage)
             assert (storage.fs.key, storage.fs.secret) == (KEY, SECRET)
             assert storage.retry == RetryPolicy(attempts=3, base_delay=0.5, max_delay=1.0)
