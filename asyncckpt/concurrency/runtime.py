@@ -193,8 +193,8 @@ class Runtime:
     async def run_sync(self, fn: Callable[..., T], *args: Any, patience: float | None = None) -> T:
         """Run the blocking ``fn(*args)`` in a worker thread (from the loop). Cancellation waits for a call that has
         started, since it may still use buffers the caller is about to release, but at most ``patience`` seconds
-        from the call's start: a call still running then is hung, and is abandoned (the caller gives up on it and
-        keeps its buffers away from reuse)."""
+        from the call's start: a call still running then is hung, and is abandoned (a buffer it may still write is
+        the caller's to keep from reuse)."""
         assert self.loop is not None
         done = anyio.Event()
         loop = self.loop
