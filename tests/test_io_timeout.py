@@ -109,3 +109,28 @@ async def test_a_cancelled_save_waits_for_a_blocked_write_only_until_io_timeout(
     finally:
         plan.release()
     assert asyncckpt.latest(str(tmp_path)) is None  # the cancelled save committed nothing
+
+
+async def test_a_load_cancelled_while_its_reads_hang_never_hands_their_buffers_out_again(tmp_path):
+    """A read given up on (its load was cancelled, and it then outlived ``io_timeout``) may still land in its staging
+    buffer later. Handed to the next save, that buffer could change between the save's copy and its write, and the
+    checksum, taken at the write, would vouch for the wrong bytes: such buffers leave the pool."""
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=60).add("read", nth=0, action="hang", match="shard-")
+    async with asyncckpt.CheckpointEngine(**{**OPTS, "io_timeout": 2.0}) as engine:
+        await (await engine.save(state(1), path))
+        pool = engine.core.pool
+        before = pool.allocated_bytes
+        try:
+            with faulty_os(plan):
+                t0 = time.monotonic()
+                with anyio.move_on_after(0.2):
+                    await engine.load(path, state=state(0))
+                assert 1.5 < time.monotonic() - t0 < LIMIT  # the running reads were waited for, up to io_timeout
+                hung = sum(op == "read" for op, _, _ in plan.fired)
+        finally:
+            plan.release()
+        assert hung == OPTS["write_concurrency"] and pool.in_use_bytes == 0
+        assert before - pool.allocated_bytes >= hung * OPTS["chunk_bytes"], (before, pool.allocated_bytes)
+        out = await engine.load(path)
+    assert torch.equal(out["w"], state(1)["w"])

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Collection, Sequence
 
+import anyio
 import torch
 
 from ..errors import StorageTimeoutError
@@ -139,8 +140,8 @@ async def read_regions(storage: Storage, path: str, display: str, shards: Sequen
         try:
             try:
                 sig = await reader.read_into(offset, buf[:nbytes])
-            except StorageTimeoutError:
-                hung = True  # the read may still land in the buffer later: it never serves again
+            except (StorageTimeoutError, anyio.get_cancelled_exc_class()):
+                hung = True  # a read given up on may still land in the buffer later: it never serves again
                 raise
             stats.read += nbytes
             stats.chunks += 1
