@@ -16,7 +16,8 @@ PAGE = 4096
 SNAPSHOT_MODES = ("eager", "deferred")
 
 #: seconds one storage operation may take unless the caller says otherwise: long enough for a 32 MiB chunk over a
-#: link of 60 KB/s, short enough that a hung mount or endpoint fails the save instead of blocking it forever
+#: link of 60 KB/s (a whole shard, on stores written in one request), short enough that a hung mount or endpoint
+#: fails the save instead of blocking it forever
 IO_TIMEOUT = 600.0
 
 

@@ -134,3 +134,44 @@ async def test_a_load_cancelled_while_its_reads_hang_never_hands_their_buffers_o
         assert before - pool.allocated_bytes >= hung * OPTS["chunk_bytes"], (before, pool.allocated_bytes)
         out = await engine.load(path)
     assert torch.equal(out["w"], state(1)["w"])
+
+
+def test_a_save_fails_in_bounded_time_when_its_clean_up_hangs_too(tmp_path):
+    """On a hung mount every call hangs, the clean-up's ``unlink`` of the failed shard too; it runs in a worker
+    thread, so io_timeout ends it as well and the engine's loop never blocks."""
+    path = str(tmp_path / "ckpt")
+    plan = (FaultPlan(hang_s=120).add("pwrite", nth=0, action="hang", match="shard-")
+            .add("unlink", nth=0, action="hang", match="shard-"))
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        engine.save(state(1), path).result()
+        try:
+            with faulty_os(plan):
+                t0 = time.monotonic()
+                with pytest.raises(StorageTimeoutError, match="write at byte"):
+                    engine.save(state(2), path).result()
+                assert time.monotonic() - t0 < LIMIT
+                assert any(op == "unlink" for op, _, _ in plan.fired)
+                assert engine.load(path)["step"] == 1  # the loop is free: other calls go on
+        finally:
+            plan.release()
+
+
+def test_a_manifest_given_up_on_is_never_renamed_over_a_later_save(tmp_path):
+    """A save whose manifest hung (creating its temporary file) failed; a later save of the path committed,
+    sweeping the failed one's shards. When the hung call wakes up it must not rename its stale manifest over the
+    new one: that would name deleted shards."""
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=120).add("create", nth=1, action="hang", match="manifest.json")
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        try:
+            with faulty_os(plan):
+                with pytest.raises(StorageTimeoutError):
+                    engine.save(state(1), path).result()
+                assert plan.fired
+                engine.save(state(2), path).result()  # while the first save's call still hangs
+                plan.release()
+                time.sleep(0.5)  # the hung call has woken up and finished
+        finally:
+            plan.release()
+        out = engine.load(path)
+    assert out["step"] == 2 and torch.equal(out["w"], state(2)["w"])

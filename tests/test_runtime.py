@@ -139,3 +139,25 @@ def test_a_call_made_for_later_that_raises_stops_neither_the_next_nor_later_ones
         assert ran == ["queued behind it"]
     finally:
         runtime.close()
+
+
+def test_a_blocking_call_cut_short_by_its_operations_deadline_is_given_up_at_that_deadline():
+    """``patience`` counts from the call's start, but a call that began late in a bounded operation (after a queue,
+    or after the operation's earlier calls) is given up on when the operation's own deadline passes, not later."""
+    from asyncckpt.concurrency.runtime import Runtime
+
+    runtime = Runtime(workers=1)
+    gate = threading.Event()
+    try:
+        async def operation() -> None:
+            with anyio.fail_after(0.5):
+                await anyio.sleep(0.3)  # what the operation did before this call
+                await runtime.run_sync(gate.wait, 30, patience=5.0)
+
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            runtime.call(operation)
+        assert time.monotonic() - t0 < 2.0  # not 0.3 + 5 s
+    finally:
+        gate.set()
+        runtime.close()

@@ -192,25 +192,34 @@ class Runtime:
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, patience: float | None = None) -> T:
         """Run the blocking ``fn(*args)`` in a worker thread (from the loop). Cancellation waits for a call that has
-        started, since it may still use buffers the caller is about to release, but at most ``patience`` seconds
-        from the call's start: a call still running then is hung, and is abandoned (a buffer it may still write is
-        the caller's to keep from reuse)."""
+        started, since it may still use buffers the caller is about to release, but with a ``patience`` only until
+        the call has run that long or the deadline of the operation it belongs to (the enclosing scopes') has
+        passed, whichever comes first: a call still running then is hung, and is abandoned (a buffer it may still
+        write is the caller's to keep from reuse)."""
         assert self.loop is not None
         done = anyio.Event()
         loop = self.loop
         started: list[float] = []
+        bound = anyio.current_effective_deadline()  # io_timeout's, when the call is part of a bounded operation
 
         def call() -> T:
             started.append(loop.time())
             return fn(*args)
 
+        def finished(_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(done.set)
+            except RuntimeError:  # a call given up on that returned after the runtime closed: nobody waits
+                pass
+
         future = self._executor.submit(call)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+        future.add_done_callback(finished)
         try:
             await done.wait()
         except anyio.get_cancelled_exc_class():
             if not future.cancel():
-                deadline = float("inf") if patience is None else (started or [loop.time()])[0] + patience
+                deadline = float("inf") if patience is None else min(
+                    bound, (started or [loop.time()])[0] + patience)
                 with anyio.CancelScope(shield=True, deadline=deadline):
                     await done.wait()
                 if not done.is_set():

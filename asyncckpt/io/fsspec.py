@@ -193,8 +193,8 @@ class FsspecSink:
         with self.storage.io.shielded():  # ends after io_timeout on a hung store
             self.parts = []
             try:
-                if self.file is not None:
-                    self.file.discard() if hasattr(self.file, "discard") else self.file.close()
+                if self.file is not None:  # in a worker: closing may reach a hung store
+                    await self.storage.io(getattr(self.file, "discard", self.file.close))
                 await self.storage.remove(self.path)
             except Exception:
                 pass

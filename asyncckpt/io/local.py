@@ -230,15 +230,27 @@ class LocalStorage(Storage):
     # ------------------------------------------------------------ small files
 
     async def put_atomic(self, path: str, data: bytes, fsync: bool) -> None:
-        await self.io(self._replace, path, lambda f: f.write(data), fsync)
+        await self._publish(path, lambda f: f.write(data), fsync)
 
     async def put_file(self, path: str, write: Callable[[IO[bytes]], Any], fsync: bool) -> None:
         await self.makedirs(os.path.dirname(path) or ".", fsync)
-        await self.io(self._replace, path, write, fsync)
+        await self._publish(path, write, fsync)
 
-    def _replace(self, path: str, write: Callable[[IO[bytes]], Any], fsync: bool) -> None:
-        """Write a temporary file next to ``path`` through ``write(f)``, fsync it, rename it over ``path`` and
-        fsync the directory: readers see the old file or the new one, and the new one survives a crash."""
+    async def _publish(self, path: str, write: Callable[[IO[bytes]], Any], fsync: bool) -> None:
+        """`_replace` in a worker. A call given up on as hung may still run: it must not rename its file over
+        ``path`` later, when another save may have published its own manifest there since."""
+        given_up = threading.Event()
+        try:
+            await self.io(self._replace, path, write, fsync, given_up)
+        except BaseException:
+            given_up.set()
+            raise
+
+    def _replace(self, path: str, write: Callable[[IO[bytes]], Any], fsync: bool, given_up: threading.Event
+                 ) -> None:
+        """Write a temporary file next to ``path`` through ``write(f)``, fsync it, rename it over ``path`` (unless
+        ``given_up`` is set by then) and fsync the directory: readers see the old file or the new one, and the new
+        one survives a crash."""
         ops = self.ops
         tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex[:12]}"
         try:
@@ -251,6 +263,8 @@ class LocalStorage(Storage):
                         ops.fsync(fd)
             finally:
                 ops.close(fd)
+            if given_up.is_set():
+                raise OSError(errno.ECANCELED, "given up on as hung before it was renamed into place", path)
             ops.replace(tmp, path)
         except BaseException:
             try:
@@ -482,6 +496,9 @@ class LocalSink:
         self.fd = self.direct_fd = -1
 
     async def abort(self) -> None:
+        await self.storage.io(self._abort)  # in a worker: on a hung mount, unlink blocks too (io_timeout ends it)
+
+    def _abort(self) -> None:
         # a write given up on as hung (io_timeout) may still run: its descriptors stay open until it returns, so
         # that their numbers are never reused under it for another file
         with self._lock:
