@@ -175,3 +175,23 @@ def test_a_manifest_given_up_on_is_never_renamed_over_a_later_save(tmp_path):
             plan.release()
         out = engine.load(path)
     assert out["step"] == 2 and torch.equal(out["w"], state(2)["w"])
+
+
+def test_calls_given_up_on_as_hung_never_starve_saves_to_a_healthy_path(tmp_path):
+    """Each write given up on keeps its worker thread stuck in the hung mount. Once half the workers are, later
+    calls get fresh ones: after more failed saves than the engine has workers, a save elsewhere still commits."""
+    options = {**OPTS, "write_concurrency": 1}  # one write at a time: each failed save leaves one thread stuck
+    plan = FaultPlan(hang_s=120).add("pwrite", nth=0, action="hang", match="hung-mount")
+    with asyncckpt.SyncEngine(**options) as engine:
+        try:
+            with faulty_os(plan):
+                for i in range(6):  # the engine has write_concurrency + 4 = 5 workers
+                    with pytest.raises(StorageTimeoutError, match="hung-mount"):
+                        engine.save(state(i), str(tmp_path / "hung-mount" / f"c{i}")).result()
+                assert sum(op == "pwrite" for op, _, _ in plan.fired) == 6
+                t0 = time.monotonic()
+                engine.save(state(9), str(tmp_path / "healthy")).result()
+                assert time.monotonic() - t0 < LIMIT
+        finally:
+            plan.release()
+        assert engine.load(str(tmp_path / "healthy"))["step"] == 9

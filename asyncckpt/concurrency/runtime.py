@@ -64,7 +64,11 @@ class Runtime:
         self.closed = False
         self._exit_callbacks: list[Callable[[], Any]] = []
         self._later: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
+        self._workers = workers
+        self._executor = self._new_executor()
+        self._replaced: list[concurrent.futures.ThreadPoolExecutor] = []  # pools that lost workers to hung calls
+        self._lost = 0  # workers of the current pool stuck in calls given up on
+        self._pool_lock = threading.Lock()
         self.abandoned: set[concurrent.futures.Future[Any]] = set()  # hung calls given up on, still running
         self._ready = threading.Event()
         self.portal: BlockingPortal | None = None
@@ -137,7 +141,24 @@ class Runtime:
     def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
         """Run the blocking ``fn(*args)`` in a worker thread, from any thread; the future tells its outcome."""
         self.check()
-        return self._executor.submit(fn, *args)
+        with self._pool_lock:
+            return self._executor.submit(fn, *args)
+
+    def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"{self.name}-io")
+
+    def _abandon(self, future: "concurrent.futures.Future[Any]") -> None:
+        """Give up on a hung call. Its thread stays stuck in it: once half of the workers are, later calls go to a
+        fresh pool (the old one ends as its calls return), so a hung mount never starves saves to other paths."""
+        self.abandoned.add(future)
+        future.add_done_callback(self.abandoned.discard)
+        with self._pool_lock:
+            self._lost += 1
+            if 2 * self._lost < self._workers:
+                return
+            old, self._executor, self._lost = self._executor, self._new_executor(), 0
+            self._replaced.append(old)
+        old.shutdown(wait=False)  # its healthy workers finish what is queued there, then exit
 
     async def call_async(self, fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
         """``call`` for code running on any other event loop (asyncio or trio): cancelling the caller cancels
@@ -212,7 +233,8 @@ class Runtime:
             except RuntimeError:  # a call given up on that returned after the runtime closed: nobody waits
                 pass
 
-        future = self._executor.submit(call)
+        with self._pool_lock:
+            future = self._executor.submit(call)
         future.add_done_callback(finished)
         try:
             await done.wait()
@@ -223,8 +245,7 @@ class Runtime:
                 with anyio.CancelScope(shield=True, deadline=deadline):
                     await done.wait()
                 if not done.is_set():
-                    self.abandoned.add(future)
-                    future.add_done_callback(self.abandoned.discard)
+                    self._abandon(future)
             raise
         return future.result()
 
@@ -257,7 +278,8 @@ class Runtime:
                 pass
             self._thread.join()
         # calls given up on as hung may never return: closing does not wait for them
-        self._executor.shutdown(wait=not self.abandoned, cancel_futures=bool(self.abandoned))
+        for executor in (*self._replaced, self._executor):
+            executor.shutdown(wait=not self.abandoned, cancel_futures=bool(self.abandoned))
 
 
 class IoRunner:
