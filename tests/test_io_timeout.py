@@ -3,6 +3,7 @@ save or load with a clear error in bounded time; the committed checkpoint stays;
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -195,3 +196,38 @@ def test_calls_given_up_on_as_hung_never_starve_saves_to_a_healthy_path(tmp_path
         finally:
             plan.release()
         assert engine.load(str(tmp_path / "healthy"))["step"] == 9
+
+
+def _open_shard_files(path: str) -> list[str]:
+    """What this process's descriptors under ``path``'s shards point at."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{path}/shard-"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_commit_given_up_on_keeps_its_descriptors_until_it_returns(tmp_path):
+    """A shard's fsync that hung is given up on and the save cleans up; the descriptors stay open until the hung
+    call returns, so it never reaches (or closes) a number since reused for another file."""
+    path = str(tmp_path / "ckpt")
+    plan = FaultPlan(hang_s=120).add("fsync", nth=1, action="hang", match="ckpt/shard-")
+    with asyncckpt.SyncEngine(**OPTS) as engine:
+        try:
+            with faulty_os(plan):
+                with pytest.raises(StorageTimeoutError, match="commit of"):
+                    engine.save(state(1), path).result()
+                assert _open_shard_files(path)  # held by the hung commit: the file itself was deleted
+                plan.release()
+                deadline = time.monotonic() + LIMIT
+                while _open_shard_files(path) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not _open_shard_files(path)  # closed by the commit once it returned
+        finally:
+            plan.release()
+        assert asyncckpt.latest(str(tmp_path)) is None

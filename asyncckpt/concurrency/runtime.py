@@ -147,18 +147,31 @@ class Runtime:
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         return concurrent.futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"{self.name}-io")
 
-    def _abandon(self, future: "concurrent.futures.Future[Any]") -> None:
-        """Give up on a hung call. Its thread stays stuck in it: once half of the workers are, later calls go to a
-        fresh pool (the old one ends as its calls return), so a hung mount never starves saves to other paths."""
+    def _abandon(self, future: "concurrent.futures.Future[Any]",
+                 pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """Give up on a hung call from ``pool``. Its thread stays stuck in it: once half of the current pool's
+        workers are, later calls go to a fresh pool (the old one ends as its calls return), so a hung mount does not
+        starve saves to other paths. Past four pools' worth of stuck threads no more are made."""
         self.abandoned.add(future)
         future.add_done_callback(self.abandoned.discard)
         with self._pool_lock:
-            self._lost += 1
-            if 2 * self._lost < self._workers:
+            if pool is not self._executor or self.closed:
                 return
-            old, self._executor, self._lost = self._executor, self._new_executor(), 0
-            self._replaced.append(old)
-        old.shutdown(wait=False)  # its healthy workers finish what is queued there, then exit
+            self._lost += 1
+            replace = 2 * self._lost >= self._workers and len(self.abandoned) <= 4 * self._workers
+            if replace:
+                self._executor, self._lost = self._new_executor(), 0
+                self._replaced.append(pool)
+        if replace:
+            pool.shutdown(wait=False)  # its healthy workers finish what is queued there, then exit
+        else:
+            future.add_done_callback(lambda _: self._returned(pool))  # outside the lock: it may run at once
+
+    def _returned(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """A call given up on returned: its worker serves ``pool`` again."""
+        with self._pool_lock:
+            if pool is self._executor:
+                self._lost -= 1
 
     async def call_async(self, fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
         """``call`` for code running on any other event loop (asyncio or trio): cancelling the caller cancels
@@ -234,7 +247,8 @@ class Runtime:
                 pass
 
         with self._pool_lock:
-            future = self._executor.submit(call)
+            pool = self._executor
+            future = pool.submit(call)
         future.add_done_callback(finished)
         try:
             await done.wait()
@@ -245,7 +259,7 @@ class Runtime:
                 with anyio.CancelScope(shield=True, deadline=deadline):
                     await done.wait()
                 if not done.is_set():
-                    self._abandon(future)
+                    self._abandon(future, pool)
             raise
         return future.result()
 

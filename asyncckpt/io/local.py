@@ -440,22 +440,27 @@ class LocalSink:
         self.ops = storage.ops
         self.padded = False  # a direct write ran past the end (whole pages): truncate on commit
         self._lock = threading.Lock()
-        self._busy = 0  # writes running in worker threads (one given up on as hung may still be)
+        self._busy = 0  # calls running in worker threads (one given up on as hung may still be)
         self._aborted = False
 
-    def _write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` counted as busy: an aborted sink's descriptors stay open until its last call returns, so
+        that a call given up on as hung never uses (or closes) a number since reused for another file."""
         with self._lock:
             if self._aborted:
                 raise OSError(errno.ECANCELED, "the shard was aborted", self.path)
             self._busy += 1
         try:
-            return self._write_now(offset, data, nbytes)
+            return fn(*args)
         finally:
             with self._lock:
                 self._busy -= 1
                 close = self._aborted and not self._busy
-            if close:  # the last write of an aborted sink closes its descriptors (see abort)
+            if close:
                 self._close()
+
+    def _write(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
+        return self._guarded(self._write_now, offset, data, nbytes)
 
     def _write_now(self, offset: int, data: torch.Tensor, nbytes: int) -> str:
         view = as_memoryview(data)
@@ -487,7 +492,7 @@ class LocalSink:
         self._close()
 
     async def commit(self) -> None:
-        await self.storage.io(self._commit)
+        await self.storage.io(self._guarded, self._commit)
 
     def _close(self) -> None:
         for fd in (self.fd, self.direct_fd):
@@ -496,14 +501,12 @@ class LocalSink:
         self.fd = self.direct_fd = -1
 
     async def abort(self) -> None:
-        await self.storage.io(self._abort)  # in a worker: on a hung mount, unlink blocks too (io_timeout ends it)
-
-    def _abort(self) -> None:
-        # a write given up on as hung (io_timeout) may still run: its descriptors stay open until it returns, so
-        # that their numbers are never reused under it for another file
-        with self._lock:
+        with self._lock:  # here, not in the worker: should that never get to run, a hung call still closes at its end
             self._aborted = True
             close = not self._busy
+        await self.storage.io(self._remove, close)  # in a worker: on a hung mount these block too (io_timeout)
+
+    def _remove(self, close: bool) -> None:
         try:
             if close:
                 self._close()
