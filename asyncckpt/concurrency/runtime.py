@@ -141,8 +141,12 @@ class Runtime:
     def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
         """Run the blocking ``fn(*args)`` in a worker thread, from any thread; the future tells its outcome."""
         self.check()
-        with self._pool_lock:
-            return self._executor.submit(fn, *args)
+        try:
+            with self._pool_lock:
+                return self._executor.submit(fn, *args)
+        except RuntimeError:  # closed since the check: its pools take no more work
+            self.check()
+            raise
 
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         return concurrent.futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"{self.name}-io")
