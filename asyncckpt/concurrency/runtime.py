@@ -142,11 +142,16 @@ class Runtime:
         """Run the blocking ``fn(*args)`` in a worker thread, from any thread; the future tells its outcome."""
         self.check()
         try:
-            with self._pool_lock:
-                return self._executor.submit(fn, *args)
+            return self._submit(fn, *args)[1]
         except RuntimeError:  # closed since the check: its pools take no more work
             self.check()
             raise
+
+    def _submit(self, fn: Callable[..., T], *args: Any
+                ) -> tuple[concurrent.futures.ThreadPoolExecutor, "concurrent.futures.Future[T]"]:
+        """``fn(*args)`` submitted to the current pool, and that pool (it may be replaced: see `_abandon`)."""
+        with self._pool_lock:
+            return self._executor, self._executor.submit(fn, *args)
 
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         return concurrent.futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"{self.name}-io")
@@ -250,9 +255,7 @@ class Runtime:
             except RuntimeError:  # a call given up on that returned after the runtime closed: nobody waits
                 pass
 
-        with self._pool_lock:
-            pool = self._executor
-            future = pool.submit(call)
+        pool, future = self._submit(call)
         future.add_done_callback(finished)
         try:
             await done.wait()
