@@ -72,6 +72,7 @@ class EngineCore:
         self.plans = PlanCache()  # the last plan, while the state keeps its structure
         self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # runs deferred snapshots
         self.last_deferred: SaveHandle | None = None
+        self._warned_unproven = False  # told once that a state's deferred saves are copied eagerly
         self.runtime.at_exit(self.close)
 
     # ------------------------------------------------------------ state
@@ -186,11 +187,18 @@ class EngineCore:
         self.runtime.call_soon(job.deliver, [], 0.0, snapshot_error(exc))
         job.handle.observed = True  # the caller sees ``exc`` itself
 
-    def defer(self, job: Job, t0: float) -> None:
-        """Run ``job``'s snapshot on the engine's copy thread while the caller goes on (see snapshot/deferred.py)."""
+    def defer(self, job: Job, t0: float) -> bool:
+        """Run ``job``'s snapshot on the engine's copy thread while the caller goes on (see snapshot/deferred.py).
+        False, with nothing started, when the copy could not be proven (`Plan.stamp`): the caller copies at once."""
         done = threading.Event()
         try:
-            job.plan.stamp()
+            if not job.plan.stamp():
+                if not self._warned_unproven:
+                    self._warned_unproven = True
+                    log.warning("the state holds inference tensors, which keep no version counter: its deferred "
+                                "saves are copied before save returns (as eager ones); clone them outside "
+                                "torch.inference_mode() to defer")
+                return False
             deferred.copying(done)
         except BaseException as exc:
             deferred.copied(done)
@@ -214,6 +222,7 @@ class EngineCore:
             self.abandon(job, exc)
             raise
         self.last_deferred = job.handle
+        return True
 
     def check_fits(self, plan: Plan) -> None:
         if plan.total_bytes > self.pool.budget:

@@ -236,15 +236,14 @@ class CheckpointEngine(EngineBase):
                 raise ranks_error
 
     async def _feed(self, job: Job, t0: float, deferred: bool) -> SaveHandle:
-        if deferred:
-            self.core.defer(job, t0)
-        else:
+        if not (deferred and self.core.defer(job, t0)):
             await drive_async(feed(job, t0), lambda n: self.core.runtime.call_async(job.acquire, n))
         return job.handle
 
     async def _after_previous_copy(self) -> None:
+        """Wait until the last deferred copy has ended: it reads the cached plan, which the next plan may repoint."""
         previous = self.core.last_deferred
-        if previous is not None:  # its plan may be the one this save reuses
+        if previous is not None:
             await previous.snapshotted()
 
     async def save(self, state: Any, path: Any, *, storage_options: Mapping[str, Any] | None = None,
@@ -321,6 +320,7 @@ class CheckpointEngine(EngineBase):
             CheckpointError: the engine is not running, or the state cannot be saved (see `save`).
         """
         async with self._snapshot_lock:
+            await self._after_previous_copy()
             target = None if path is None else await self.core.target_async(path, storage_options)
             self._warm(state, target)
 

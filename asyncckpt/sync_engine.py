@@ -84,15 +84,11 @@ class SyncEngine(EngineBase):
         core = self.core
         core.raise_unobserved()
         with self._lock, DeferredInterrupt() as interrupts:
-            previous = core.last_deferred
-            if previous is not None:  # its plan may be the one this save reuses
-                previous.wait_snapshotted()
+            self._after_previous_copy()
             t0 = time.perf_counter()
             target = core.target(path, storage_options)
             job = core.begin(job_type, target, plan(target), **extra)
-            if deferred:
-                core.defer(job, t0)
-            else:
+            if not (deferred and core.defer(job, t0)):
                 poll = 0.05 if interrupts.active else None
                 drive(feed(job, t0, interrupts.check),
                       lambda n: core.wait_for_buffer(job, n, interrupts.check, poll))
@@ -158,7 +154,14 @@ class SyncEngine(EngineBase):
             CheckpointError: the engine is closed, or the state cannot be saved (see `save`).
         """
         with self._lock:
+            self._after_previous_copy()
             self._warm(state, None if path is None else self.core.target(path, storage_options))
+
+    def _after_previous_copy(self) -> None:
+        """Wait until the last deferred copy has ended: it reads the cached plan, which the next plan may repoint."""
+        previous = self.core.last_deferred
+        if previous is not None:
+            previous.wait_snapshotted()
 
     def submit(self, plan: Plan, path: Any, job_type: type[Job], *, storage_options: Mapping[str, Any] | None = None,
                **extra: Any) -> Job:

@@ -213,6 +213,33 @@ def test_ctrl_c_anywhere_in_a_sync_save_leaves_the_engine_usable(tmp_path: Path)
     assert out["emergency"] is True
 
 
+def test_ctrl_c_during_the_last_chunks_copy_aborts_the_save(tmp_path: Path) -> None:
+    """A real SIGINT while the last chunk is copied aborts the save like one during any other chunk. It used to be
+    raised only once the save had been handed over whole: ``save`` raised, and the checkpoint committed anyway."""
+    out, _ = run_child("""
+        from asyncckpt.snapshot.plan import Plan
+        fill = Plan.fill
+        def fill_last(plan, chunk, buf):
+            if chunk is plan.chunks[-1]:
+                signal.raise_signal(signal.SIGINT)  # held back by the save until a safe point
+            return fill(plan, chunk, buf)
+        engine = asyncckpt.SyncEngine(chunk_bytes=4 << 20)
+        Plan.fill = fill_last
+        try:
+            engine.save(STATE, D + "/ck")
+            raised = False
+        except KeyboardInterrupt:
+            raised = True
+        Plan.fill = fill
+        engine.wait_for(D + "/ck")
+        committed = os.path.exists(D + "/ck/manifest.json")
+        leaked = engine.staging.in_use_bytes
+        engine.close()
+        print(json.dumps(dict(raised=raised, committed=committed, leaked=leaked)))
+    """, tmp_path)
+    assert out == {"raised": True, "committed": False, "leaked": 0}, out
+
+
 def test_ctrl_c_while_close_waits_aborts_the_pending_save_and_exits(tmp_path: Path) -> None:
     """Ctrl-C during ``close()`` aborts what is still pending (it is never committed torn), keeps the checkpoint
     committed before it, and propagates: the process ends instead of hanging."""

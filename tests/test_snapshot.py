@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import anyio
 import pytest
 import torch
 
@@ -263,3 +266,116 @@ def test_hashing_never_waits_for_busy_workers():
             assert digest_tensors(items, pool.submit, workers=1) == [bytes_digest(s, t) for s, t in items]
         finally:
             release.set()
+
+
+def test_a_tensor_without_bytes_that_changes_dtype_or_shape_gets_a_new_plan(tmp_path):
+    # a zero-element tensor has no bytes to compare: a reused plan kept the first save's dtype and shape for it
+    t = torch.empty(0, 3)
+    with asyncckpt.SyncEngine(chunk_bytes=4096) as engine:
+        cases = [torch.empty(0, 3), torch.empty(0, dtype=torch.int64), torch.empty(2, 0, dtype=torch.float16), t]
+        for step, e in enumerate(cases):
+            engine.save({"w": torch.ones(4), "e": e}, tmp_path / f"s{step}").result()
+        t.resize_(0, 5)  # the same object, another shape
+        engine.save({"w": torch.ones(4), "e": t}, tmp_path / "resized").result()
+        for name, e in [*((f"s{i}", e) for i, e in enumerate(cases[:3])), ("resized", t)]:
+            got = engine.load(tmp_path / name)["e"]
+            assert (got.dtype, got.shape) == (e.dtype, e.shape), name
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_prepare_during_a_deferred_copy_waits_for_it_and_never_repoints_its_plan(face, tmp_path):
+    a = {"w": torch.full((1 << 20,), 1.0), "v": torch.full((1 << 20,), 1.0)}
+    b = {"w": torch.full((1 << 20,), 2.0), "v": torch.full((1 << 20,), 2.0)}  # the same layout in other memory
+    options = dict(chunk_bytes=1 << 20, host_memory_budget=2 << 20, snapshot="deferred")
+    if face == "sync":
+        with asyncckpt.SyncEngine(**options) as engine:
+            engine.save(a, tmp_path / "warm").result()
+            with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.01)):  # 8 MiB through 2: still copying
+                handle = engine.save(a, tmp_path / "a")
+                assert not handle.snapshot_done()
+                engine.prepare(b)  # used to repoint the plan the copy was reading at b's tensors
+                assert handle.snapshot_done()
+                handle.result()
+            got = engine.load(tmp_path / "a")
+    else:
+        async def run():
+            async with asyncckpt.CheckpointEngine(**options) as engine:
+                await (await engine.save(a, tmp_path / "warm"))
+                with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.01)):
+                    handle = await engine.save(a, tmp_path / "a")
+                    assert not handle.snapshot_done()
+                    await engine.prepare(b)
+                    assert handle.snapshot_done()
+                    await handle
+                return await engine.load(tmp_path / "a")
+        got = anyio.run(run)
+    assert_same(got, a)
+
+
+def test_a_deferred_save_of_inference_tensors_is_copied_before_save_returns(tmp_path, caplog):
+    with torch.inference_mode():
+        score = torch.tensor([0.25, 0.5])  # keeps no version counter: a deferred copy could not be proven
+    w = torch.ones(1 << 16)
+    with asyncckpt.SyncEngine(snapshot="deferred") as engine:
+        handle = engine.save({"w": w, "score": score}, tmp_path / "ck")  # used to raise a bare RuntimeError
+        assert handle.snapshot_done()  # copied at once, as an eager save
+        w.add_(1)
+        handle.result()
+        assert "inference tensors" in caplog.text
+        assert_same(engine.load(tmp_path / "ck"), {"w": torch.ones(1 << 16), "score": score})
+
+
+def test_a_lazy_conjugate_changed_after_a_deferred_save_returned_does_not_fail_it(tmp_path):
+    # its bytes are resolved into new memory when the save is planned: later changes cannot reach the checkpoint
+    c = torch.tensor([1 + 2j, 3 - 4j])
+    w = torch.zeros(1 << 20)
+    with asyncckpt.SyncEngine(chunk_bytes=1 << 20, host_memory_budget=1 << 20, snapshot="deferred") as engine:
+        for step in range(2):  # the second save reuses the plan
+            with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.05)):
+                handle = engine.save({"w": w, "z": c.conj()}, tmp_path / f"s{step}")
+                assert not handle.snapshot_done()
+                expected = c.conj().resolve_conj()
+                c.mul_(2)  # used to fail the save: the check looked at the caller's view, not at the bytes copied
+                handle.result()
+            assert torch.equal(engine.load(tmp_path / f"s{step}")["z"], expected), step
+
+
+def test_a_batchnorm_forward_during_a_deferred_copy_waits_for_it(tmp_path):
+    # BatchNorm updates its running statistics inside its kernel, which bumps no version counter: a forward racing
+    # the copy tore the checkpoint silently, or failed the save (num_batches_tracked does bump its counter)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256))
+    big = {f"pad{i}": torch.zeros(1 << 18) for i in range(8)}  # 8 MiB through a 2 MiB budget: still copying
+    with asyncckpt.SyncEngine(chunk_bytes=1 << 20, host_memory_budget=2 << 20, snapshot="deferred") as engine:
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.01)):
+            handle = engine.save({"pad": big, "model": model}, tmp_path / "ck")
+            assert not handle.snapshot_done()
+            model(torch.randn(16, 256))  # training mode: waits for the copy, then updates the running statistics
+            assert handle.snapshot_done()
+            handle.result()
+        model.eval()
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.01)):
+            handle = engine.save({"pad": big, "model": model}, tmp_path / "eval")
+            model(torch.randn(16, 256))  # evaluation mode changes nothing: no wait
+            assert not handle.snapshot_done()
+            handle.result()
+        got = engine.load(tmp_path / "ck")
+    assert_same(got["model"], type(got["model"])(expected), grad=False)
+    assert not torch.equal(model.state_dict()["1.running_mean"], expected["1.running_mean"])
+
+
+def test_a_tensor_changed_after_its_chunk_was_checked_still_fails_the_deferred_save(tmp_path):
+    # an in-place update bumps the version counter when its kernel returns: one that overlapped a chunk's copy can
+    # move the counter only after that chunk was checked. The end of the copy checks every chunk again.
+    first, second = torch.zeros(1 << 17), torch.zeros(1 << 19)  # a: in the first chunk only; b: in the next ones
+    with asyncckpt.SyncEngine(chunk_bytes=1 << 20, host_memory_budget=1 << 20, snapshot="deferred") as engine:
+        engine.save({"a": first, "b": second}, tmp_path / "ck").result()
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.2)):  # the second chunk waits for the first
+            handle = engine.save({"a": first, "b": second}, tmp_path / "ck")
+            time.sleep(0.05)  # the first chunk is copied and checked; the copy waits for budget
+            assert not handle.snapshot_done()
+            first.add_(1)
+            with pytest.raises(asyncckpt.CheckpointError, match="tensor at a was modified"):
+                handle.result()
+        assert torch.equal(engine.load(tmp_path / "ck")["a"], torch.zeros(1 << 17))  # the previous one stands

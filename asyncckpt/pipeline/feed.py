@@ -70,6 +70,10 @@ def feed(job: Job, t0: float, check: Callable[[], None] = lambda: None, deferred
                 held.append((chunk, buf, ready))
             else:
                 runtime.call_soon(job.submit, chunk, buf, ready)
+        if job.error is None:
+            check()  # a Ctrl-C held back during the last chunk's copy aborts this save, as during any other
+            if deferred:  # an update still running when its chunk was checked has ended by now, or is still due
+                plan.check_unchanged(*plan.chunks)
         plan.finish()
     except BaseException as exc:
         error = snapshot_error(exc)

@@ -144,22 +144,30 @@ class Plan:
                 entry.copied(end)
             return devices.record(self.stream)
 
-    def stamp(self) -> None:
+    def stamp(self) -> bool:
         """Record every source tensor's version counter: a deferred copy proves against it that what it copied is
-        what the state held when ``save`` was called."""
-        for entry in self.entries:
-            if entry.source is not None:
-                entry.version = entry.source._version
+        what the state held when ``save`` was called. False if a source keeps no counter (an inference tensor):
+        such a copy cannot be proven, and is taken at once instead."""
+        try:
+            for entry in self.entries:
+                if entry.source is not None:
+                    entry.version = entry.source._version
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return False
+        return True
 
-    def check_unchanged(self, chunk: Chunk) -> None:
-        """Raise if a tensor whose bytes ``chunk`` holds was modified since `stamp` (checked after the copy:
-        an in-place update bumps the counter when it starts, so a copy that raced it is caught)."""
-        for entry, _, _, _ in chunk.pieces:
-            if entry.changed():
-                raise CheckpointError(
-                    f"the tensor at {entry.name} was modified while the deferred snapshot was copying it; nothing of "
-                    "this save was committed. Let an optimizer step do the update (it waits for the copy), or await "
-                    "handle.snapshotted() before changing tensors outside one")
+    def check_unchanged(self, *chunks: Chunk) -> None:
+        """Raise if a tensor whose bytes ``chunks`` hold was modified since `stamp`. An in-place update bumps the
+        counter when its kernel returns, not when it starts: checked after each chunk's copy, and once more for
+        all chunks when the copy ends, an update that overlapped the copy is caught unless it is still running
+        then (the fence, not this check, is what excludes that)."""
+        for chunk in chunks:
+            for entry, _, _, _ in chunk.pieces:
+                if entry.changed():
+                    raise CheckpointError(
+                        f"the tensor at {entry.name} was modified while the deferred snapshot was copying it; nothing "
+                        "of this save was committed. Let an optimizer step do the update (it waits for the copy), or "
+                        "await handle.snapshotted() before changing tensors outside one")
 
     def finish(self) -> None:
         """Order the caller's later CUDA work after our copies, so in-place updates cannot race them."""
@@ -232,6 +240,12 @@ def _own_bytes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (_byte_view(t), None) if t.is_contiguous() else (t, t)
 
 
+def _source(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor a deferred copy checks for changes: none for a lazy conjugate or negative, whose bytes
+    `_own_bytes` resolved into new memory at plan time (later updates cannot reach them)."""
+    return None if t.is_conj() or t.is_neg() else t
+
+
 def _storage_blob(t: torch.Tensor) -> torch.Tensor:
     """uint8 tensor over all of ``t``'s storage (several overlapping views stored once)."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
@@ -290,7 +304,7 @@ def _tensor_entries(walker: Walker, share_overlaps: bool = True
         st_dtype = SAFETENSORS_DTYPES.get(t.dtype, "U8")
         info.entry = Entry(path or "<root>", nbytes, t.element_size(), src, typed=typed, st_dtype=st_dtype,
                            st_shape=tuple(t.shape) if st_dtype != "U8" or t.dtype == torch.uint8 else (nbytes,),
-                           source=None if i in host else original)
+                           source=None if i in host else _source(original))
         entries.append(info.entry)
     return infos, storages, entries, cuda
 
@@ -487,8 +501,7 @@ def _canonical(keys: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """View keys with each storage (or object) named by its order of appearance instead of its address: equal for
     two states whose tensors differ only in where their memory lies."""
     names: dict[Any, int] = {}
-    return [("object", names.setdefault(k, len(names))) if len(k) == 1
-            else (k[0], names.setdefault((k[0], k[1]), len(names)), *k[2:]) for k in keys]
+    return [(k[0], names.setdefault((k[0], k[1]), len(names)), *k[2:]) for k in keys]
 
 
 def _rebind(plan: Plan, index: int, t: torch.Tensor) -> None:
@@ -499,7 +512,7 @@ def _rebind(plan: Plan, index: int, t: torch.Tensor) -> None:
         entry = plan.storages[info.view[0]]
         entry.src, entry.source = _storage_blob(t), t
     elif info.entry is not None:
-        (info.entry.src, info.entry.typed), info.entry.source = _own_bytes(t), t
+        (info.entry.src, info.entry.typed), info.entry.source = _own_bytes(t), _source(t)
 
 
 class PlanCache:
@@ -542,7 +555,7 @@ class PlanCache:
             return dataclasses.replace(plan, tree=tree)  # a save still writing the last one keeps its structure
         plan = layout(tree, walker, shard_bytes, chunk_bytes, rules=rules, chunk_limit=chunk_limit)
         self._plan, self._key = (plan, key) if key is not None else (None, None)
-        self._resolved = [i for i, k in enumerate(walker.keys) if len(k) > 1 and (k[7] or k[8])]
+        self._resolved = [i for i, k in enumerate(walker.keys) if k[0] is not None and (k[7] or k[8])]
         self._canon = None
         return plan
 
