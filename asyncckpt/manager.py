@@ -2,16 +2,20 @@
 
 Checkpoints live at ``<directory>/step-<step, zero-padded>``; each manifest records the step and the metrics it was
 saved with, so a restarted process rebuilds the manager's view from storage alone. Retention runs after a commit,
-never before: the newest committed checkpoint, any checkpoint still being written (and what it builds on) and
+never before: the checkpoint just committed, any checkpoint still being written (and what it builds on) and
 everything a kept incremental checkpoint references are never deleted; deletion is manifest-first, newest first, so
-an interrupted retention leaves only checkpoints that load or debris that loads as nothing.
+an interrupted retention leaves only checkpoints that load or debris that loads as nothing. "Newest" is the most
+recently saved (the manifests' save order), not the highest step: a run that goes on from a lower step keeps its
+new checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
@@ -20,7 +24,8 @@ from typing import Any, Literal, Mapping
 import anyio
 
 from .core import EngineCore
-from .errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError
+from .errors import (CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError,
+                     StorageError)
 from .format.manifest import Manifest
 from .io.paths import is_local, to_url
 from .pipeline.handles import SaveHandle
@@ -32,13 +37,15 @@ STEP_RE = re.compile(r"^step-([0-9]{6,})$")
 
 @dataclass(frozen=True)
 class Entry:
-    """A committed checkpoint the manager knows: its step, metrics and the siblings it references."""
+    """A committed checkpoint the manager knows: its step, metrics, the siblings it references and when it was
+    saved (``order``: the manifest's save order)."""
 
     step: int
     name: str
     metrics: Mapping[str, float]
     chain: int
     bases: frozenset[str]
+    order: int
 
 
 def _entry(name: str, manifest: Manifest) -> Entry | None:
@@ -47,7 +54,13 @@ def _entry(name: str, manifest: Manifest) -> Entry | None:
     if m is None or meta.get("asyncckpt.step") != int(m.group(1)):
         return None  # not one of ours (a foreign or hand-made directory next to them)
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-    return Entry(int(m.group(1)), name, metrics, manifest.chain, frozenset(manifest.bases))
+    return Entry(int(m.group(1)), name, metrics, manifest.chain, frozenset(manifest.bases), manifest.order)
+
+
+def by_age(entries: Mapping[int, Entry]) -> list[int]:
+    """Steps, the least recently saved first: step numbers go backwards when a run restarts from an older
+    checkpoint, so they cannot say which checkpoint is newest."""
+    return sorted(entries, key=lambda step: (entries[step].order, step))
 
 
 class Policy:
@@ -73,22 +86,22 @@ class Policy:
         self.if_busy, self.trust_versions = if_busy, trust_versions
 
     def best(self, entries: dict[int, Entry]) -> list[int]:
-        """Steps with the metric, best first (ties: the newer first)."""
-        scored = [(float(e.metrics[self.best_metric]), e.step) for e in entries.values()
+        """Steps with the metric, best first (ties: the more recently saved first)."""
+        scored = [(float(e.metrics[self.best_metric]), e.order, e.step) for e in entries.values()
                   if self.best_metric and isinstance(e.metrics.get(self.best_metric), (int, float))]
         sign = 1 if self.best_mode == "min" else -1
-        return [step for _, step in sorted(scored, key=lambda x: (sign * x[0], -x[1]))]
+        return [step for _, _, step in sorted(scored, key=lambda x: (sign * x[0], -x[1], -x[2]))]
 
     def retained(self, entries: dict[int, Entry], protected: set[str]) -> set[int]:
-        """Steps to keep: the policy's own choice, then everything those (and ``protected`` names: saves in
-        flight and their bases) reference, transitively."""
-        steps = sorted(entries)
-        keep: set[int] = set(steps[-1:])
-        keep |= set(steps if self.keep_last is None else steps[-self.keep_last:])
+        """Steps to keep: the policy's own choice (``keep_last`` counts the most recently saved, see `by_age`),
+        then ``protected`` names (the save just committed, saves in flight and their bases) and everything kept
+        references, transitively."""
+        recent = by_age(entries)
+        keep = set(recent if self.keep_last is None else recent[-self.keep_last:])
         if self.keep_best:
             keep |= set(self.best(entries)[:self.keep_best])
         if self.keep_every_steps:
-            keep |= {s for s in steps if s % self.keep_every_steps == 0}
+            keep |= {s for s in entries if s % self.keep_every_steps == 0}
         by_name = {e.name: e.step for e in entries.values()}
         todo = [by_name[n] for n in protected if n in by_name] + list(keep)
         while todo:
@@ -108,6 +121,7 @@ class ManagerCore:
         self.manifests: dict[str, Manifest] = {}  # by name, as last read: retention re-reads only new entries
         self.inflight: dict[int, tuple[SaveHandle, str | None]] = {}  # step -> handle, base name
         self.failure: BaseException | None = None
+        self.left_alone: set[str] = set()  # paths retention could not remove, warned about once
         self.lock = anyio.Lock()
 
     def path(self, step: int) -> str:
@@ -115,14 +129,15 @@ class ManagerCore:
         return f"{self.url}/{name}" if not is_local(self.url) else f"{self.url.rstrip('/')}/{name}"
 
     def base_for(self, step: int) -> str | None:
-        """The checkpoint an incremental save of ``step`` builds on: the newest committed one, unless its chain of
-        incremental saves is already ``full_every`` long (then this save is full)."""
+        """The checkpoint an incremental save of ``step`` builds on: the newest committed one (not ``step`` itself,
+        which the save replaces), unless its chain of incremental saves is already ``full_every`` long (then this
+        save is full)."""
         if not self.policy.incremental:
             return None
-        older = [s for s in self.entries if s < step]
-        if not older:
+        others = by_age({s: e for s, e in self.entries.items() if s != step})
+        if not others:
             return None
-        newest = self.entries[max(older)]
+        newest = self.entries[others[-1]]
         return None if newest.chain >= self.policy.full_every else self.path(newest.step)
 
     async def rebuild(self, core: EngineCore, fresh: str | None = None) -> None:
@@ -156,14 +171,34 @@ class ManagerCore:
 
     async def retain(self, core: EngineCore, fresh: str) -> None:
         await self.rebuild(core, fresh)
-        protected = {self.path(s).rsplit("/", 1)[1] for s in self.inflight}
+        protected = {fresh} | {self.path(s).rsplit("/", 1)[1] for s in self.inflight}
         protected |= {base.rsplit("/", 1)[1] for _, base in self.inflight.values() if base}
         keep = self.policy.retained(self.entries, protected)
-        for step in sorted(set(self.entries) - keep, reverse=True):  # children before what they build on
+        for step in reversed(by_age(self.entries)):  # children (always saved later) before what they build on
+            if step in keep:
+                continue
             self.manifests.pop(self.entries.pop(step).name, None)  # half-removed, it must be read again
-            await core.remove(await core.open_target(self.path(step), None))
-            log.info("removed %s (retention)", self.path(step))
+            if await self.remove(core, step):
+                log.info("removed %s (retention)", self.path(step))
         await self.sweep_incomplete(core, protected)
+
+    async def remove(self, core: EngineCore, step: int) -> bool:
+        """Remove what is at ``step``'s path; False when the engine refused because something there is not a
+        checkpoint's (a file of the user's, a stray entry with a step's name, a reference from outside the manager):
+        then it stays, warned about once, and retention goes on — a refusal must not fail this save and every later
+        one. A failing store still fails retention."""
+        path = self.path(step)
+        try:
+            await core.remove(await core.open_target(path, None))
+        except StorageError:
+            raise
+        except CheckpointError as exc:
+            if path not in self.left_alone:
+                self.left_alone.add(path)
+                log.warning("retention cannot remove %s (%s): it stays and saving goes on; move the files that "
+                            "are yours out of it, or remove it by hand", path, exc)
+            return False
+        return True
 
     async def sweep_incomplete(self, core: EngineCore, protected: set[str]) -> None:
         """Remove step directories older than the newest checkpoint that hold no manifest: what a save or a
@@ -180,8 +215,16 @@ class ManagerCore:
             path = self.path(int(m.group(1)))
             if not path.endswith("/" + name):  # not a name this manager writes (another zero-padding)
                 continue
-            await core.remove(await core.open_target(path, None))
-            log.warning("removed %s: an incomplete checkpoint, left by a save or a removal that was interrupted", path)
+            if await self.remove(core, int(m.group(1))):
+                log.warning("removed %s: an incomplete checkpoint, left by a save or a removal that was interrupted",
+                            path)
+
+    async def restore_order(self, core: EngineCore) -> list[int]:
+        """*(loop)* The steps to try restoring, most recently saved first, as the directory lists now: a checkpoint
+        removed by hand since the last listing is not tried (its load would fail as no checkpoint at all)."""
+        async with self.lock:
+            await self.rebuild(core)
+        return by_age(self.entries)[::-1]
 
     async def drain(self) -> None:
         """*(loop)* Wait until every save in flight and its retention have finished."""
@@ -197,27 +240,34 @@ class ManagerCore:
 
 
 class Preemption:
-    """SIGTERM sets a flag instead of ending the process (main thread only; the previous handler is restored)."""
+    """SIGTERM sets a flag instead of ending the process (main thread only). One handler serves every open manager,
+    so they may close in any order: the handler it replaced comes back when the last one closes (if nobody replaced
+    it meanwhile)."""
+
+    active: list[Preemption] = []  # those of the managers open now
+    previous: Any = None  # the handler before ours
 
     def __init__(self) -> None:
         self.preempted = False
-        self._previous: Any = None
-        self._installed = False
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_term)
-            self._installed = True
-
-    def _on_term(self, signum: int, frame: FrameType | None) -> None:
-        if not self.preempted:
-            log.warning("SIGTERM received: the manager is marked preempted; save and exit")
-        self.preempted = True
+            if signal.getsignal(signal.SIGTERM) is not _on_term:
+                Preemption.previous = signal.signal(signal.SIGTERM, _on_term)
+            Preemption.active.append(self)
 
     def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        if self in Preemption.active:
+            Preemption.active.remove(self)
+            if not Preemption.active and signal.getsignal(signal.SIGTERM) is _on_term:
+                signal.signal(signal.SIGTERM, Preemption.previous)
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    if any(not p.preempted for p in Preemption.active):
+        log.warning("SIGTERM received: the manager is marked preempted; save and exit")
+    for p in Preemption.active:
+        p.preempted = True
 
 
 class ManagerBase:
@@ -225,7 +275,7 @@ class ManagerBase:
 
     Args:
         directory: a directory or fsspec URL; checkpoints live at ``directory/step-<zero-padded step>``.
-        keep_last: keep the newest this many (None: keep all).
+        keep_last: keep the most recently saved this many (None: keep all).
         keep_best: also keep the best this many by ``best_metric`` (None: none kept for their metric).
         best_metric: the name of the metric in ``save(..., metrics=)`` that ranks checkpoints for ``keep_best``
             and `best_step`.
@@ -242,8 +292,10 @@ class ManagerBase:
             `SyncCheckpointManager` a `SyncEngine`.
         **engine_options: the options of the engine the manager makes (see `EngineOptions`).
 
-    Retention runs after each commit: what the rules above do not keep is deleted, except the newest checkpoint,
-    saves still being written and whatever a kept incremental checkpoint references.
+    Retention runs after each commit: what the rules above do not keep is deleted, except the checkpoint just
+    committed, saves still being written and whatever a kept incremental checkpoint references. Newest means most
+    recently saved, not highest step. What retention cannot remove because it holds files that are not a
+    checkpoint's stays, with a warning once; saving goes on.
 
     Raises:
         InvalidArgumentError: an option is out of range (a count below 1, an unknown ``best_mode`` or
@@ -289,17 +341,18 @@ class ManagerBase:
         return sorted(self.state.entries)
 
     def latest_step(self) -> int | None:
-        """The newest committed step the manager knows (see `steps`).
+        """The step of the most recently saved committed checkpoint the manager knows (see `steps`): not always the
+        highest, when a run went on from a lower step.
 
         Returns:
             That step, or None when there is none.
         """
-        steps = self.steps()
-        return steps[-1] if steps else None
+        recent = by_age(self.state.entries)
+        return recent[-1] if recent else None
 
     def best_step(self) -> int | None:
-        """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the newer),
-        among those of `steps`.
+        """The committed step with the best ``metrics[best_metric]`` (per ``best_mode``; a tie goes to the more
+        recently saved), among those of `steps`.
 
         Returns:
             That step, or None without a ``best_metric`` or when no checkpoint recorded it.
@@ -321,10 +374,12 @@ class ManagerBase:
 
     @staticmethod
     def _metadata(step: int, metrics: Mapping[str, float] | None) -> dict[str, Any]:
-        return {"asyncckpt.step": step, "metrics": dict(metrics or {})}
-
-    def _restore_order(self) -> list[int]:
-        return sorted(self.state.entries, reverse=True)
+        """The manifest's metadata. A non-finite number (a diverged loss) has no JSON form: it is recorded as its
+        name (``"nan"``, ``"inf"``, ``"-inf"``) and so never ranks for ``keep_best``, instead of failing the save
+        that may be the run's last."""
+        return {"asyncckpt.step": step,
+                "metrics": {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                            for k, v in (metrics or {}).items()}}
 
     @staticmethod
     def _put_back(state: Any, rest: Any) -> None:
@@ -368,7 +423,13 @@ class CheckpointManager(ManagerBase):
             self._engine = CheckpointEngine(**self._engine_options)
             await self._engine.__aenter__()
         core = self._engine.core
-        await core.runtime.call_async(self.state.rebuild, core)
+        try:
+            await core.runtime.call_async(self.state.rebuild, core)
+        except BaseException:  # the directory cannot be read: the engine made for it goes
+            if self._owns_engine:
+                engine, self._engine = self._engine, None
+                await engine.__aexit__(*sys.exc_info())
+            raise
         self._preemption.install()
         self._open = True
         return self
@@ -390,7 +451,8 @@ class CheckpointManager(ManagerBase):
                 (zero-padded to 6 digits) and a later save of the same step replaces it.
             state: what to save, as for the engine's ``save``.
             metrics: numbers recorded in the manifest with the step; ``keep_best`` ranks checkpoints by
-                ``metrics[best_metric]``.
+                ``metrics[best_metric]``. A NaN or infinite one is recorded as ``"nan"``, ``"inf"`` or ``"-inf"``
+                and never ranks.
 
         Returns:
             The save's handle (``await handle`` waits for the commit; retention runs after it), or None when the
@@ -430,9 +492,10 @@ class CheckpointManager(ManagerBase):
     async def restore(self, state: Any) -> int | None:
         """Restore the newest checkpoint that loads and verifies into ``state`` in place, after pending saves.
 
-        Checkpoints are tried newest first; one that is damaged or was never committed is logged and skipped. The
-        load is not strict (keys the state lacks or the checkpoint lacks are logged); plain values of a dict state
-        (a step counter, a config) are replaced by the saved ones.
+        Checkpoints are tried most recently saved first, as the directory lists now (one removed by hand is not
+        tried); one that is damaged or was never committed is logged and skipped. The load is not strict (keys the
+        state lacks or the checkpoint lacks are logged); plain values of a dict state (a step counter, a config)
+        are replaced by the saved ones.
 
         Args:
             state: the state to restore in place: tensors, modules, optimizers and dicts of them.
@@ -447,9 +510,10 @@ class CheckpointManager(ManagerBase):
                 ``weights_only=False``), a store error, or the engine is not running.
         """
         await self.wait()
-        for step in self._restore_order():
+        engine = self._running()
+        for step in await engine.core.runtime.call_async(self.state.restore_order, engine.core):
             try:
-                self._put_back(state, await self._running().load(self.state.path(step), state=state, strict=False))
+                self._put_back(state, await engine.load(self.state.path(step), state=state, strict=False))
                 return step
             except RESTORE_ERRORS as exc:
                 _damaged(step, self.state.path(step), exc)
@@ -481,7 +545,13 @@ class SyncCheckpointManager(ManagerBase):
         if self._engine is None:
             self._engine = SyncEngine(**self._engine_options)
         core = self._engine.core
-        core.runtime.call(self.state.rebuild, core)
+        try:
+            core.runtime.call(self.state.rebuild, core)
+        except BaseException:  # the directory cannot be read: the engine made for it goes
+            if self._owns_engine:
+                engine, self._engine = self._engine, None
+                engine.close()
+            raise
         self._preemption.install()
         self._open = True
         return self
@@ -503,7 +573,8 @@ class SyncCheckpointManager(ManagerBase):
                 (zero-padded to 6 digits) and a later save of the same step replaces it.
             state: what to save, as for the engine's ``save``.
             metrics: numbers recorded in the manifest with the step; ``keep_best`` ranks checkpoints by
-                ``metrics[best_metric]``.
+                ``metrics[best_metric]``. A NaN or infinite one is recorded as ``"nan"``, ``"inf"`` or ``"-inf"``
+                and never ranks.
 
         Returns:
             The save's handle (``handle.result()`` waits for the commit; retention runs after it), or None when the
@@ -543,9 +614,10 @@ class SyncCheckpointManager(ManagerBase):
     def restore(self, state: Any) -> int | None:
         """Restore the newest checkpoint that loads and verifies into ``state`` in place, after pending saves.
 
-        Checkpoints are tried newest first; one that is damaged or was never committed is logged and skipped. The
-        load is not strict (keys the state lacks or the checkpoint lacks are logged); plain values of a dict state
-        (a step counter, a config) are replaced by the saved ones.
+        Checkpoints are tried most recently saved first, as the directory lists now (one removed by hand is not
+        tried); one that is damaged or was never committed is logged and skipped. The load is not strict (keys the
+        state lacks or the checkpoint lacks are logged); plain values of a dict state (a step counter, a config)
+        are replaced by the saved ones.
 
         Args:
             state: the state to restore in place: tensors, modules, optimizers and dicts of them.
@@ -560,9 +632,10 @@ class SyncCheckpointManager(ManagerBase):
                 ``weights_only=False``), a store error, or the engine is not running.
         """
         self.wait()
-        for step in self._restore_order():
+        engine = self._running()
+        for step in engine.core.runtime.call(self.state.restore_order, engine.core):
             try:
-                self._put_back(state, self._running().load(self.state.path(step), state=state, strict=False))
+                self._put_back(state, engine.load(self.state.path(step), state=state, strict=False))
                 return step
             except RESTORE_ERRORS as exc:
                 _damaged(step, self.state.path(step), exc)

@@ -294,3 +294,114 @@ def test_what_interrupted_saves_and_removals_left_is_swept_by_the_next_retention
     with asyncckpt.SyncEngine() as engine:
         for step in (2, 3, 4):
             assert_same(engine.load(tmp_path / f"step-{step:06d}"), state(step))
+
+
+def test_files_that_are_not_a_checkpoints_stay_and_saving_goes_on(tmp_path, caplog):
+    with SyncCheckpointManager(tmp_path, keep_last=1) as m:
+        m.save(1, state(1)).result()
+        (tmp_path / "step-000001" / "config.yaml").write_text("lr: 0.1\n")  # the user's, next to the shards
+        (tmp_path / "step-000000").write_text("a log file")  # a stray file with a step's name
+        with caplog.at_level("WARNING", logger="asyncckpt"):
+            for step in (2, 3, 4):
+                m.save(step, state(step)).result()
+                m.wait()  # before, retention failed here and every other save raised that failure
+                assert m.steps() == [step] == steps_on_disk(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000", "step-000001", "step-000004"]
+    assert [p.name for p in (tmp_path / "step-000001").iterdir()] == ["config.yaml"]  # the checkpoint's files went
+    assert (tmp_path / "step-000001" / "config.yaml").read_text() == "lr: 0.1\n"
+    assert (tmp_path / "step-000000").read_text() == "a log file"
+    for name in ("step-000000", "step-000001"):  # each named once, with the way out
+        warned = [r.message for r in caplog.records if f"{name} " in r.message or f"{name}:" in r.message]
+        assert len(warned) == 1 and "remove it by hand" in warned[0], warned
+
+
+def test_a_run_that_goes_on_from_a_lower_step_keeps_its_new_checkpoints(tmp_path):
+    with SyncCheckpointManager(tmp_path, keep_last=1) as m:
+        for step in (10, 20):
+            m.save(step, state(step))
+    shard = next((tmp_path / "step-000020").glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:10])  # the newest is damaged: the next run starts over
+    with SyncCheckpointManager(tmp_path, keep_last=1) as m:
+        assert m.restore(state(0)) is None
+        for step in (1, 2):
+            m.save(step, state(step)).result()
+            m.wait()
+            assert m.steps() == [step] == steps_on_disk(tmp_path) and m.latest_step() == step
+    with SyncCheckpointManager(tmp_path, keep_last=1) as m:
+        target = state(0)
+        assert m.restore(target) == 2
+    assert_same(target, state(2))
+
+
+def test_sigterm_reaches_every_open_manager_and_the_handler_comes_back_in_any_closing_order(tmp_path):
+    received = []
+
+    def mine(signum, frame):
+        received.append(signum)
+
+    def term(*managers):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not (all(m.preempted for m in managers) if managers else received) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    original = signal.signal(signal.SIGTERM, mine)
+    try:
+        a = SyncCheckpointManager(tmp_path / "a").__enter__()
+        b = SyncCheckpointManager(tmp_path / "b").__enter__()
+        c = SyncCheckpointManager(tmp_path / "c").__enter__()
+        a.__exit__(None, None, None)  # not the last opened
+        term(b, c)
+        assert (b.preempted, c.preempted, received) == (True, True, [])
+        c.__exit__(None, None, None)
+        b.__exit__(None, None, None)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        term()
+        assert received == [signal.SIGTERM] and not a.preempted
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
+def test_restore_skips_a_checkpoint_removed_after_the_manager_opened(tmp_path):
+    import shutil
+
+    with SyncCheckpointManager(tmp_path, keep_last=None) as m:
+        for step in (1, 2):
+            m.save(step, state(step))
+    with SyncCheckpointManager(tmp_path, keep_last=None) as m:
+        shutil.rmtree(tmp_path / "step-000002")
+        target = state(0)
+        assert m.restore(target) == 1
+        assert m.steps() == [1]
+    assert_same(target, state(1))
+
+
+async def test_a_directory_that_cannot_be_read_on_entry_closes_the_engine_made_for_it():
+    import threading
+
+    before = set(threading.enumerate())
+    with pytest.raises(CheckpointError, match="nosuchproto:// is not a protocol"):
+        with SyncCheckpointManager("nosuchproto://bucket/run"):
+            pass
+    with pytest.raises(CheckpointError, match="nosuchproto:// is not a protocol"):
+        async with CheckpointManager("nosuchproto://bucket/run"):
+            pass
+    assert [t.name for t in set(threading.enumerate()) - before] == []  # each engine's threads joined
+
+
+def test_a_diverged_metric_is_recorded_by_name_and_never_ranks_as_best(tmp_path):
+    # a NaN loss at the last save of a diverged run (often the preemption save) used to fail it: JSON has no NaN
+    losses = {1: 0.5, 2: float("nan"), 3: float("-inf"), 4: 0.9}
+    with SyncCheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="loss") as m:
+        for step, loss in losses.items():
+            m.save(step, state(step), metrics={"loss": loss})
+        m.wait()
+        assert m.steps() == [1, 4] and m.best_step() == 1
+    manifest = json.loads((tmp_path / "step-000004" / "manifest.json").read_text())
+    assert manifest["metadata"]["metrics"] == {"loss": 0.9}
+    with SyncCheckpointManager(tmp_path, keep_best=3, best_metric="loss") as m:
+        m.save(5, state(5), metrics={"loss": float("nan"), "acc": 0.25})
+        m.wait()
+        assert m.best_step() == 1
+        manifest = json.loads((tmp_path / "step-000005" / "manifest.json").read_text())
+        assert manifest["metadata"]["metrics"] == {"loss": "nan", "acc": 0.25}
