@@ -137,6 +137,7 @@ class EngineCore:
                                        f"parent directory): {found.display} is not next to {target.display}")
         if found.key == target.key:
             raise InvalidArgumentError(f"{target.display} cannot be its own base; save to a new path")
+        await self.after_pending(found)  # a save of the base still running replaces its shards when it commits
         manifest = await read_manifest(storage, found.path, found.display)
         if isinstance(manifest, GlobalManifest):
             raise InvalidArgumentError(f"{found.display} was written by many ranks (asyncckpt.dcp): it cannot be the "
@@ -144,7 +145,7 @@ class EngineCore:
         if not any(t.digest for t in manifest.tensors):
             log.warning("%s records no tensor digests (it was not saved for incremental use): %s is written whole",
                         found.display, target.display)
-        return Base.of(storage.split(found.path)[1], manifest)
+        return Base.of(storage.split(found.path)[1], manifest, storage.split(target.path)[1])
 
     # ------------------------------------------------------------ saves
 

@@ -72,6 +72,7 @@ from .concurrency.clock import CLOCK
 from .errors import CheckpointError, InvalidArgumentError, restate
 from .format.dtypes import DTYPES, dtype_name
 from .format.manifest import (
+    AnyManifest,
     ChunkedTensor,
     GlobalManifest,
     Manifest,
@@ -105,6 +106,12 @@ log = logging.getLogger("asyncckpt")
 
 _engines: dict[tuple[int, EngineOptions], SyncEngine] = {}
 _engines_lock = threading.Lock()
+
+#: save ids a coordinator in this process planned and has not committed yet, by checkpoint (target key): DCP may
+#: run the next save of a path while one commits, and a commit's sweep must leave those files alone
+_uncommitted: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
+#: one commit at a time in this process: reading which save a path holds and publishing over it go together
+_commit_lock = threading.Lock()
 
 
 def shared_engine(options: EngineOptions | None = None) -> SyncEngine:
@@ -963,6 +970,8 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         """
         plans, pieces = assign(plans, self.split_bytes)
         info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next(), frozenset(pieces))
+        with _commit_lock:
+            _uncommitted[self.target().key].add(info.save_id)
         self._saves[threading.get_ident()] = (info, pieces)
         return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]
 
@@ -1049,12 +1058,20 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         fsync = self.options.fsync
 
         committer = Committer(target.storage, target.path, fsync)
+        running = lambda: set(_uncommitted[target.key])  # noqa: E731 — read under _commit_lock, held by the caller
 
         async def commit() -> list[str]:
             await target.storage.makedirs(target.path, fsync)
-            await committer.commit(manifest, lambda: {info.save_id}, sweep=False)
-            try:  # listed now, before any rank can start the next save of this path, whose files it never holds
-                return await committer.stale(manifest, lambda: {info.save_id})
+            try:
+                there: AnyManifest | None = await read_manifest(target.storage, target.path, target.display)
+            except CheckpointError:  # none yet (or not one we can read: the write below reports a store failure)
+                there = None
+            if there is not None and there.order > manifest.order:  # a later save of this path committed first
+                log.info("%s: a later save committed before this one; this one is not published", target.display)
+                return [s.file for s in manifest.shards]
+            await committer.commit(manifest, running, sweep=False)
+            try:
+                return await committer.stale(manifest, running)
             except Exception:  # best effort: the next commit of this path sweeps again
                 return []
 
@@ -1065,7 +1082,11 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
                 log.debug("sweeping %s after its commit: %s (the next commit sweeps again)", target.display, exc)
 
         try:
-            stale = self.engine.run(commit)
+            with _commit_lock:
+                try:
+                    stale = self.engine.run(commit)
+                finally:
+                    _uncommitted[target.key].discard(info.save_id)
         except OSError as exc:
             raise CheckpointError(f"cannot commit {target.display}: {describe(exc)}") from exc
         if stale:  # the checkpoint is durable: the files of the save it replaced go in the background

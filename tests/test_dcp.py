@@ -506,3 +506,25 @@ def test_the_tools_read_a_multi_rank_checkpoint(saved, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "through torch.distributed.checkpoint" in text and "rank 0:" in text
     assert main(["verify", str(saved)]) == 0
+
+
+def test_async_saves_of_one_path_issued_back_to_back_commit_the_later_one_whole(tmp_path):
+    # the first commit's sweep took the second save's shards (written, not yet committed) for stale files: the
+    # second then published a manifest naming deleted files
+    path = tmp_path / "ck"
+    for trial in range(3):
+        w = torch.randn(256, 256)
+        with warnings.catch_warnings(), unwrapped():
+            warnings.simplefilter("ignore")
+            first = dcp.async_save({"w": w, "step": 2 * trial}, storage_writer=StorageWriter(path), no_dist=True)
+            second = dcp.async_save({"w": w + 1, "step": 2 * trial + 1}, storage_writer=StorageWriter(path),
+                                    no_dist=True)
+            first.result(), second.result()
+        with asyncckpt.SyncEngine() as engine:
+            got = engine.load(path)
+        assert got["step"] == 2 * trial + 1 and torch.equal(got["w"], w + 1), trial
+    named = {s.file for s in parse((path / MANIFEST_NAME).read_bytes(), str(path)).shards}
+    deadline = time.monotonic() + 10  # the files of the saves it replaced are swept in the background
+    while {p.name for p in path.iterdir() if SHARD_RE.match(p.name)} != named and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {p.name for p in path.iterdir() if SHARD_RE.match(p.name)} == named

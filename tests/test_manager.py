@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import signal
@@ -158,6 +159,63 @@ def test_trust_versions_skips_hashing_of_unchanged_tensors_and_sees_in_place_upd
         assert r.bytes_written < frozen.nbytes + moving.nbytes
         got = engine.load(tmp_path / "b")
     assert torch.equal(got["f"], frozen) and torch.equal(got["m"], moving)
+
+
+def test_trust_versions_never_gives_a_new_tensor_at_a_freed_ones_address_its_digest(tmp_path):
+    # a new tensor where a hashed one lived, with the same layout, starts at the same _version (0): keyed by address
+    # and version only, it took the old tensor's digest and the checkpoint referenced the old bytes
+    memory = bytearray(4 * 4096)  # both tensors over this buffer: the second lies exactly where the first did
+    with asyncckpt.SyncEngine() as engine:
+        first = torch.frombuffer(memory, dtype=torch.float32)  # zeros, _version 0
+        engine.save({"w": first}, tmp_path / "a", digests=True, trust_versions=True).result()
+        del first
+        memory[:] = array.array("f", [1.0] * 4096).tobytes()  # new values, not through torch
+        second = torch.frombuffer(memory, dtype=torch.float32)
+        assert second._version == 0
+        engine.save({"w": second}, tmp_path / "b", base=tmp_path / "a", trust_versions=True).result()
+        assert torch.equal(engine.load(tmp_path / "b")["w"], torch.ones(4096))
+
+
+def test_an_incremental_save_builds_on_its_base_as_pending_saves_of_it_leave_it(tmp_path):
+    # the base's manifest was read while a save replacing it was still writing: its commit swept the shards the
+    # child referenced, and the child committed unloadable
+    big = torch.randn(1 << 18)
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": big, "x": torch.zeros(4)}, tmp_path / "a", digests=True).result()
+        with faulty_os(FaultPlan().add("pwrite", 0, "delay", delay_s=0.05)):
+            first = engine.save({"w": big + 1, "x": torch.zeros(4)}, tmp_path / "a", digests=True)
+            child = engine.save({"w": big, "x": torch.ones(4)}, tmp_path / "b", base=tmp_path / "a")
+            first.result(), child.result()
+        got = engine.load(tmp_path / "b")
+    assert torch.equal(got["w"], big) and torch.equal(got["x"], torch.ones(4))
+
+
+def test_an_empty_tensor_never_ties_a_checkpoint_to_its_base(tmp_path):
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"empty": torch.zeros(0), "x": torch.zeros(4)}, tmp_path / "a", digests=True).result()
+        engine.save({"empty": torch.zeros(0), "x": torch.ones(4)}, tmp_path / "b", base=tmp_path / "a").result()
+        manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+        assert [s.get("in") for s in manifest["shards"]] == [None] and manifest.get("chain", 0) == 0
+        engine.remove(tmp_path / "a")  # nothing references it
+        got = engine.load(tmp_path / "b")
+    assert got["empty"].shape == (0,) and torch.equal(got["x"], torch.ones(4))
+
+
+def test_a_path_saved_again_on_top_of_its_own_child_can_be_removed(tmp_path):
+    # a's second save builds on b, which references a's first save's shard: a marked itself as that shard's
+    # referrer, so removing a (and retention of a manager going back to an older step) was refused for good
+    big = torch.randn(1 << 16)
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": big, "x": torch.zeros(4)}, tmp_path / "a", digests=True).result()
+        engine.save({"w": big, "x": torch.ones(4)}, tmp_path / "b", base=tmp_path / "a").result()
+        engine.save({"w": big, "x": torch.full((4,), 2.0)}, tmp_path / "a", base=tmp_path / "b").result()
+        manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+        assert [s.get("in") for s in manifest["shards"]] == [None, None] and manifest.get("chain", 0) == 0
+        engine.remove(tmp_path / "b")
+        got = engine.load(tmp_path / "a")
+        assert torch.equal(got["w"], big) and torch.equal(got["x"], torch.full((4,), 2.0))
+        engine.remove(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 def test_bases_must_be_siblings_and_committed(tmp_path):

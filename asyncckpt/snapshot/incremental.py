@@ -11,6 +11,7 @@ last hashed it takes that digest without being read (writes through ``.data`` or
 from __future__ import annotations
 
 import concurrent.futures
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,10 +30,11 @@ class Base:
 
     name: str
     manifest: Manifest
+    into: str  # the directory name of the checkpoint that builds on this one
     by_key: dict[str, TensorRecord] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, name: str, manifest: Manifest) -> "Base":
+    def of(cls, name: str, manifest: Manifest, into: str) -> "Base":
         tree = structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
         by_key = {}
         for path, leaf in leaves(tree):
@@ -40,12 +42,15 @@ class Base:
                 record = manifest.tensors[leaf.index]
                 if record.span is not None and record.digest is not None:
                     by_key.setdefault(path, record)
-        return cls(name, manifest, by_key)
+        return cls(name, manifest, into, by_key)
 
     def shard(self, index: int) -> ShardRecord:
-        """The base's shard as the new checkpoint names it: in the directory that physically holds it."""
+        """The base's shard as the new checkpoint names it: in the directory that physically holds it — none when
+        that is the new checkpoint's own (a path saved again on top of a child of its earlier save), which then
+        keeps the file as its own instead of marking itself as its own referrer."""
         s = self.manifest.shards[index]
-        return s if s.base is not None else ShardRecord(s.file, s.nbytes, s.chunk_bytes, s.xxh3_64, self.name)
+        home = self.name if s.base is None else s.base
+        return ShardRecord(s.file, s.nbytes, s.chunk_bytes, s.xxh3_64, None if home == self.into else home)
 
     def match(self, path: str, dtype: str, shape: tuple[int, ...], want: str) -> tuple[ShardRecord, Span] | None:
         """The base's shard and span holding exactly these bytes under ``path``, if it has them."""
@@ -64,19 +69,24 @@ def _identity(t: torch.Tensor) -> tuple[Any, ...] | None:
 
 @dataclass
 class VersionMemo:
-    """Digests this engine computed, keyed by where a tensor's bytes live, with the ``_version`` they had."""
+    """Digests this engine computed, keyed by where a tensor's bytes live, with the storage that held them and
+    the ``_version`` they had. The storage is held weakly and compared by identity: a new tensor allocated at a
+    freed one's address starts at the same ``_version`` (0), and must not take its digest."""
 
-    seen: dict[tuple[Any, ...], tuple[int, str]] = field(default_factory=dict)
+    seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.UntypedStorage], int, str]] = field(default_factory=dict)
 
     def known(self, t: torch.Tensor) -> str | None:
         key = _identity(t)
         entry = self.seen.get(key) if key is not None else None
-        return entry[1] if entry is not None and entry[0] == t._version else None
+        if entry is None:
+            return None
+        storage, version, value = entry
+        return value if version == t._version and storage() is t.untyped_storage() else None
 
     def remember(self, t: torch.Tensor, value: str) -> None:
         key = _identity(t)
         if key is not None:
-            self.seen[key] = (t._version, value)
+            self.seen[key] = (weakref.ref(t.untyped_storage()), t._version, value)
 
 
 def bytes_digest(src: torch.Tensor, typed: torch.Tensor | None) -> str:

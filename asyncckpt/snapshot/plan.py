@@ -344,7 +344,8 @@ def _reuse(walker: Walker, tensors: list[TensorInfo], entries: list[Entry], base
         entry = info.entry
         assert entry is not None and value is not None
         info.digest = value
-        found = base.match(path, info.dtype, info.shape, value) if base is not None else None
+        # an empty tensor is never referenced: it would tie this checkpoint to the base for no bytes at all
+        found = base.match(path, info.dtype, info.shape, value) if base is not None and entry.nbytes else None
         if found is None:
             continue
         shard, span = found
@@ -408,7 +409,8 @@ def layout(tree: Any, walker: Walker, shard_bytes: int, chunk_bytes: int, *, dig
         entries, external = _reuse(walker, tensors, entries, base, memo, hashing)
     objects = _object_entries(walker)
     plan = Plan(tree, tensors, storages, objects, entries + [e for _, _, e in objects], chunk_bytes=chunk_bytes,
-                external=external, chain=base.manifest.chain + 1 if external and base is not None else 0)
+                external=external, chain=0 if base is None or not any(s.base for s in external) else
+                base.manifest.chain + 1)
     _lay_out(plan, cap, chunk_bytes, cuda, rules=rules, room=room)
     return plan
 
