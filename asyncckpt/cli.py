@@ -106,8 +106,8 @@ def _print_description(info: dict[str, Any]) -> None:
                          ", ".join(filter(None, note))])
         out += ["", *_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "SHARD", "DEVICE", "NOTE"], rows, right=(3, 4))]
     if info["objects"] or info["values"]:
-        rows = [[_fit(v["key"]), v["type"], v["value"] if v["type"] == "float" and isinstance(v["value"], str)
-                 else _fit(repr(v["value"]), 60), ""] for v in info["values"]]
+        rows = [[_fit(v["key"]), v["type"], _fit(v["value"], 60) if v["type"] in ("float", "int")
+                 and isinstance(v["value"], str) else _fit(repr(v["value"]), 60), ""] for v in info["values"]]
         rows += [[_fit(o["key"]), o["type"], f"pickled, {human_bytes(o['nbytes'])}", o["shard"]]
                  for o in info["objects"]]
         out += ["", *_table(["OTHER ENTRY", "TYPE", "VALUE", "SHARD"], rows, right=(3,))]

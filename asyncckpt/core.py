@@ -284,9 +284,10 @@ class EngineCore:
 
     # ------------------------------------------------------------ loads and removal
 
-    async def read(self, target: Target, state: Any, verify: bool | None) -> tuple[Manifest, Span]:
+    async def read(self, target: Target, state: Any, verify: bool | None, weights_only: bool = True
+                   ) -> tuple[Manifest, Span]:
         """*(loop)* After pending saves of ``target``: its manifest and the records' bytes (streamed into
-        ``state``'s own tensors where they fit)."""
+        ``state``'s own tensors where they fit, once its pickled values pass ``weights_only``)."""
         await self.after_pending(target)
         verify = self.options.verify if verify is None else verify
         storage, path, display = target.storage, target.path, target.display
@@ -297,7 +298,7 @@ class EngineCore:
         replaced = 0
         while True:
             try:
-                return await self._read_records(storage, path, display, found, state, verify)
+                return await self._read_records(storage, path, display, found, state, verify, weights_only)
             except (OSError, CheckpointError) as exc:
                 # Another process may have committed a newer save and swept the shards this one was reading: then
                 # nothing here is damaged, and reading again gets the newer checkpoint.
@@ -317,12 +318,13 @@ class EngineCore:
                 found = now
 
     async def _read_records(self, storage: Storage, path: str, display: str, found: AnyManifest, state: Any,
-                            verify: bool) -> tuple[Manifest, Span]:
+                            verify: bool, weights_only: bool) -> tuple[Manifest, Span]:
         if isinstance(found, GlobalManifest):  # written by many ranks: every tensor assembled whole
             manifest, buffers = assemble(found, await read_shards(storage, path, display, found, verify))
             return manifest, shard_span(buffers)
         if state is not None and all(s.chunk_bytes <= self.pool.budget for s in found.shards):
-            return found, await read_into_state(storage, path, display, found, verify, self.pool, state)
+            return found, await read_into_state(storage, path, display, found, verify, self.pool, state,
+                                                weights_only)
         return found, shard_span(await read_shards(storage, path, display, found, verify))
 
     @staticmethod

@@ -432,7 +432,8 @@ class CheckpointEngine(EngineBase):
                                            "apply")
             return await self._ranks.load(path, state, storage_options, verify, weights_only)
         target = await core.target_async(path, storage_options)
-        manifest, span = await core.runtime.call_async(core.read, target, state, verify)
+        manifest, span = await core.runtime.call_async(core.read, target, state, verify,
+                                                        weights_only is not False)
         return core.build(manifest, span, target, state, map_location, strict, weights_only)
 
     async def remove(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -259,7 +259,7 @@ class SyncEngine(EngineBase):
         check_map_location(map_location)
         core = self.core
         target = core.target(path, storage_options)
-        manifest, span = core.runtime.call(core.read, target, state, verify)
+        manifest, span = core.runtime.call(core.read, target, state, verify, weights_only is not False)
         return core.build(manifest, span, target, state, map_location, strict, weights_only)
 
     def remove(self, path: Any, *, storage_options: Mapping[str, Any] | None = None) -> None:

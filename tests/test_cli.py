@@ -176,6 +176,21 @@ def test_inspect_json(ckpt):
     assert info["save_id"] == doc["save_id"]
 
 
+def test_inspect_shows_an_integer_too_long_for_str(tmp_path):
+    """A 5000-digit int (format version 4) made inspect and --json raise Python's int-to-str limit error; both
+    show it in hex, as the manifest holds it."""
+    n = 10 ** 5000
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(2), "n": n}, tmp_path / "big").result()
+    proc = run("inspect", tmp_path / "big")
+    assert proc.returncode == 0, proc.stderr
+    assert hex(n)[:20] in proc.stdout
+    proc = run("inspect", "--json", tmp_path / "big")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["values"] == [{"key": "n", "type": "int", "value": hex(n)}] and info["version"] == 4
+
+
 # ---------------------------------------------------------------- verify
 
 def test_verify_ok(ckpt):
@@ -368,6 +383,61 @@ def test_views_of_one_storage_as_two_dtypes(tmp_path):
     convert.to_safetensors(tmp_path / "n", tmp_path / "w.safetensors")
     exported = load_file(tmp_path / "w.safetensors")
     assert_same(state, {k: exported[k] for k in state})
+
+
+def test_torch_file_of_a_sub_byte_tensor_names_it(tmp_path, capsys):
+    """torch.save cannot store uint1 (which the format stores as bytes): a clear error naming the key and the
+    dtype, not torch's bare KeyError."""
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.ones(2), "bits": torch.zeros(8, dtype=torch.uint8).view(torch.uint1)},
+                    tmp_path / "n").result()
+    assert_error(call(capsys, "convert", tmp_path / "n", tmp_path / "a.pt"), "uint1 tensor at bits")
+    assert not (tmp_path / "a.pt").exists()
+
+
+def _resealed(src: Path, dst: Path, change) -> Path:
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "manifest.json").read_text())
+    change(doc)
+    (dst / "manifest.json").write_bytes(seal(doc))
+    return dst
+
+
+def test_safetensors_export_of_one_tensor_under_two_records(ckpt, tmp_path):
+    """Two records on one span (one tensor under two names, as the format allows) made safetensors' save raise
+    a bare RuntimeError ("Some tensors share memory"); the tensor is written once, under its first name."""
+    from safetensors.torch import load_file
+
+    def twin(doc):
+        t = next(t for t in doc["tensors"] if "base" not in t and t["dtype"] == "bfloat16")
+        doc["tensors"].append(dict(t))
+        doc["tree"]["dict"].append(["twin", {"tensor": len(doc["tensors"]) - 1}])
+
+    src = _resealed(ckpt, tmp_path / "twin", twin)
+    proc = run("convert", src, tmp_path / "w.safetensors", "--to", "safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "twin is the same tensor as half" in proc.stderr
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["half"], torch.ones(2, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("length", [1 << 26, 1 << 43])
+def test_safetensors_export_refuses_views_the_files_do_not_justify(ckpt, tmp_path, capsys, length):
+    """A stride-0 view of 2**26 or 2**43 elements over a 96-byte storage: export allocated 1 GiB from a 2 KiB
+    checkpoint, or failed with torch's bare allocation error. Broadcast views as small as users save still export."""
+    from safetensors.torch import load_file
+
+    def stretch(doc):
+        next(t for t in doc["tensors"] if "base" in t).update(shape=[length], stride=[0])
+
+    src = _resealed(ckpt, tmp_path / "stretched", stretch)
+    assert_error(call(capsys, "convert", src, tmp_path / "w.safetensors", "--to", "safetensors"),
+                 "would take", "load it with asyncckpt.load")
+    assert not (tmp_path / "w.safetensors").exists()
+    row = torch.arange(1000.0)
+    with asyncckpt.SyncEngine() as engine:  # a view record: 4 MB dense over 4 KB stored
+        engine.save({"row": row, "wide": row.expand(1000, 1000)}, tmp_path / "broadcast").result()
+    asyncckpt.to_safetensors(tmp_path / "broadcast", tmp_path / "b.safetensors")
+    assert torch.equal(load_file(tmp_path / "b.safetensors")["wide"], row.expand(1000, 1000))
 
 
 def test_safetensors_export_unpickles_nothing(tmp_path, capsys):

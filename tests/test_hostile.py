@@ -248,6 +248,9 @@ LIES: dict[str, Callable[[dict[str, Any]], Any]] = {
         requires_grad=True),
     "unknown device": lambda d: first(d, "tensors", own).update(device="nonsense:0"),
     "device of a missing accelerator": lambda d: first(d, "tensors", own).update(device="cuda:7"),
+    "tensor on the meta device": lambda d: first(d, "tensors", own).update(device="meta"),
+    "created_ns in the year 318857": lambda d: d.update(created_ns=10 ** 22),
+    "created_ns of 401 digits": lambda d: d.update(created_ns=10 ** 400),
     "view past its storage": lambda d: first(d, "tensors", lambda t: "base" in t).update(storage_offset=10 ** 6),
     "view with huge stride": lambda d: first(d, "tensors", lambda t: "base" in t).update(stride=[2 ** 62]),
     "view of 2**80 elements with stride 0": lambda d: first(d, "tensors", lambda t: "base" in t).update(
@@ -325,6 +328,17 @@ def test_lying_manifest(ckpt: Ckpt, lie: str) -> None:
     assert not isinstance(got, (IncompleteCheckpointError, UnsafeCheckpointError)), got
     assert grown_mib < 64, f"loading grew the peak RSS by {grown_mib:.0f} MiB"
     COUNTS["lying manifests"] = len(LIES)
+
+
+def test_a_tensor_on_the_meta_device_is_refused_naming_its_key(ckpt: Ckpt) -> None:
+    """A record on the meta device (which save refuses) loaded as a data-less tensor, and in place raised torch's
+    bare NotImplementedError: validation refuses it and names the key."""
+    doc = copy.deepcopy(ckpt.doc)
+    doc["tensors"][doc["tree"]["dict"][0][1]["tensor"]]["device"] = "meta"  # the record of STATE["w"]
+    ckpt.write(doc)
+    for kwargs in ({}, {"state": zeroed(STATE)}):
+        error = expect(load_sync(ckpt.path, **kwargs), CorruptCheckpointError, ckpt.path)
+        assert "(at w) is on the meta device" in str(error)
 
 
 @pytest.mark.parametrize("raw", [b"", b"\0" * 100, b"\xff\xfe garbage", b"[]", b"null", b'"asyncckpt"', b"{",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings, strategies as st
 import torch
@@ -54,6 +56,44 @@ async def test_damaged_chunk_stops_the_load_and_says_the_target_may_be_partial(t
         with pytest.raises(CorruptCheckpointError, match="checksum mismatch.*may already hold part"):
             await eng.load(tmp_path / "ck", state=target)
         assert torch.count_nonzero(target["w7"][-16:]) == 0  # the damaged (last) chunk's bytes never reach it
+
+
+class Custom:
+    """A value only full unpickling restores (weights-only loading refuses it)."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def zeroed_linear() -> torch.nn.Linear:
+    m = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        m.weight.zero_()
+        m.bias.zero_()
+    return m
+
+
+async def test_a_refused_load_leaves_the_target_untouched(tmp_path):
+    """(a) a re-sealed structure naming a tensor the manifest lacks, (b) a pickled value weights-only loading
+    refuses: both errors used to come after the saved weights had streamed into the target, without saying so."""
+    from asyncckpt import UnsafeCheckpointError
+    from asyncckpt.format.manifest import seal
+
+    src = torch.nn.Linear(4, 4)
+    async with engine() as eng:
+        await (await eng.save({"model": src.state_dict(), "step": 1}, tmp_path / "a"))
+        doc = json.loads((tmp_path / "a" / "manifest.json").read_bytes())
+        doc["tree"]["dict"].append(["extra", {"tensor": 99}])
+        (tmp_path / "a" / "manifest.json").write_bytes(seal(doc))
+        await (await eng.save({"model": src.state_dict(), "meta": Custom()}, tmp_path / "b"))
+        for path, error in ((tmp_path / "a", CorruptCheckpointError), (tmp_path / "b", UnsafeCheckpointError)):
+            target = zeroed_linear()
+            with pytest.raises(error, match="tensor 99" if path.name == "a" else "weights_only=False"):
+                await eng.load(path, state={"model": target})
+            assert torch.count_nonzero(target.weight) == 0 and torch.count_nonzero(target.bias) == 0, path.name
+        target = zeroed_linear()
+        rest = await eng.load(tmp_path / "b", state={"model": target}, weights_only=False)
+    assert torch.equal(target.weight, src.weight) and isinstance(rest["meta"], Custom)
 
 
 class Delta(torch.nn.Module):

@@ -20,7 +20,7 @@ import xxhash
 from ..errors import CorruptCheckpointError, NewerFormatError
 from ..version import __version__
 from .dtypes import DTYPES
-from .tree import decode, has_int_nodes, key_path
+from .tree import decode, has_int_nodes, key_path, tensor_path
 
 FORMAT = "asyncckpt"
 VERSION = 1  # written unless a feature of a later version is used
@@ -564,7 +564,8 @@ def shape_problem(shape: Any, itemsize: int) -> str | None:
     return None
 
 
-def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list[StorageRecord]) -> TensorRecord:
+def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list[StorageRecord],
+            tree: Any) -> TensorRecord:
     what = f"tensor {i}"
     _expect(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES,
             f"{what} has unknown dtype {str(t.get('dtype'))[:40]!r}")
@@ -574,6 +575,8 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
     _expect(shape_problem(shape, itemsize) is None and isinstance(shape, list), f"{what} has a bad shape")
     _expect(isinstance(t.get("device"), str) and len(t["device"]) < 64 and _is_device(t["device"]),
             f"{what} has a bad device")
+    if t["device"].partition(":")[0] == "meta":  # no saved tensor is there (save refuses one): it would load data-less
+        _expect(False, f"{what} (at {tensor_path(tree, i) or 'no key'}) is on the meta device, which holds no data")
     requires_grad, parameter = t.get("requires_grad", False), t.get("parameter", False)
     digest = t.get("xxh3_64")
     _expect(digest is None or (isinstance(digest, str) and len(digest) == 16), f"{what} has a bad digest")
@@ -604,7 +607,8 @@ def _tensor(t: dict[str, Any], i: int, shards: list[ShardRecord], storages: list
 
 def _header(doc: dict[str, Any]) -> tuple[str, list[ShardRecord]]:
     """The members every version shares: save id, timestamp, shards."""
-    _expect(_is_int(doc.get("created_ns")), "created_ns is not a timestamp")
+    _expect(_is_int(doc.get("created_ns")) and doc["created_ns"] < MAX_INDEX,
+            "created_ns is not a timestamp (nanoseconds since 1970, before 2**62: the year 2116)")
     _expect(_is_int(doc.get("sequence", 0)) and doc.get("sequence", 0) < MAX_INDEX, "sequence is not a count")
     save_id = doc.get("save_id", "")
     _expect(isinstance(save_id, str) and len(save_id) <= 64, "save_id is not a string")
@@ -626,7 +630,7 @@ def _validate(doc: dict[str, Any]) -> AnyManifest:
     save_id, shards = _header(doc)
     _expect(version >= REFERENCES_VERSION or not any(s.base for s in shards), "references need version 2")
     storages = [StorageRecord(_span(st, shards, f"storage {i}")) for i, st in enumerate(_table(doc, "storages"))]
-    tensors = [_tensor(t, i, shards, storages) for i, t in enumerate(_table(doc, "tensors"))]
+    tensors = [_tensor(t, i, shards, storages, doc.get("tree")) for i, t in enumerate(_table(doc, "tensors"))]
     objects = []
     for i, o in enumerate(_table(doc, "objects")):
         span = _span(o, shards, f"object {i}")

@@ -145,6 +145,16 @@ def structure(tree: Any, tensors: int, objects: int) -> Any:
     return decode(tree, ref("tensor", tensors), ref("object", objects))
 
 
+def tensor_path(tree: Any, index: int) -> str | None:
+    """The key path at which the encoded structure ``tree`` holds tensor ``index`` first, for errors about the
+    tensor's record; None if it holds none (or cannot be decoded)."""
+    try:
+        found = decode(tree, lambda i: Ref("tensor", i), lambda i: Ref("object", i))
+    except CorruptCheckpointError:
+        return None
+    return next((path or "<root>" for path, leaf in leaves(found) if leaf == Ref("tensor", index)), None)
+
+
 def leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """``(key path, leaf)`` for every leaf of a structure, in saved order; empty containers count as leaves."""
     if isinstance(node, dict) and node:

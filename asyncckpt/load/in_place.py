@@ -13,21 +13,14 @@ from typing import Any
 
 import torch
 
-from ..format.manifest import Manifest, TensorRecord
-from ..format.tree import decode
+from ..errors import CorruptCheckpointError
+from ..format.manifest import Manifest, ObjectRecord, ShardRecord, TensorRecord
+from ..format.tree import Ref, structure
 from ..io.contract import Storage
 from ..memory.pool import StagingPool
 from .ranged import Region, read_regions
 from .reads import Record, Span, check_sizes
-
-
-class _Slot:
-    """Stands for manifest tensor ``index`` while destinations are matched (no bytes read yet)."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
+from .rebuild import unpickle
 
 
 def _module_destinations(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,15 +51,16 @@ def _module_destinations(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _offer(target: Any, value: Any, offers: dict[int, list[torch.Tensor]], top: bool = False) -> None:
-    """Pair each slot in ``value`` with the target tensor ``apply_in_place`` would copy it into (same walk)."""
-    if isinstance(value, _Slot):
-        if isinstance(target, torch.Tensor):
+    """Pair each tensor `Ref` in ``value`` with the target tensor ``apply_in_place`` would copy it into (same
+    walk)."""
+    if isinstance(value, Ref):
+        if value.kind == "tensor" and isinstance(target, torch.Tensor):
             offers.setdefault(value.index, []).append(target)
     elif isinstance(target, torch.nn.Module):
         if isinstance(value, Mapping):
             dests = _module_destinations(target)
             for key, v in value.items():
-                if isinstance(v, _Slot) and key in dests:
+                if isinstance(v, Ref) and v.kind == "tensor" and key in dests:
                     offers.setdefault(v.index, []).append(dests[key])
     elif isinstance(target, torch.optim.Optimizer):
         return  # load_state_dict rebuilds optimizer state from the values it is given
@@ -89,14 +83,17 @@ def _writable_bytes(t: torch.Tensor, r: TensorRecord) -> torch.Tensor | None:
 
 
 def destinations(manifest: Manifest, target: Any) -> dict[int, torch.Tensor]:
-    """Tensor index -> the target's own bytes to read it into; ambiguous or overlapping destinations are dropped."""
-    objects: dict[int, object] = {}
-    tree = decode(manifest.tree, _Slot, lambda i: objects.setdefault(i, object()))
+    """Tensor index -> the target's own bytes to read it into; ambiguous or overlapping destinations are dropped.
+
+    The structure is decoded with its references checked (CorruptCheckpointError), as ``build_state`` would only
+    after the bytes reached the target.
+    """
+    tree = structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
     offers: dict[int, list[torch.Tensor]] = {}
     _offer(target, tree, offers, top=True)
     dests = {}
     for i, ts in offers.items():
-        if 0 <= i < len(manifest.tensors) and len(ts) == 1:
+        if len(ts) == 1:
             b = _writable_bytes(ts[0], manifest.tensors[i])
             if b is not None:
                 dests[i] = b
@@ -111,31 +108,58 @@ def destinations(manifest: Manifest, target: Any) -> dict[int, torch.Tensor]:
     return {i: b for i, b in dests.items() if i not in clash}
 
 
-async def read_into_state(storage: Storage, path: str, display: str, manifest: Manifest, verify: bool,
-                          pool: StagingPool, target: Any) -> Span:
-    """Stream the checkpoint's bytes into ``target``'s tensors where they fit; return the records' bytes for
-    ``build_state`` (for those tensors: the target's own memory, which ``apply_in_place`` then leaves as it is)."""
-    shards = manifest.shards
-    await check_sizes(storage, path, display, shards)  # every shard, even one no destination needs
-    dests = destinations(manifest, target)
-    by_record: dict[int, torch.Tensor] = {}
-    own: dict[Any, torch.Tensor] = {}  # records with no destination: one buffer per span (a tensor named twice)
+def _regions(shards: tuple[ShardRecord, ...], records: list[Record], by_record: dict[int, torch.Tensor]
+             ) -> list[list[Region]]:
+    """Where each record's bytes land, per shard; a buffer several records share (one span) is read once."""
     regions: list[list[Region]] = [[] for _ in shards]
-    for j, r in enumerate(manifest.tensors):
-        if r.span is not None:
-            by_record[id(r)] = dests[j] if j in dests else own.setdefault(
-                r.span, torch.empty(r.span.nbytes, dtype=torch.uint8))
-    for rec in (*manifest.storages, *manifest.objects):
-        by_record[id(rec)] = torch.empty(rec.span.nbytes, dtype=torch.uint8)
     filled: set[int] = set()
-    for rec in manifest.byte_records():
+    for rec in records:
         assert rec.span is not None
         out = by_record[id(rec)]
         if rec.span.nbytes and id(out) not in filled:
             filled.add(id(out))
             regions[rec.span.shard].append((rec.span.offset, out))
+    return regions
+
+
+def _check_objects(objects: tuple[ObjectRecord, ...], by_record: dict[int, torch.Tensor], display: str) -> None:
+    """Raise what ``build_state`` would for a pickled value the weights-only rules refuse (unpickled onto the meta
+    device: no tensor bytes)."""
+    for o in objects:
+        unpickle(by_record[id(o)], o, display, "meta", True)
+
+
+async def read_into_state(storage: Storage, path: str, display: str, manifest: Manifest, verify: bool,
+                          pool: StagingPool, target: Any, weights_only: bool = True) -> Span:
+    """Stream the checkpoint's bytes into ``target``'s tensors where they fit; return the records' bytes for
+    ``build_state`` (for those tensors: the target's own memory, which ``apply_in_place`` then leaves as it is).
+
+    What ``build_state`` would refuse after the bytes landed is refused first, so the target is untouched: a
+    structure naming a record the manifest lacks, and (with ``weights_only``) a pickled value those rules refuse —
+    the pickled values are read and tried before anything streams into the target.
+    """
+    shards = manifest.shards
+    await check_sizes(storage, path, display, shards)  # every shard, even one no destination needs
+    try:
+        dests = destinations(manifest, target)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{display}: {exc}") from None
+    by_record: dict[int, torch.Tensor] = {
+        id(rec): torch.empty(rec.span.nbytes, dtype=torch.uint8) for rec in (*manifest.storages, *manifest.objects)}
+    pending: list[Record] = [*manifest.storages, *manifest.objects]
+    if dests and manifest.objects and weights_only:  # objects first: the target stays untouched if one is refused
+        await read_regions(storage, path, display, shards, verify, pool,
+                           _regions(shards, list(manifest.objects), by_record))
+        pending = list(manifest.storages)
+        await storage.io.cpu(_check_objects, manifest.objects, by_record, display)
+    own: dict[Any, torch.Tensor] = {}  # records with no destination: one buffer per span (a tensor named twice)
+    for j, r in enumerate(manifest.tensors):
+        if r.span is not None:
+            by_record[id(r)] = dests[j] if j in dests else own.setdefault(
+                r.span, torch.empty(r.span.nbytes, dtype=torch.uint8))
+            pending.append(r)
     damaged = " (the target may already hold part of this checkpoint)" if dests else ""
-    await read_regions(storage, path, display, shards, verify, pool, regions, damaged)
+    await read_regions(storage, path, display, shards, verify, pool, _regions(shards, pending, by_record), damaged)
 
     def span(r: Record) -> torch.Tensor:
         return by_record[id(r)]

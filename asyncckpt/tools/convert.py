@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import io
 import json
 import pickle
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any, Mapping
 
@@ -23,7 +25,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointEr
 from ..format.dtypes import SAFETENSORS_DTYPES
 from ..format.manifest import MANIFEST_NAME, GlobalManifest, Manifest, Span, TensorRecord, view_tensor
 from ..format.safetensors import unique_names
-from ..format.tree import Ref, leaves, structure
+from ..format.tree import Ref, leaves, structure, tensor_path
 from ..load.assemble import assemble
 from ..load.manifest import read_manifest
 from ..load.reads import read_shards, shard_span
@@ -87,18 +89,20 @@ async def read_native(core: EngineCore, target: Target, progress: Progress | Non
     if tensors_only:
         flat = dataclasses.replace(manifest, tree={"list": [{"tensor": i} for i in range(len(manifest.tensors))]})
         return manifest, await core.io.cpu(build_state, flat, shard_span(buffers), target.display, "cpu", True)
-    untangled = _untangle(manifest, buffers)
+    untangled = _untangle(manifest, buffers, target.display)
     return manifest, await core.io.cpu(build_state, untangled, shard_span(buffers), target.display, "cpu",
                                        weights_only)
 
 
-def _untangle(manifest: Manifest, buffers: list[torch.Tensor]) -> Manifest:
+def _untangle(manifest: Manifest, buffers: list[torch.Tensor], display: str) -> Manifest:
     """``torch.save`` cannot store one storage viewed as two dtypes, which the native format can: such views get
     their own copy, appended to ``buffers``."""
     dtypes: dict[int, set[str]] = {}
     for r in manifest.tensors:
         if r.view is not None:
             dtypes.setdefault(r.view.base, set()).add(r.dtype)
+    _check_dense(manifest, [j for j, r in enumerate(manifest.tensors)
+                           if r.view is not None and len(dtypes[r.view.base]) > 1], display)
     tensors = list(manifest.tensors)
     for j, r in enumerate(tensors):
         if r.view is not None and len(dtypes[r.view.base]) > 1:
@@ -108,6 +112,47 @@ def _untangle(manifest: Manifest, buffers: list[torch.Tensor]) -> Manifest:
             tensors[j] = TensorRecord(r.dtype, r.shape, r.device, span=Span(len(buffers) - 1, 0, buffers[-1].numel()),
                                       requires_grad=r.requires_grad, parameter=r.parameter)
     return dataclasses.replace(manifest, tensors=tuple(tensors))
+
+
+#: views are written dense where a format cannot keep them (safetensors; ``torch.save`` for one storage viewed as
+#: two dtypes). A broadcast tensor is rightly many times its stored bytes, so a small checkpoint may expand to this
+#: much, a larger one to twice its size: never more, so that a hostile view of a tiny file cannot allocate gigabytes.
+DENSE_FLOOR = 64 << 20
+
+
+def _check_dense(manifest: Manifest, indices: Iterable[int], display: str) -> None:
+    """Refuse writing the tensors ``indices`` dense when their views would take more than the checkpoint justifies."""
+    views = [i for i in indices if manifest.tensors[i].view is not None]
+    dense, limit = sum(manifest.tensors[i].logical_bytes for i in views), max(2 * manifest.total_bytes, DENSE_FLOOR)
+    if dense > limit:
+        big = max(views, key=lambda i: manifest.tensors[i].logical_bytes)
+        r = manifest.tensors[big]
+        assert r.view is not None
+        raise CheckpointError(
+            f"{display}: its views of shared storages would take {dense} bytes written dense, more than the {limit} "
+            f"a checkpoint of {manifest.total_bytes} bytes allows (the largest, {tensor_path(manifest.tree, big)}, is "
+            f"{r.dtype} {list(r.shape)[:8]} over {manifest.storages[r.view.base].span.nbytes} stored bytes); load it "
+            "with asyncckpt.load, which keeps views as views")
+
+
+@functools.cache
+def _torch_saves(dtype: torch.dtype) -> bool:
+    """Whether ``torch.save`` stores tensors of ``dtype`` (torch 2.13 refuses the sub-byte ones, ``uint1`` …)."""
+    try:
+        torch.save(torch.empty(0, dtype=dtype), io.BytesIO())
+    except (KeyError, RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _check_torch_dtypes(manifest: Manifest, display: str) -> None:
+    """Refuse, naming it, a tensor whose dtype ``torch.save`` cannot store (it raises a bare ``KeyError``)."""
+    tree = structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
+    for path, leaf in leaves(tree):
+        r = manifest.tensors[leaf.index] if isinstance(leaf, Ref) and leaf.kind == "tensor" else None
+        if r is not None and not _torch_saves(r.torch_dtype):
+            raise CheckpointError(f"{display}: torch.save cannot store the {r.dtype} tensor at {path or '<root>'}; "
+                                  "load the checkpoint with asyncckpt.load instead")
 
 
 # ---------------------------------------------------------------- writing
@@ -232,6 +277,7 @@ def to_torch_file(src: Any, dst: Any, *, weights_only: bool | None = True, overw
         source, dest = await core.open_target(src, None), await core.open_target(dst, None)
         clear = await _clearer(core, source, dest, "torch", overwrite)
         manifest, state = await read_native(core, source, progress, weights_only is not False)
+        _check_torch_dtypes(manifest, source.display)
         await clear()
         with contextlib.closing(progress_bar(progress, "write", manifest.total_bytes)) as bar:
             size = await _write(dest, lambda f: torch.save(state, f), bar)
@@ -372,7 +418,9 @@ def to_safetensors(src: Any, dst: Any, *, key: str | None = None, overwrite: boo
         manifest, tensors = await read_native(core, source, progress, tensors_only=True)
         notes: list[str] = []
         groups: dict[int, dict[str, torch.Tensor]] = {}
-        for name, i in _export_names(manifest, source.display, key, tensors, notes).items():
+        chosen = _export_names(manifest, source.display, key, tensors, notes)
+        _check_dense(manifest, chosen.values(), source.display)
+        for name, i in chosen.items():
             t = tensors[i].detach()
             if manifest.tensors[i].view is not None:  # views of one storage: safetensors wants each on its own
                 t = t.clone(memory_format=torch.contiguous_format)
@@ -409,7 +457,7 @@ def _export_names(manifest: Manifest, src: str, key: str | None, tensors: list[t
                   ) -> dict[str, int]:
     """Safetensors name → tensor index; ``notes`` say what was left out or renamed."""
     chosen: list[tuple[str, str, int]] = []  # key path, name, tensor index
-    first: dict[int, str] = {}
+    first: dict[Any, tuple[str, int]] = {}  # by where the bytes lie (records on one span are one tensor): name, index
     skipped: list[str] = []
     found = key is None
     tree = structure(manifest.tree, len(manifest.tensors), len(manifest.objects))
@@ -421,12 +469,19 @@ def _export_names(manifest: Manifest, src: str, key: str | None, tensors: list[t
             path = path[len(key) + 1:] if path != key else path.rsplit(".", 1)[-1]
         if not (isinstance(leaf, Ref) and leaf.kind == "tensor"):
             skipped.append(path or "<root>")
-        elif leaf.index in first:
-            notes.append(f"{path} is the same tensor as {first[leaf.index]}; stored once, as {first[leaf.index]}")
+            continue
+        r = manifest.tensors[leaf.index]
+        stored = r.span if r.span is not None and r.span.nbytes else leaf.index
+        if stored in first:  # safetensors refuses two names over the same memory
+            kept, j = first[stored]
+            same = (r.dtype, r.shape) == (manifest.tensors[j].dtype, manifest.tensors[j].shape)
+            notes.append(f"{path} is the same tensor as {kept}; stored once, as {kept}" if same else
+                         f"skipped {path}: it is {kept}'s bytes as {r.dtype} {list(r.shape)[:8]}, and safetensors "
+                         "stores bytes once")
         elif tensors[leaf.index].dtype not in SAFETENSORS_DTYPES:
-            notes.append(f"skipped {path}: safetensors has no {manifest.tensors[leaf.index].dtype} dtype")
+            notes.append(f"skipped {path}: safetensors has no {r.dtype} dtype")
         else:
-            first[leaf.index] = path or "tensor"
+            first[stored] = (path or "tensor", leaf.index)
             chosen.append((path, path or "tensor", leaf.index))
     if not found:
         raise CheckpointError(f"the checkpoint has no entry {key!r}")

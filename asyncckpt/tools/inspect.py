@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from ..core import EngineCore
 from ..errors import CheckpointError
 from ..format.manifest import MANIFEST_NAME, SHARD_RE, GlobalManifest, Manifest, is_temporary, rank_of
-from ..format.tree import Ref, leaves, structure
+from ..format.tree import JSON_INT_BITS, Ref, leaves, structure
 from ..load.assemble import nested as assemble_structure
 from ..load.manifest import read_manifest
 from ..load.verify import verify_shards
@@ -45,6 +45,8 @@ def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None
             objects.append({"key": key, "type": o.type, "nbytes": o.span.nbytes, "shard": o.span.shard})
         elif isinstance(leaf, float) and not math.isfinite(leaf):
             values.append({"key": key, "type": "float", "value": repr(leaf)})  # JSON has no nan or inf
+        elif type(leaf) is int and leaf.bit_length() > JSON_INT_BITS:  # as the manifest holds it: too long for str()
+            values.append({"key": key, "type": "int", "value": hex(leaf)})
         else:
             kind = "None" if leaf is None else "odict" if isinstance(leaf, OrderedDict) else type(leaf).__name__
             values.append({"key": key, "type": kind, "value": leaf})
@@ -53,7 +55,7 @@ def describe(manifest: Manifest, display: str, manifest_bytes: int | None = None
               for i, s in enumerate(manifest.shards)]
     created = manifest.created_ns
     return {
-        "path": display, "format": "asyncckpt", "version": 2 if manifest.bases else 1,
+        "path": display, "format": "asyncckpt", "version": manifest.version,
         "chain": manifest.chain, "metadata": manifest.metadata, "producer": manifest.producer or None,
         "torch": manifest.torch_version or None, "save_id": manifest.save_id or None, "created_ns": created,
         "created": datetime.datetime.fromtimestamp(created / 1e9, datetime.timezone.utc).isoformat(timespec="seconds"),
