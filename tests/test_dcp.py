@@ -396,6 +396,20 @@ def rewrite(path: Path, change) -> None:
     (path / MANIFEST_NAME).write_bytes(seal(doc))
 
 
+def halves(doc: dict[str, Any], *rows: int) -> list[dict[str, Any]]:
+    """Item ``w`` (8 x 8 float32, one chunk) as two chunks of 4 rows over the two halves of its bytes, the first
+    placed at row ``rows[0]`` and the second at ``rows[1]`` (default 0 and 4)."""
+    w = next(t for t in doc["tensors"] if t["fqn"] == "w")
+    span = w["chunks"][0]
+    return [{"offsets": [row, 0], "sizes": [4, 8], "shard": span["shard"], "offset": span["offset"] + 128 * k,
+             "nbytes": 128} for k, row in enumerate(rows or (0, 4))]
+
+
+def split_w(doc: dict[str, Any], chunks: list[dict[str, Any]], shape: tuple[int, int] = (8, 8)) -> None:
+    w = next(t for t in doc["tensors"] if t["fqn"] == "w")
+    w.update(shape=list(shape), chunks=chunks)
+
+
 HOSTILE = {
     "a shard outside the directory": lambda d: d["shards"][0].update(file="../../etc/passwd"),
     "an absolute shard path": lambda d: d["shards"][0].update(file="/tmp/shard-0000000000000000-r00000-00000"
@@ -415,6 +429,8 @@ HOSTILE = {
     "planner data with a tensor": lambda d: d.update(planner_data={"tensor": 0}),
     "a bad world size": lambda d: d.update(world_size=0),
     "a rank that disagrees with the file name": lambda d: d["shards"][0].update(rank=3),
+    "chunks that overlap and leave a gap as large": lambda d: split_w(d, halves(d, 0, 2)),
+    "two chunks of a tensor over one span": lambda d: split_w(d, [halves(d)[0], dict(halves(d)[0], offsets=[4, 0])]),
 }
 
 
@@ -425,6 +441,66 @@ def test_a_hostile_global_manifest_is_refused_before_anything_is_allocated(saved
         one_process_load(saved, {"w": torch.zeros(8, 8), "n": 0, "s": {"x": torch.zeros(5)}})
     with pytest.raises(CorruptCheckpointError):
         asyncckpt.SyncEngine().load(saved)
+
+
+def test_chunks_share_bytes_only_as_one_tensor_under_two_names(saved):
+    """Tied weights (one tensor under two names) share their chunks' spans and load as two equal tensors; any
+    other chunk over bytes already claimed is refused before anything is allocated: 8 chunks over one span made a
+    load assemble 8 copies (a 1 MiB checkpoint allocated 400 MiB with 400)."""
+    original = (saved / MANIFEST_NAME).read_bytes()
+
+    def load(change):
+        (saved / MANIFEST_NAME).write_bytes(original)
+        rewrite(saved, lambda d: (split_w(d, halves(d)), change(d)))
+        return asyncckpt.SyncEngine().load(saved)
+
+    out = load(lambda d: d["tensors"].append(dict(next(t for t in d["tensors"] if t["fqn"] == "w"), fqn="tied")))
+    assert torch.equal(out["w"], torch.arange(64.0).view(8, 8)) and torch.equal(out["tied"], out["w"])
+    assert out["w"].data_ptr() == out["tied"].data_ptr()  # assembled once
+    bombs = {  # w as 8 chunks of 4 rows, all over the same 128 bytes; a tensor v of w's chunks in swapped rows
+        "chunk 1 of tensor 'w' has the bytes of chunk 0 of tensor 'w'":
+            lambda d: split_w(d, [dict(halves(d)[0], offsets=[4 * k, 0]) for k in range(8)], (32, 8)),
+        "chunk 0 of tensor 'v' has the bytes of chunk 0 of tensor 'w'":
+            lambda d: d["tensors"].append({"fqn": "v", "dtype": "float32", "shape": [8, 8], "chunks": halves(d, 4, 0)}),
+    }
+    for message, bomb in bombs.items():
+        with pytest.raises(CorruptCheckpointError) as err:
+            load(bomb)
+        assert str(saved) in str(err.value) and message in str(err.value)
+
+
+def staircase(k: int, shift: bool = False) -> dict[str, Any]:
+    """A manifest whose one tensor, [k, 2k] bytes, is tiled by 3k - 1 chunks: row i is cut at columns i and k + i, so
+    a sweep along either dimension keeps about k chunks active. ``shift`` moves the middle chunk of row k // 2 one
+    row down: as many bytes, one row overlapped and one left bare."""
+    chunks, at = [], 0
+    for i in range(k):
+        for col, width in ((0, i), (i, k), (i + k, k - i)):
+            if width:
+                row = i + 1 if shift and i == k // 2 and col == i else i
+                chunks.append({"offsets": [row, col], "sizes": [1, width], "shard": 0, "offset": at, "nbytes": width})
+                at += width
+    return {"format": "asyncckpt", "version": 3, "layout": "dcp", "producer": "test", "torch": "test",
+            "save_id": "0123456789abcdef", "created_ns": 1, "world_size": 1,
+            "shards": [{"file": "shard-0123456789abcdef-r00000-00000.safetensors", "nbytes": at,
+                        "chunk_bytes": at, "xxh3_64": ["0" * 16], "rank": 0}],
+            "tensors": [{"fqn": "t", "dtype": "uint8", "shape": [k, 2 * k], "chunks": chunks}],
+            "objects": [], "planner_data": None, "storage_meta": None, "dcp_version": None}
+
+
+def test_validating_chunks_takes_linear_time_however_they_are_laid_out():
+    """A staircase of 5999 chunks validates in well under a second (7.3 s before: a sweep compared each chunk with
+    the ~2000 still active; a 1 GiB manifest could stall a listing for hours), and the same staircase with one
+    chunk moved a row down, same number of bytes, is refused as overlapping."""
+    raw = seal(staircase(2000))
+    start = time.perf_counter()
+    manifest = parse(raw, "stairs")
+    elapsed = time.perf_counter() - start
+    assert len(manifest.tensors[0].chunks) == 5999 and manifest.tensors[0].shape == (2000, 4000)
+    assert elapsed < 2.0, f"validating 5999 chunks took {elapsed:.1f} s"
+    with pytest.raises(CorruptCheckpointError, match="stairs: manifest is invalid: tensor 't': two of its chunks "
+                                                     "overlap"):
+        parse(seal(staircase(2000, shift=True)), "stairs")
 
 
 def test_a_newer_format_version_is_refused_with_a_clear_error(saved):

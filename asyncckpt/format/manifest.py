@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -38,6 +40,7 @@ REF_PREFIX = ".ref-"  # ``.ref-<child>`` in a checkpoint: ``<child>`` holds refe
 MAX_RANKS = 10 ** 9
 MAX_DIMS = 64
 MAX_INDEX = 1 << 62  # sizes, strides and offsets beyond this overflow torch's int64 arithmetic
+_PRIME = (1 << 61) - 1  # the field in which `_tiles` checks a tensor's chunks
 DIGEST = "manifest_xxh3_64"  # last member: xxh3-64 of the compact JSON of all the others, in their order
 
 
@@ -298,6 +301,11 @@ class ChunkedTensor(_Typed):
     shape: tuple[int, ...]
     chunks: tuple[TensorChunk, ...]
     requires_grad: bool = False
+
+    @property
+    def whole(self) -> bool:
+        """Whether one chunk holds the whole tensor: a one-process load views its bytes in the shard, copying none."""
+        return len(self.chunks) == 1 and self.chunks[0].sizes == self.shape
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"fqn": self.fqn, "dtype": self.dtype, "shape": list(self.shape),
@@ -669,23 +677,29 @@ def _ints(x: Any, n: int) -> bool:
     return isinstance(x, list) and len(x) == n and all(_is_int(v) and v < MAX_INDEX for v in x)
 
 
-def _overlap(a: TensorChunk, b: TensorChunk) -> bool:
-    return all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes))
+def _tiles(shape: list[int], chunks: list[TensorChunk]) -> bool:
+    """Whether the boxes cover every element of ``shape`` exactly once, in O(chunks × dims) for any layout (a sweep
+    comparing active boxes pairwise was quadratic on a staircase). A box is the signed sum of the orthants at its
+    corners, which are linearly independent, so the boxes tile ``shape`` iff sum_box prod_d (x[d, o_d] - x[d, o_d +
+    s_d]) equals prod_d (x[d, 0] - x[d, shape_d]) as polynomials; at fresh random points modulo a 61-bit prime, a
+    tiling always passes and anything else with probability at most dims / 2**61 (Schwartz-Zippel)."""
+    rng = random.Random(secrets.randbits(128))
+    point: dict[tuple[int, int], int] = {}
 
+    def x(d: int, c: int) -> int:
+        v = point.get((d, c))
+        if v is None:
+            v = point[d, c] = rng.randrange(_PRIME)
+        return v
 
-def _any_overlap(chunks: list[TensorChunk]) -> bool:
-    """Whether two boxes overlap: a sweep along the dimension the chunks are split on most, so a sharded tensor
-    of many ranks is checked in about n log n, not n²."""
-    if len(chunks) < 2 or not chunks[0].offsets:
-        return len(chunks) > 1  # two non-empty chunks of a scalar overlap
-    d = max(range(len(chunks[0].offsets)), key=lambda k: len({c.offsets[k] for c in chunks}))
-    active: list[TensorChunk] = []
-    for c in sorted(chunks, key=lambda c: c.offsets[d]):
-        active = [a for a in active if a.offsets[d] + a.sizes[d] > c.offsets[d]]
-        if any(_overlap(a, c) for a in active):
-            return True
-        active.append(c)
-    return False
+    def corners(offsets: Any, sizes: Any) -> int:
+        out = 1
+        for d, (o, n) in enumerate(zip(offsets, sizes)):
+            out = out * (x(d, o) - x(d, o + n)) % _PRIME
+        return out
+
+    total = sum(corners(c.offsets, c.sizes) for c in chunks)
+    return (total - corners([0] * len(shape), shape)) % _PRIME == 0
 
 
 def _chunked(t: Any, i: int, shards: list[ShardRecord]) -> ChunkedTensor:
@@ -716,8 +730,29 @@ def _chunked(t: Any, i: int, shards: list[ShardRecord]) -> ChunkedTensor:
     # the chunks must tile the tensor exactly: no gap (a load would leave stale values), no overlap
     filled = [c for c in chunks if math.prod(c.sizes)]
     _expect(sum(math.prod(c.sizes) for c in filled) == math.prod(shape), f"{what}: its chunks do not cover it")
-    _expect(not _any_overlap(filled), f"{what}: two of its chunks overlap")
+    _expect(_tiles(shape, filled), f"{what}: two of its chunks overlap")
     return ChunkedTensor(t["fqn"], t["dtype"], tuple(shape), tuple(chunks), requires_grad)
+
+
+def _shared_copy(tensors: list[ChunkedTensor]) -> str | None:
+    """Which span backs two chunks that a one-process load copies (chunks of tensors saved in pieces), or None. Only
+    the same chunk of one tensor saved under several names (identical dtype, shape and chunks: tied weights, which a
+    rank writes once and a load assembles once) may share one. Spans are disjoint or identical, so a load then
+    copies each stored byte at most once: N chunks at one span would otherwise make it allocate N times the shard."""
+    names: dict[tuple[Any, ...], int] = {}  # one number per distinct tensor, so chunk lists are compared once each
+    owner: dict[Span, tuple[int, int, str]] = {}
+    for t in tensors:
+        if t.whole:
+            continue
+        same = names.setdefault((t.dtype, t.shape, t.chunks), len(names))
+        for k, c in enumerate(t.chunks):
+            if not c.span.nbytes:
+                continue
+            first = owner.setdefault(c.span, (same, k, t.fqn))
+            if first[:2] != (same, k):
+                return (f"chunk {k} of tensor {t.fqn[:80]!r} has the bytes of chunk {first[1]} of tensor "
+                        f"{first[2][:80]!r} (only one tensor saved under several names may share chunks)")
+    return None
 
 
 def _planner_data(node: Any) -> Any:
@@ -759,6 +794,8 @@ def _validate_global(doc: dict[str, Any]) -> GlobalManifest:
     _expect(len(set(names)) == len(names), "an item is listed twice")
     _expect(_claims_disjoint([(c.span, True) for t in tensors for c in t.chunks] + [(o.span, False) for o in objects]),
             "two items claim the same bytes")
+    shared = _shared_copy(tensors)
+    _expect(shared is None, str(shared))
     version, producer, torch_version = doc.get("dcp_version"), doc.get("producer", ""), doc.get("torch", "")
     _expect(version is None or isinstance(version, str), "dcp_version is not a string")
     return GlobalManifest(save_id, doc["created_ns"], world, tuple(shards), tuple(tensors), tuple(objects),

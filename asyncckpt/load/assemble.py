@@ -130,9 +130,8 @@ def assemble(manifest: GlobalManifest, buffers: list[torch.Tensor], group_bytes:
 
     copies: dict[Any, Span] = {}  # one tensor under two names is assembled once
     for t in manifest.tensors:
-        whole = len(t.chunks) == 1 and t.chunks[0].sizes == t.shape
         same = (t.dtype, t.shape, t.chunks)
-        if whole:
+        if t.whole:
             span = t.chunks[0].span
         elif same in copies:
             span = copies[same]
