@@ -57,13 +57,14 @@ class Walker:
         if len(shape) > MAX_DIMS or nbytes >= MAX_INDEX or (not nbytes and shape and max(shape) >= MAX_INDEX):
             raise CheckpointError(f"cannot save the tensor at {path or '<root>'}: "
                                   f"{shape_problem(shape, t.element_size())}")
-        # A view without addressable bytes (none at all, or XLA's, which expose no data pointer) stays distinct:
-        # keyed by its object, with what its record says of it (a reused plan must not keep a stale dtype or shape)
-        key: tuple[Any, ...] = (None, id(t), shape, t.dtype, t.device)
+        key: tuple[Any, ...]
         if nbytes and not t.is_xla:
             st = t.untyped_storage()
             key = (t.device, st.data_ptr(), st.nbytes(), t.storage_offset(), shape, t.stride(), t.dtype,
                    t.is_conj(), t.is_neg())  # z and z.conj() share every byte but not their values
+        else:  # no addressable bytes (none at all, or XLA's, which expose no data pointer): distinct, keyed by its
+            # object, with what its record says of it (a reused plan must not keep a stale dtype or shape)
+            key = (None, id(t), shape, t.dtype, t.device)
         views = self.views
         index = self.view_index.setdefault(key, len(views))
         if index == len(views):
