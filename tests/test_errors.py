@@ -153,6 +153,11 @@ def test_strict_false_restores_what_matches_and_says_what_did_not(tmp_path, capl
     assert torch.equal(target["model"]["a"], torch.ones(2))
     message = " ".join(r.message for r in caplog.records)
     assert "missing from the checkpoint: model.c" in message and "not in the target: model.b" in message
+    target = {"model": {"a": torch.zeros(2), "c": torch.zeros(2)}}
+    with asyncckpt.SyncEngine() as engine, pytest.raises(asyncckpt.CheckpointError) as raised:
+        engine.load(tmp_path / "ck", state=target)  # strict: refused, but only once the matching entry was copied
+    assert "pass strict=False" in str(raised.value) and "matched were restored" in str(raised.value)
+    assert torch.equal(target["model"]["a"], torch.ones(2))  # the error says so, since it is so
 
 
 def test_a_manifest_of_a_newer_format_says_so_and_what_to_upgrade(tmp_path):

@@ -45,9 +45,10 @@ def apply_in_place(target: Any, loaded: Any, strict: bool, display: str) -> Any:
         messages.append("missing from the checkpoint: " + ", ".join(problems.missing[:20]))
     if strict and problems.unexpected:
         messages.append("not in the target: " + ", ".join(problems.unexpected[:20]))
-    if messages:
-        hint = "" if problems.mismatched else " (pass strict=False to load what matches)"
-        raise CheckpointError(f"cannot restore {display} in place: " + "; ".join(messages) + hint)
+    if messages:  # found while applying, as torch's load_state_dict does: what matched is in the target already
+        hint = "" if problems.mismatched else "; pass strict=False to load what matches"
+        raise CheckpointError(f"cannot restore {display} in place: " + "; ".join(messages) + hint +
+                              " (the entries that matched were restored into the target before this was found)")
     if problems.missing or problems.unexpected:  # strict=False: loaded what matches, and says what did not
         log.warning("restored %s in place without %s", display, "; ".join(filter(None, [
             problems.missing and "missing from the checkpoint: " + ", ".join(problems.missing[:20]),
