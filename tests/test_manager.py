@@ -463,3 +463,14 @@ def test_a_diverged_metric_is_recorded_by_name_and_never_ranks_as_best(tmp_path)
         assert m.best_step() == 1
         manifest = json.loads((tmp_path / "step-000005" / "manifest.json").read_text())
         assert manifest["metadata"]["metrics"] == {"loss": "nan", "acc": 0.25}
+
+
+def test_a_missing_base_shard_is_reported_with_the_base_that_should_hold_it(tmp_path):
+    frozen = torch.randn(1 << 14)
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"f": frozen, "x": torch.zeros(4)}, tmp_path / "p", digests=True).result()
+        engine.save({"f": frozen, "x": torch.ones(4)}, tmp_path / "q", base=tmp_path / "p").result()
+        for shard in (tmp_path / "p").glob("shard-*"):
+            shard.unlink()  # by hand: the engine refuses to remove what q references
+        with pytest.raises(asyncckpt.CorruptCheckpointError, match=r"q: shard \S+ \(in p, the base checkpoint"):
+            engine.load(tmp_path / "q")

@@ -51,11 +51,12 @@ async def check_sizes(storage: Storage, path: str, display: str, shards: tuple[S
     for s, size in zip(shards, sizes):
         if isinstance(size, Exception):
             raise size
+        where = "" if s.base is None else f" (in {s.base}, the base checkpoint it builds on)"
         if size is None:
-            raise CorruptCheckpointError(f"{display}: shard {s.file} is missing")
+            raise CorruptCheckpointError(f"{display}: shard {s.file}{where} is missing")
         if size != s.nbytes:
             raise CorruptCheckpointError(
-                f"{display}: shard {s.file} has {size} bytes, the manifest says {s.nbytes} (truncated or "
+                f"{display}: shard {s.file}{where} has {size} bytes, the manifest says {s.nbytes} (truncated or "
                 "overwritten)")
 
 
