@@ -5,6 +5,7 @@ from .engine import CheckpointEngine
 from .errors import (
     BudgetExceededError,
     CheckpointError,
+    CheckpointNotFoundError,
     CheckpointReplacedError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -36,7 +37,8 @@ def _rank_face(options: EngineOptions, process_group: object) -> object:
 CheckpointEngine.rank_face = _rank_face
 
 __all__ = [
-    "BudgetExceededError", "CheckpointEngine", "CheckpointError", "CheckpointManager", "CheckpointReplacedError",
+    "BudgetExceededError", "CheckpointEngine", "CheckpointError", "CheckpointManager", "CheckpointNotFoundError",
+    "CheckpointReplacedError",
     "Conversion", "CorruptCheckpointError",
     "EngineOptions", "GlobalManifest", "IncompleteCheckpointError", "InvalidArgumentError", "Manifest",
     "NewerFormatError", "RetryPolicy", "S3Error", "SaveHandle", "SaveResult", "StorageError",

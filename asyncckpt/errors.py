@@ -31,6 +31,11 @@ class CheckpointReplacedError(CheckpointError):
     overwrote it); the data read was not used. Load again: the next attempt reads the newer checkpoint."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """Nothing exists at the path (no directory, no object under the prefix): not a checkpoint that failed, none at
+    all, as on a first run."""
+
+
 class IncompleteCheckpointError(CheckpointError):
     """No committed checkpoint exists at the path: its save never finished (crash, failure, still running)."""
 

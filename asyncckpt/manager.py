@@ -24,8 +24,8 @@ from typing import Any, Literal, Mapping
 import anyio
 
 from .core import EngineCore
-from .errors import (CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, InvalidArgumentError,
-                     StorageError)
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
+                     InvalidArgumentError, StorageError)
 from .format.manifest import Manifest
 from .io.paths import is_local, to_url
 from .pipeline.handles import SaveHandle
@@ -394,7 +394,7 @@ def _damaged(step: int, path: str, exc: BaseException) -> None:
     log.warning("checkpoint of step %d (%s) cannot be restored, trying the next newest: %s", step, path, exc)
 
 
-RESTORE_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError)
+RESTORE_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoundError)
 
 
 class CheckpointManager(ManagerBase):

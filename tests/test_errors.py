@@ -182,3 +182,13 @@ def test_a_damaged_chunk_is_reported_with_its_real_byte_range(tmp_path):
         shard.write_bytes(bytes(data))
         with pytest.raises(asyncckpt.CorruptCheckpointError, match=f"at bytes 0..{len(data)};"):
             engine.load(tmp_path / "ck")
+
+
+def test_a_path_with_nothing_there_is_checkpoint_not_found(tmp_path):
+    with asyncckpt.SyncEngine() as engine:
+        with pytest.raises(asyncckpt.CheckpointNotFoundError, match="no checkpoint at .*nothing: the path does not"):
+            engine.load(tmp_path / "nothing")
+        (tmp_path / "empty").mkdir()  # a directory, but not a checkpoint: not "nothing there"
+        with pytest.raises(asyncckpt.CheckpointError) as raised:
+            engine.load(tmp_path / "empty")
+        assert not isinstance(raised.value, asyncckpt.CheckpointNotFoundError)

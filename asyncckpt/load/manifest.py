@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import CheckpointError, IncompleteCheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SHARD_RE, AnyManifest, parse
 from ..io.contract import Storage
 
@@ -12,7 +12,7 @@ async def read_manifest(storage: Storage, path: str, display: str) -> AnyManifes
     there is none."""
     kind = await storage.kind(path)
     if kind is None:
-        raise CheckpointError(f"no checkpoint at {display}: the path does not exist")
+        raise CheckpointNotFoundError(f"no checkpoint at {display}: the path does not exist")
     if kind == "file":
         raise CheckpointError(
             f"{display} is a file, not an asyncckpt checkpoint directory; a torch.save file loads with torch.load "
