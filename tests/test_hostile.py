@@ -431,9 +431,11 @@ def test_paths_that_are_not_checkpoints(tmp_path: Path) -> None:
     assert "file" in str(err)
     err = expect(load_sync(tsave), CheckpointError, tsave)
     assert "torch.load" in str(err)
-    for path in (empty, foreign, tmp_path / "missing"):
+    for path in (empty, foreign):
         err = expect(load_sync(path), CheckpointError, path)
         assert type(err) is CheckpointError, err
+    err = expect(load_sync(tmp_path / "missing"), CheckpointError, tmp_path / "missing")
+    assert type(err) is asyncckpt.CheckpointNotFoundError, err
     assert asyncckpt.latest(tmp_path) is None
     assert asyncckpt.latest(plain) is None
     assert asyncckpt.latest(tmp_path / "missing") is None
