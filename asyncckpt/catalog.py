@@ -29,7 +29,7 @@ def committed(directory: Any, storage_options: Mapping[str, Any] | None = None) 
 
     Raises:
         InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
-        CheckpointError: the listing failed on an object store (such as `S3Error`).
+        CheckpointError: the listing, or reading a manifest, failed on an object store (such as `S3Error`).
         OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
 
     Example:
@@ -57,7 +57,7 @@ def latest(directory: Any, storage_options: Mapping[str, Any] | None = None) -> 
 
     Raises:
         InvalidArgumentError: ``directory`` is not a usable path, or ``storage_options`` is not a dict.
-        CheckpointError: the listing failed on an object store (such as `S3Error`).
+        CheckpointError: the listing, or reading a manifest, failed on an object store (such as `S3Error`).
         OSError: a filesystem refused the listing (such as permission denied); a missing directory lists as empty.
 
     Example:

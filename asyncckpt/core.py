@@ -346,7 +346,8 @@ class EngineCore:
             await storage.sync_dir(storage.split(path)[0])
             return
         kind = await storage.kind(path)
-        if kind is None:
+        if kind is None:  # no object or file; an object store may still hold uploads a killed save left open
+            await storage.remove_dir(path)
             return
         names = await storage.list(path) if kind == "dir" else []
         children = await references(storage, path, names)

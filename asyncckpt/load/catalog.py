@@ -6,7 +6,7 @@ import logging
 from typing import Mapping
 
 from ..concurrency.clock import CLOCK
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageError
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, AnyManifest, parse
 from ..io.contract import Storage
 
@@ -21,7 +21,9 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
     ``known`` gives manifests the caller read before (by name): those are not read again, so a caller that lists
     after every save pays for the new entries only. Entries without a valid manifest are skipped and never stop the
     listing: no manifest (a save that crashed or is still running, foreign data) is logged at DEBUG; a manifest that
-    is there but unusable (damaged, special file, symlink, oversized, unreadable) at WARNING.
+    is there but unusable (damaged, special file, symlink, oversized, unreadable) at WARNING. An object store that
+    fails to return one (a `StorageError`: retries spent, or ``io_timeout``) stops the listing instead: skipping it
+    would answer with an older checkpoint as the newest.
     """
     found = []
     for name in await storage.list(directory):
@@ -37,6 +39,8 @@ async def committed(storage: Storage, directory: str, known: Mapping[str, AnyMan
         except FileNotFoundError:  # a save still running or crashed, or foreign data: nothing to say
             log.debug("skipping %s: no %s", storage.join(directory, name), MANIFEST_NAME)
             continue
+        except StorageError:  # the store failed (retries spent, or io_timeout): skipping would return an older one
+            raise
         except (OSError, CheckpointError, MemoryError) as exc:  # a manifest is there but unusable: worth a look
             log.warning("skipping %s: %s", storage.join(directory, name), exc)
             continue

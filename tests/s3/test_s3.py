@@ -248,6 +248,33 @@ def test_latest_ignores_uncommitted_prefix(s3, bucket, options):
     assert asyncckpt.latest(f"s3://{bucket}/run", storage_options=options) == f"s3://{bucket}/run/step-3"
 
 
+def test_latest_raises_when_the_store_fails_to_return_the_newest_manifest(s3, bucket, options, proxy,
+                                                                           proxy_options):
+    # a throttled read of step-2's manifest used to be skipped with a warning: latest() answered step-1, and a
+    # resume went back one checkpoint without an error
+    async def save(step):
+        async with engine(options) as eng:
+            await (await eng.save({"step": step}, f"s3://{bucket}/run/step-{step}"))
+
+    run(save(1)), run(save(2))
+    proxy.configure(1.0, ("503",), match=lambda m, t: m == "GET" and "step-2/manifest.json" in t)
+    with pytest.raises(S3Error, match="SlowDown"):
+        asyncckpt.latest(f"s3://{bucket}/run", storage_options=dict(proxy_options, retry=FAST))
+    proxy.configure(0.0)
+    assert asyncckpt.latest(f"s3://{bucket}/run", storage_options=proxy_options) == f"s3://{bucket}/run/step-2"
+
+
+def test_remove_aborts_uploads_under_a_path_that_holds_no_object(s3, bucket, options):
+    s3.create_multipart_upload(Bucket=bucket, Key="c/shard-dead0000dead0000-00000.safetensors")  # killed save
+
+    async def main():
+        async with engine(options) as eng:
+            await eng.remove(f"s3://{bucket}/c")
+
+    run(main())
+    assert uploads(s3, bucket, "c/") == []  # it used to return at once: nothing listed under the prefix
+
+
 # ---------------------------------------------------------------- faults
 
 
