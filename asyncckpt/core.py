@@ -39,7 +39,7 @@ from .options import EngineOptions
 from .pipeline.committer import references
 from .pipeline.feed import drive, feed, snapshot_error
 from .pipeline.handles import SaveHandle
-from .pipeline.jobs import Job, Target, describe
+from .pipeline.jobs import Job, Target, describe, running_callback
 from .snapshot import deferred
 from .snapshot.incremental import Base, VersionMemo
 from .snapshot.plan import Plan, PlanCache
@@ -182,6 +182,15 @@ class EngineCore:
         except BaseException:
             future.cancel()
             raise
+
+    @staticmethod
+    def refuse_own_callback(target: Target | None, what: str) -> None:
+        """Raise if this thread runs the ``save_with`` serializer of a save of ``target`` (of any save, with None):
+        ``what`` would wait for that save, which waits for the serializer — a deadlock."""
+        key = running_callback()
+        if key is not None and (target is None or target.key == key):
+            raise CheckpointError(f"cannot {what} from inside a save_with serializer: it would wait for the save "
+                                  "that is running it; do it after the serializer returns")
 
     def abandon(self, job: Job, exc: BaseException) -> None:
         """``job``'s snapshot never started (``exc`` stopped it): fail it, so it concludes and frees its path."""

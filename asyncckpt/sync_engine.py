@@ -73,6 +73,7 @@ class SyncEngine(EngineBase):
         core = self._core
         if core is None:
             return
+        core.refuse_own_callback(None, "close the engine")
         core.close()
         if not core.runtime.forked:  # a forked child: nothing here is ours
             core.raise_unobserved()
@@ -87,6 +88,7 @@ class SyncEngine(EngineBase):
             self._after_previous_copy()
             t0 = time.perf_counter()
             target = core.target(path, storage_options)
+            core.refuse_own_callback(target, f"save {target.display} again")
             job = core.begin(job_type, target, plan(target), **extra)
             if not (deferred and core.defer(job, t0)):
                 poll = 0.05 if interrupts.active else None
@@ -196,7 +198,9 @@ class SyncEngine(EngineBase):
         Args:
             state: what to copy, as for `save`.
             fn: called once with the copy, in a worker thread; it writes ``path`` itself (its return value is
-                ignored; what it raises fails the save).
+                ignored; what it raises, ``SystemExit`` included, fails the save). From inside it, closing the
+                engine, `wait`, and a load, save, removal or wait of ``path`` raise `CheckpointError`: each would
+                wait for this save, which waits for ``fn``.
             path: the path ``fn`` writes: saves and waits on the same path run in order.
 
         Returns:
@@ -259,6 +263,7 @@ class SyncEngine(EngineBase):
         check_map_location(map_location)
         core = self.core
         target = core.target(path, storage_options)
+        core.refuse_own_callback(target, f"load {target.display}")
         manifest, span = core.runtime.call(core.read, target, state, verify, weights_only is not False)
         return core.build(manifest, span, target, state, map_location, strict, weights_only)
 
@@ -277,7 +282,9 @@ class SyncEngine(EngineBase):
                 engine is closed.
         """
         core = self.core
-        core.runtime.call(core.remove, core.target(path, storage_options))
+        target = core.target(path, storage_options)
+        core.refuse_own_callback(target, f"remove {target.display}")
+        core.runtime.call(core.remove, target)
 
     def wait(self) -> None:
         """Block until every pending save is done; raise the first failure nobody has seen.
@@ -286,6 +293,7 @@ class SyncEngine(EngineBase):
             CheckpointError: the first unseen save failure (raised once), or the engine is closed.
         """
         core = self.core
+        core.refuse_own_callback(None, "wait for every save")
         core.runtime.call(core.wait_all)
         core.raise_unobserved()
 
@@ -302,7 +310,9 @@ class SyncEngine(EngineBase):
             CheckpointError: the engine is closed.
         """
         core = self.core
-        core.runtime.call(core.after_pending, core.target(path, storage_options))
+        target = core.target(path, storage_options)
+        core.refuse_own_callback(target, f"wait for {target.display}")
+        core.runtime.call(core.after_pending, target)
 
     def committed(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
         """Paths of the committed checkpoints directly under ``directory``, oldest snapshot first.

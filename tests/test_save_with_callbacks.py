@@ -62,3 +62,36 @@ def test_done_callbacks_run_once_for_every_outcome(caplog, tmp_path):
         assert late == [ok]
     assert sorted(s[:2] for s in seen) == [("bad", True), ("ok", True)]
     assert any("done callback" in r.getMessage() for r in caplog.records)
+
+
+def test_a_serializer_that_raises_systemexit_or_waits_for_its_own_save_fails_that_save_only(tmp_path):
+    # SystemExit from the serializer reached the engine's loop and ended it: later saves hung, other calls raised
+    # RuntimeError. close(), wait(), or a load/save/remove of its own path from inside it waited for itself forever.
+    with asyncckpt.SyncEngine() as engine:
+        def exits(copy):
+            raise SystemExit(3)
+
+        with pytest.raises(asyncckpt.CheckpointError, match="raised SystemExit"):
+            engine.save_with({"w": torch.ones(4)}, exits, tmp_path / "x").result()
+        calls = {
+            "close": lambda: engine.close(),
+            "wait": lambda: engine.wait(),
+            "wait_for": lambda: engine.wait_for(tmp_path / "y"),
+            "load": lambda: engine.load(tmp_path / "y"),
+            "save": lambda: engine.save({"w": torch.ones(4)}, tmp_path / "y"),
+            "remove": lambda: engine.remove(tmp_path / "y"),
+        }
+        refused = {}
+        for name, call in calls.items():
+            def serializer(copy, call=call, name=name):
+                try:
+                    call()
+                except asyncckpt.CheckpointError as exc:
+                    refused[name] = str(exc)
+            engine.save_with({"w": torch.ones(4)}, serializer, tmp_path / "y").result(timeout=30)
+        assert sorted(refused) == sorted(calls), refused
+        assert all("inside a save_with serializer" in m for m in refused.values()), refused
+        engine.save_with({"w": torch.ones(4)}, lambda copy: engine.save({"v": torch.zeros(2)}, tmp_path / "z"),
+                         tmp_path / "y").result(timeout=30)  # another path is fine
+        engine.wait()
+        assert torch.equal(engine.load(tmp_path / "z")["v"], torch.zeros(2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -35,6 +36,13 @@ from .writer import ShardWriter
 
 log = logging.getLogger("asyncckpt")
 _warned_kept: "weakref.WeakSet[StagingPool]" = weakref.WeakSet()  # engines (by pool) told once that fn keeps tensors
+_callback = threading.local()  # ``key``: the target key of the save whose serializer this thread is running
+
+
+def running_callback() -> str | None:
+    """The target key of the ``save_with`` save whose serializer runs on this thread, None outside one: waiting
+    from there for that save (or for every save, or closing) would wait for itself."""
+    return getattr(_callback, "key", None)
 
 
 @dataclass(frozen=True)
@@ -377,9 +385,16 @@ class CallJob(Job):
         copy = self.plan.rebuild(self.buffers, made)  # type: ignore[arg-type]
         refs = [(weakref.ref(t), shard) for t, shard in made]
         del made
+        _callback.key = self.target.key
         try:
             self.fn(copy)  # if it raises, its traceback may hold the copy: finish() then reuses none of it
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: must not reach the engine's loop, and end it
+            raise CheckpointError(f"the serializer of {self.display} raised {type(exc).__name__}: {exc}; nothing "
+                                  "was saved") from exc
         finally:
+            _callback.key = None
             del copy
         kept = {shard for ref, shard in refs if ref() is not None}
         if kept:  # perhaps only garbage in a reference cycle
