@@ -192,3 +192,13 @@ def test_a_path_with_nothing_there_is_checkpoint_not_found(tmp_path):
         with pytest.raises(asyncckpt.CheckpointError) as raised:
             engine.load(tmp_path / "empty")
         assert not isinstance(raised.value, asyncckpt.CheckpointNotFoundError)
+
+
+def test_a_target_tensor_torch_cannot_write_in_place_is_named(tmp_path):
+    # an expand()ed target: torch's copy_ raised its bare RuntimeError ("unsupported operation: more than one
+    # element of the written-to tensor refers to a single memory location")
+    with asyncckpt.SyncEngine() as engine:
+        engine.save({"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3)}, tmp_path / "ck").result()
+        target = {"w": torch.zeros(1, 3).expand(2, 3), "b": torch.zeros(3)}
+        with pytest.raises(asyncckpt.CheckpointError, match=r"mismatched: w \(the target cannot be written in place"):
+            engine.load(tmp_path / "ck", state=target)

@@ -82,8 +82,13 @@ def _apply(target: Any, value: Any, name: str, strict: bool, problems: Problems)
             got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
             problems.mismatched.append(f"{name} (target {tuple(target.shape)} {target.dtype}, checkpoint {got})")
             return False
-        with torch.no_grad():
-            target.copy_(value)
+        try:
+            with torch.no_grad():
+                target.copy_(value)
+        except RuntimeError as exc:  # a target torch cannot write in place (an expand()ed view, an inference tensor)
+            problems.mismatched.append(f"{name} (the target cannot be written in place: "
+                                       f"{str(exc).splitlines()[0].strip()})")
+            return False
         return True
     if isinstance(target, (list, tuple)) and isinstance(value, (list, tuple)) and len(target) == len(value):
         applied = [_apply(t, v, f"{name}.{i}", strict, problems) for i, (t, v) in enumerate(zip(target, value))]
