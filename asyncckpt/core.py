@@ -184,11 +184,13 @@ class EngineCore:
             raise
 
     @staticmethod
-    def refuse_own_callback(target: Target | None, what: str) -> None:
+    def refuse_own_callback(what: str, target: Target | None = None) -> None:
         """Raise if this thread runs the ``save_with`` serializer of a save of ``target`` (of any save, with None):
-        ``what`` would wait for that save, which waits for the serializer — a deadlock."""
+        ``what`` would wait for that save, which waits for the serializer — a deadlock. (The message is built only
+        then: a save calls this on its snapshot path.)"""
         key = running_callback()
         if key is not None and (target is None or target.key == key):
+            what = what if target is None else f"{what} {target.display}"
             raise CheckpointError(f"cannot {what} from inside a save_with serializer: it would wait for the save "
                                   "that is running it; do it after the serializer returns")
 

@@ -970,8 +970,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         """
         plans, pieces = assign(plans, self.split_bytes)
         info = RankPlan(uuid.uuid4().hex[:16], 0, len(plans), time.time_ns(), CLOCK.next(), frozenset(pieces))
-        with _commit_lock:
-            _uncommitted[self.target().key].add(info.save_id)
+        _uncommitted[self.target().key].add(info.save_id)  # not under _commit_lock: planning never waits for a commit
         self._saves[threading.get_ident()] = (info, pieces)
         return [dataclasses.replace(p, storage_data=dataclasses.replace(info, rank=i)) for i, p in enumerate(plans)]
 
@@ -1058,7 +1057,7 @@ class StorageWriter(_Endpoint, dcp_storage.StorageWriter, AsyncStager):
         fsync = self.options.fsync
 
         committer = Committer(target.storage, target.path, fsync)
-        running = lambda: set(_uncommitted[target.key])  # noqa: E731 — read under _commit_lock, held by the caller
+        running = lambda: set(_uncommitted[target.key])  # noqa: E731 — a copy: planners add to it meanwhile
 
         async def commit() -> list[str]:
             await target.storage.makedirs(target.path, fsync)

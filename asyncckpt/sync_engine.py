@@ -73,7 +73,7 @@ class SyncEngine(EngineBase):
         core = self._core
         if core is None:
             return
-        core.refuse_own_callback(None, "close the engine")
+        core.refuse_own_callback("close the engine")
         core.close()
         if not core.runtime.forked:  # a forked child: nothing here is ours
             core.raise_unobserved()
@@ -88,7 +88,7 @@ class SyncEngine(EngineBase):
             self._after_previous_copy()
             t0 = time.perf_counter()
             target = core.target(path, storage_options)
-            core.refuse_own_callback(target, f"save {target.display} again")
+            core.refuse_own_callback("save", target)
             job = core.begin(job_type, target, plan(target), **extra)
             if not (deferred and core.defer(job, t0)):
                 poll = 0.05 if interrupts.active else None
@@ -263,7 +263,7 @@ class SyncEngine(EngineBase):
         check_map_location(map_location)
         core = self.core
         target = core.target(path, storage_options)
-        core.refuse_own_callback(target, f"load {target.display}")
+        core.refuse_own_callback("load", target)
         manifest, span = core.runtime.call(core.read, target, state, verify, weights_only is not False)
         return core.build(manifest, span, target, state, map_location, strict, weights_only)
 
@@ -283,7 +283,7 @@ class SyncEngine(EngineBase):
         """
         core = self.core
         target = core.target(path, storage_options)
-        core.refuse_own_callback(target, f"remove {target.display}")
+        core.refuse_own_callback("remove", target)
         core.runtime.call(core.remove, target)
 
     def wait(self) -> None:
@@ -293,7 +293,7 @@ class SyncEngine(EngineBase):
             CheckpointError: the first unseen save failure (raised once), or the engine is closed.
         """
         core = self.core
-        core.refuse_own_callback(None, "wait for every save")
+        core.refuse_own_callback("wait for every save")
         core.runtime.call(core.wait_all)
         core.raise_unobserved()
 
@@ -311,7 +311,7 @@ class SyncEngine(EngineBase):
         """
         core = self.core
         target = core.target(path, storage_options)
-        core.refuse_own_callback(target, f"wait for {target.display}")
+        core.refuse_own_callback("wait for", target)
         core.runtime.call(core.after_pending, target)
 
     def committed(self, directory: Any, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
